@@ -1,0 +1,148 @@
+"""Attention over a slim cache: the reference (pure PyTorch) path.
+
+Every slim layout stores one tensor per token, ``cache: (batch, seq, width)``, and every head attends over all of
+it. What differs is the query each head scores with:
+
+* input cache / encoder cache (absorbed trick, ``head_slice=False``): the query is already absorbed into the input
+  space, ``q_abs_i = q_i W_K,i^T`` of width ``d_model``, and scores are ``q_abs_i X^T``;
+* K cache (``head_slice=True``): the query keeps its ``head_dim`` width and head ``i`` scores against its own slice
+  ``K[..., i*d_k:(i+1)*d_k]`` of the cached keys.
+
+In both layouts the weighted sum ``softmax(scores) @ cache`` uses the whole cache width; the per-head value projection
+(``W_V,i`` or ``W_KV,i``) is applied afterwards by the caller, on ``(batch, heads, queries, width)`` rows, which is
+what makes the cache read once per step instead of twice (K and V).
+
+The fused GPU kernel in :mod:`hf_slim.kernels` computes the same function; this file is its specification and the
+CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Turn a transformers attention mask into an additive score bias.
+
+    Why: transformers hands attention layers either a boolean mask (True = attend, SDPA style) or an additive float
+    mask (0 / large negative, eager style); the absorbed path adds one bias to the scores.
+
+    Parameters
+    ----------
+    mask:
+        ``None``, a bool mask or a float additive mask broadcastable to ``(batch, heads, queries, keys)``.
+    dtype:
+        dtype of the returned bias (scores are computed in float32).
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(dtype).min)
+    return mask.to(dtype)
+
+
+def absorbed_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    *,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    head_slice: bool = False,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax attention of ``heads`` queries over one shared cache tensor, accumulated in float32.
+
+    Why: slim caches hold one tensor per token that all heads read; this is the decode step of every slim layout
+    (see the module docstring), written once for all architectures.
+
+    Parameters
+    ----------
+    query:
+        ``(batch, heads, queries, width)`` when ``head_slice`` is False; ``(batch, heads, queries, head_dim)`` with
+        ``heads * head_dim == width`` when ``head_slice`` is True.
+    cache:
+        ``(batch, seq, width)``, the slim tensor (layer input X, encoder output E, or keys K).
+    scale:
+        multiplies the raw scores (``head_dim ** -0.5`` for most models, 1.0 for T5).
+    bias:
+        additive float bias broadcastable to ``(batch, heads, queries, seq)`` (masks, T5 position bias, ALiBi).
+    head_slice:
+        score head ``i`` against its own ``head_dim`` slice of the cache (K cache layout).
+    return_weights:
+        also return the softmax probabilities (for ``output_attentions``).
+
+    Returns
+    -------
+    mixed:
+        ``(batch, heads, queries, width)`` float32, ``softmax(scores) @ cache`` per head.
+    weights:
+        ``(batch, heads, queries, seq)`` float32 probabilities, or None.
+    """
+    batch, heads, queries, _ = query.shape
+    width = cache.shape[-1]
+    cache32 = cache.float()  # (b, n, w)
+    if head_slice:
+        head_dim = query.shape[-1]
+        if heads * head_dim != width:
+            raise ValueError(f"head_slice needs heads*head_dim == cache width, got {heads}*{head_dim} != {width}")
+        keys = cache32.view(batch, -1, heads, head_dim).transpose(1, 2)  # (b, h, n, dk)
+        scores = torch.matmul(query.float(), keys.transpose(-1, -2))  # (b, h, t, n)
+    else:
+        if query.shape[-1] != width:
+            raise ValueError(f"query width {query.shape[-1]} does not match cache width {width}")
+        flat_query = query.float().reshape(batch, heads * queries, width)  # (b, h*t, w)
+        scores = torch.bmm(flat_query, cache32.transpose(1, 2)).view(batch, heads, queries, -1)  # (b, h, t, n)
+    scores = scores * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    weights = torch.softmax(scores, dim=-1)  # (b, h, t, n)
+    mixed = torch.bmm(weights.view(batch, heads * queries, -1), cache32)  # (b, h*t, w)
+    mixed = mixed.view(batch, heads, queries, width)
+    return mixed, (weights if return_weights else None)
+
+
+def absorb_query(query: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
+    """Move per-head queries into the cache's input space: ``q_abs_i = q_i W_K,i^T``.
+
+    Parameters
+    ----------
+    query:
+        ``(batch, heads, queries, head_dim)``.
+    w_k:
+        ``(d_in, heads * head_dim)``, the key projection as ``K = X @ w_k``.
+
+    Returns
+    -------
+    ``(batch, heads, queries, d_in)`` float32.
+    """
+    heads, head_dim = query.shape[1], query.shape[-1]
+    w_k_heads = w_k.float().view(w_k.shape[0], heads, head_dim).permute(1, 2, 0)  # (h, dk, d)
+    return torch.matmul(query.float(), w_k_heads)  # (b, h, t, d)
+
+
+def project_heads(mixed: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply each head's own value projection to its mixed cache rows: ``head_i = mixed_i W_V,i (+ b_V,i)``.
+
+    A value bias passes through unchanged because each softmax row sums to one.
+
+    Parameters
+    ----------
+    mixed:
+        ``(batch, heads, queries, width)`` from :func:`absorbed_attention`.
+    w_v:
+        ``(width, heads * head_dim)``: ``W_V`` for the input/encoder cache, ``W_KV`` for the K cache.
+    b_v:
+        ``(heads * head_dim,)`` or None.
+
+    Returns
+    -------
+    ``(batch, heads, queries, head_dim)`` float32.
+    """
+    heads = mixed.shape[1]
+    width, inner = w_v.shape
+    w_v_heads = w_v.float().view(width, heads, inner // heads).transpose(0, 1)  # (h, w, dk)
+    out = torch.matmul(mixed, w_v_heads)  # (b, h, t, dk)
+    if b_v is not None:
+        out = out + b_v.float().view(1, heads, 1, inner // heads)
+    return out

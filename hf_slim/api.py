@@ -1,0 +1,313 @@
+"""Public entry points: ``slimify``, ``unslimify``, ``is_slim``, ``slimified``.
+
+slimify validates everything and computes everything first (architecture, attention implementation, K-mode weights
+and calibration), then applies a list of reversible instance patches all at once; a failure part-way reverts the
+ones already applied, so the model is either fully slim or exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import types
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from . import __version__
+from .attention import SlimAttentionState
+from .cache import SlimCache
+from .kmode import SingularKeyProjection, k_mode_is_exact, solve_k_mode, value_errors
+from .patching import BufferPatch, InstancePatch, apply_all, forward_attribute, revert_all
+from .registry import UnsupportedModelError, architecture_for
+from .sites import AttentionSite
+
+MODES = ("auto", "input", "k")
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+class SlimFallbackWarning(UserWarning):
+    """Some layers asked for the K cache keep the input cache because the K cache would not be exact there."""
+
+
+@dataclass
+class SlimRecord:
+    """Everything slimify did to one model: the settings, per-layer modes and numbers, and the patches to undo."""
+
+    requested_mode: str
+    layer_modes: dict[str, str]
+    calibration: dict[str, dict]
+    num_cache_layers: int
+    is_encoder_decoder: bool
+    version: str = __version__
+    patches: list = field(default_factory=list, repr=False)
+
+    def new_cache(self) -> SlimCache | EncoderDecoderCache:
+        """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache)."""
+        cache = SlimCache(self.num_cache_layers)
+        if self.is_encoder_decoder:
+            return EncoderDecoderCache(cache, SlimCache(0))
+        return cache
+
+
+def is_slim(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is currently slimified."""
+    return "_hf_slim_record" in vars(model)
+
+
+def slim_record(model: torch.nn.Module) -> SlimRecord:
+    """The :class:`SlimRecord` of a slimified model."""
+    if not is_slim(model):
+        raise ValueError("this model is not slimified; call hf_slim.slimify(model) first")
+    return vars(model)["_hf_slim_record"]
+
+
+def slimify(
+    model: torch.nn.Module,
+    mode: str = "auto",
+    *,
+    calibration_inputs: dict | None = None,
+) -> torch.nn.Module:
+    """Patch every supported attention layer of ``model`` in place to use a slim cache, and return the model.
+
+    After this, ``model.generate(...)``, ``model(...)`` and pipelines build and use a slim cache by themselves.
+
+    Parameters
+    ----------
+    model:
+        a transformers model of a supported architecture (see ``hf_slim.supported_model_types()``).
+    mode:
+        ``"input"`` caches each layer's attention input X (exact, no inverse; not with RoPE); ``"k"`` caches the
+        keys and rebuilds values through ``W_KV = W_K^-1 W_V``, per layer only where a calibration in the model's
+        dtype shows it is as exact as the unmodified model (other layers keep the input cache, with a
+        :class:`SlimFallbackWarning`); ``"auto"`` picks ``"input"`` wherever the architecture allows it.
+        Cross-attention always reads the encoder output directly (no cache) whatever the mode.
+    calibration_inputs:
+        keyword arguments for one forward pass of the unmodified model whose attention inputs calibrate the K mode
+        (real text or audio: random activations understate the K-cache error 3-10x). Defaults to the
+        architecture's own calibration batch.
+
+    Raises
+    ------
+    UnsupportedModelError
+        for architectures or configurations slim attention cannot serve (GQA/MQA, RoPE with the input mode, an
+        unsupported attention implementation); the model is left untouched.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if is_slim(model):
+        record = slim_record(model)
+        if record.requested_mode != mode:
+            raise ValueError(
+                f"model is already slimified with mode={record.requested_mode!r}; call hf_slim.unslimify(model) "
+                f"before slimify(model, mode={mode!r})"
+            )
+        return model
+    config = model.config
+    architecture = architecture_for(config, mode)
+    _check_attention_implementation(model)
+    patch_module = architecture.load()
+    sites: list[AttentionSite] = patch_module.attention_sites(model)
+    if not sites:
+        raise UnsupportedModelError(f"found no attention layers to patch in {type(model).__name__}")
+    resolved = ("k" if architecture.positions == "rope" else "input") if mode == "auto" else mode
+
+    layer_modes, calibration, k_weights = _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs)
+    self_sites = [site for site in sites if site.kind == "self"]
+    record = SlimRecord(
+        requested_mode=mode,
+        layer_modes=layer_modes,
+        calibration=calibration,
+        num_cache_layers=1 + max((site.layer_idx for site in self_sites), default=-1),
+        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+    )
+    patches = _site_patches(sites, layer_modes, calibration, k_weights)
+    for owner in patch_module.cache_owners(model):
+        patches.append(InstancePatch(owner, forward_attribute(owner), _forward_with_slim_cache(owner, record)))
+    if hasattr(model, "_prepare_cache_for_generation"):
+        patches.append(InstancePatch(model, "_prepare_cache_for_generation", _prepare_slim_cache(model, record)))
+    patches.extend(getattr(patch_module, "extra_patches", lambda model: [])(model))
+    patches.append(InstancePatch(model, "_hf_slim_record", record))
+    record.patches = patches
+    apply_all(patches)
+    return model
+
+
+def unslimify(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`slimify`: original forwards back, added buffers gone, weights untouched (bit-identical)."""
+    revert_all(slim_record(model).patches)
+    return model
+
+
+@contextlib.contextmanager
+def slimified(model: torch.nn.Module, mode: str = "auto", **kwargs) -> Iterator[torch.nn.Module]:
+    """Context manager form: the model is slim inside the block and restored after it (if it was not slim before)."""
+    was_slim = is_slim(model)
+    slimify(model, mode, **kwargs)
+    try:
+        yield model
+    finally:
+        if not was_slim:
+            unslimify(model)
+
+
+def _check_attention_implementation(model: torch.nn.Module) -> None:
+    configs = [model.config] + [getattr(model.config, name) for name in model.config.sub_configs]
+    for config in configs:
+        implementation = getattr(config, "_attn_implementation", None)
+        if implementation is not None and implementation not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"attn_implementation={implementation!r} is not supported by hf_slim yet; load the model with "
+                f"attn_implementation='sdpa' or 'eager' (supported: {', '.join(SUPPORTED_ATTENTION)})"
+            )
+
+
+def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs):
+    """Decide each site's mode; for the K mode solve W_KV and calibrate on real activations, before any patching."""
+    layer_modes, calibration, k_weights = {}, {}, {}
+    for site in sites:
+        layer_modes[site.name] = "encoder" if site.kind == "cross" else "input"
+    if resolved != "k":
+        return layer_modes, calibration, k_weights
+    self_sites = [site for site in sites if site.kind == "self"]
+    if calibration_inputs is None:
+        calibration_inputs = patch_module.default_calibration_inputs(model)
+    activations = _collect_attention_inputs(model, self_sites, calibration_inputs)
+    dtype = next(model.parameters()).dtype
+    refused = []
+    for site in self_sites:
+        projections = site.projections(site.module)
+        try:
+            weights = solve_k_mode(projections)
+        except SingularKeyProjection as error:
+            refused.append(f"{site.name}: {error}")
+            continue
+        k_error, vanilla_error = value_errors(activations[site.name], projections, weights, dtype)
+        numbers = {"k_error": k_error, "vanilla_error": vanilla_error, "cond_w_k": weights.cond, "dtype": str(dtype)}
+        calibration[site.name] = numbers
+        if k_mode_is_exact(k_error, vanilla_error):
+            layer_modes[site.name] = "k"
+            k_weights[site.name] = weights
+        else:
+            refused.append(
+                f"{site.name}: V rebuilt from {dtype} keys has relative error {k_error:.2e} vs {vanilla_error:.2e} "
+                f"for the unmodified model (cond(W_K) = {weights.cond:.2e})"
+            )
+    if refused:
+        warnings.warn(
+            "K cache refused, these layers keep the (exact) input cache:\n  " + "\n  ".join(refused),
+            SlimFallbackWarning,
+            stacklevel=3,
+        )
+    return layer_modes, calibration, k_weights
+
+
+@torch.no_grad()
+def _collect_attention_inputs(model, sites, calibration_inputs) -> dict[str, torch.Tensor]:
+    """Run the unmodified model once and keep each site's attention input, ``(tokens, d_model)``."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+
+        def hook(module, args, kwargs, name=site.name):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[name] = hidden.detach().reshape(-1, hidden.shape[-1])
+
+        handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model(**calibration_inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [site.name for site in sites if site.name not in captured]
+    if missing:
+        raise ValueError(f"calibration forward never reached {missing}; pass calibration_inputs that run the decoder")
+    return captured
+
+
+def _site_patches(sites, layer_modes, calibration, k_weights) -> list:
+    patches = []
+    for site in sites:
+        module, mode = site.module, layer_modes[site.name]
+        state = SlimAttentionState(
+            mode=mode,
+            layer_idx=site.layer_idx,
+            num_heads=site.num_heads,
+            head_dim=site.head_dim,
+            projections=functools.partial(site.projections, module),
+            calibration=calibration.get(site.name, {}),
+        )
+        patches.append(InstancePatch(module, "hf_slim", state))
+        if mode == "k":
+            weights = k_weights[site.name]
+            dtype = state.projections().w_v.dtype
+            patches.append(BufferPatch(module, "hf_slim_w_kv", weights.w_kv.to(dtype)))
+            patches.append(BufferPatch(module, "hf_slim_v_offset", weights.v_offset.to(dtype)))
+        patches.append(InstancePatch(module, forward_attribute(module), types.MethodType(site.forward, module)))
+    return patches
+
+
+def _use_cache_requested(owner: torch.nn.Module, arguments: dict) -> bool:
+    use_cache = arguments.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(owner.config, "use_cache", False)
+    return bool(use_cache) and not (getattr(owner, "gradient_checkpointing", False) and owner.training)
+
+
+def _forward_with_slim_cache(owner: torch.nn.Module, record: SlimRecord):
+    """Wrap the forward that would create a DynamicCache so that it starts from a slim cache instead."""
+    original = getattr(owner, forward_attribute(owner))
+    names = list(inspect.signature(original).parameters)
+    position = names.index("past_key_values")
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        arguments = {**dict(zip(names, args)), **kwargs}
+        if arguments.get("past_key_values") is None and _use_cache_requested(owner, arguments):
+            if len(args) > position:
+                args = (*args[:position], record.new_cache(), *args[position + 1 :])
+            else:
+                kwargs["past_key_values"] = record.new_cache()
+        return original(*args, **kwargs)
+
+    return forward
+
+
+def _prepare_slim_cache(model: torch.nn.Module, record: SlimRecord):
+    """generate() hook: let transformers prepare its cache, then swap its fresh DynamicCache for a slim one."""
+    original = type(model)._prepare_cache_for_generation
+
+    def prepare(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is None and generation_config.cache_implementation not in (None, "dynamic"):
+            raise NotImplementedError(
+                f"hf_slim does not support cache_implementation={generation_config.cache_implementation!r} yet; "
+                "use the default (dynamic) cache, which hf_slim replaces by a slim cache"
+            )
+        original(self, generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if cache is None:
+            return
+        if user_cache is not None:
+            inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            if not isinstance(inner, SlimCache):
+                raise TypeError(
+                    f"this model is slimified but generate() got past_key_values={type(cache).__name__}; pass no "
+                    "cache (generate builds a slim one), an hf_slim.SlimCache, or unslimify the model first"
+                )
+            return
+        fresh_dynamic = type(cache) is DynamicCache or (
+            isinstance(cache, EncoderDecoderCache) and type(cache.self_attention_cache) is DynamicCache
+        )
+        if not fresh_dynamic:
+            raise NotImplementedError(f"hf_slim cannot replace a {type(cache).__name__} prepared by generate()")
+        slim = record.new_cache()
+        if generation_config.is_assistant:
+            slim.activate_past_recording()
+        model_kwargs["past_key_values"] = slim
+
+    return types.MethodType(prepare, model)

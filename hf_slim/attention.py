@@ -1,0 +1,280 @@
+"""Shared slim attention steps used by every architecture patch.
+
+A patch (``patches/<arch>.py``) computes the model's own query/key/value projections, then calls one of:
+
+* :func:`slim_self_attention` for causal self-attention with a slim cache: prefill (empty cache) runs the model's
+  ordinary attention on the fresh K/V and stores only the slim tensor; decode (few queries over a cache) runs the
+  absorbed path over the slim tensor; chunked prefill (many queries on top of a cache) rebuilds K/V from the slim
+  tensor and runs the ordinary attention again.
+* :func:`encoder_cross_attention` for cross-attention over the encoder output E, which every decoder layer shares and
+  which generate() already holds, so no cross-attention cache exists at all.
+
+The per-layer facts (mode, projection weights, head layout) live in :class:`SlimAttentionState`, attached to the
+patched module as ``module.hf_slim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
+from .cache import slim_cache_for
+
+# run_attention(query, key, value, mask) -> (output (b, t, h, dk), weights or None): the model's own attention call.
+RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
+
+
+@dataclass
+class Projections:
+    """The key and value projections of one attention layer, as ``K = X @ w_k + b_k`` and ``V = X @ w_v + b_v``.
+
+    Tensors are views of the live module parameters (never copies), read at every call, so device moves, dtype
+    casts and accelerate offload hooks are followed. Shapes: ``w_k, w_v: (d_in, heads * head_dim)``.
+    """
+
+    w_k: torch.Tensor
+    w_v: torch.Tensor
+    b_k: torch.Tensor | None = None
+    b_v: torch.Tensor | None = None
+
+
+@dataclass
+class SlimAttentionState:
+    """What a patched attention module needs to know about itself.
+
+    Attributes
+    ----------
+    mode:
+        ``"input"`` (cache X), ``"k"`` (cache K), or ``"encoder"`` (cross-attention over the encoder output).
+    layer_idx:
+        index of this layer's slot in the slim cache.
+    num_heads, head_dim:
+        head layout of the projections.
+    projections:
+        returns the module's live :class:`Projections`.
+    calibration:
+        per-layer numbers measured when the mode was chosen (K mode relative errors), for reports and export.
+    """
+
+    mode: str
+    layer_idx: int
+    num_heads: int
+    head_dim: int
+    projections: Callable[[], Projections]
+    calibration: dict = field(default_factory=dict)
+
+
+def use_absorbed(num_queries: int, head_dim: int) -> bool:
+    """Whether the absorbed path is cheaper than rebuilding K/V for ``num_queries`` new tokens.
+
+    Absorbed costs ``2*h*t*n*d`` per layer, rebuilding K and V costs ``2*n*d*e`` plus the attention: the absorbed
+    path wins while ``t < 2 * head_dim``; we switch at ``head_dim`` to stay clear of the crossover.
+    """
+    return num_queries <= head_dim
+
+
+def _bias_for_decode(mask: torch.Tensor | None, num_queries: int, seq_len: int, device) -> torch.Tensor | None:
+    """Additive float32 bias ``(b|1, h|1, t, n)`` for the absorbed path from whatever mask the model prepared.
+
+    ``None`` from transformers means "no padding, causal": with one query nothing is masked; with several queries on
+    top of a cache the causal pattern is bottom-right aligned (query ``i`` sees keys ``<= past + i``).
+    """
+    if mask is not None:
+        if mask.dim() == 2:  # (b, n) padding mask of 1/0 (flash-attention style)
+            mask = mask[:, None, None, :].bool()
+        return additive_bias(mask[..., :seq_len])
+    if num_queries == 1:
+        return None
+    past = seq_len - num_queries
+    key_pos = torch.arange(seq_len, device=device)
+    query_pos = torch.arange(num_queries, device=device)[:, None] + past
+    return additive_bias((key_pos[None, :] <= query_pos)[None, None])  # (1, 1, t, n)
+
+
+def _decode_input_mode(state, projections, query, states, bias, scale, want_weights):
+    query_abs = absorb_query(query, projections.w_k)  # (b, h, t, d)
+    mixed, weights = absorbed_attention(query_abs, states, scale=scale, bias=bias, return_weights=want_weights)
+    return project_heads(mixed, projections.w_v, projections.b_v), weights  # (b, h, t, dk)
+
+
+def _decode_k_mode(module, query, states, bias, scale, want_weights):
+    mixed, weights = absorbed_attention(
+        query, states, scale=scale, bias=bias, head_slice=True, return_weights=want_weights
+    )  # (b, h, t, e)
+    return project_heads(mixed, module.hf_slim_w_kv, module.hf_slim_v_offset), weights  # (b, h, t, dk)
+
+
+def _split_heads(flat: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, seq, width = flat.shape
+    return flat.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)  # (b, h, n, dk)
+
+
+def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute full keys and values ``(batch, heads, seq, head_dim)`` from a layer's slim tensor.
+
+    Used for chunked prefill (many new queries on top of a cache), where the ordinary attention kernel is faster
+    than the absorbed path.
+    """
+    state: SlimAttentionState = module.hf_slim
+    projections = state.projections()
+    if state.mode == "k":
+        keys = states
+        values = torch.matmul(states, module.hf_slim_w_kv.to(states.dtype))
+        values = values + module.hf_slim_v_offset.to(states.dtype)
+    else:
+        keys = torch.matmul(states, projections.w_k.to(states.dtype))
+        if projections.b_k is not None:
+            keys = keys + projections.b_k
+        values = torch.matmul(states, projections.w_v.to(states.dtype))
+        if projections.b_v is not None:
+            values = values + projections.b_v
+    return _split_heads(keys, state.num_heads), _split_heads(values, state.num_heads)
+
+
+def slim_self_attention(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key_values,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    run_attention: RunAttention,
+    *,
+    want_weights: bool = False,
+    position_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One self-attention step with a slim cache.
+
+    Parameters
+    ----------
+    module:
+        the patched attention module (carries ``module.hf_slim``).
+    hidden_states:
+        ``(batch, new, d_model)``, the attention input X (after the layer norm).
+    query, key, value:
+        ``(batch, heads, new, head_dim)``, the model's own projections of the new tokens.
+    past_key_values:
+        the cache handed to the layer (a :class:`~hf_slim.cache.SlimCache`, possibly inside an
+        ``EncoderDecoderCache``), or None.
+    attention_mask:
+        the mask the model prepared for its attention implementation.
+    scale:
+        score scale the model uses.
+    run_attention:
+        the model's own attention call, used for prefill.
+    want_weights:
+        return attention probabilities from the absorbed path (eager ``output_attentions``).
+    position_bias:
+        additive score bias ``(1|b, h, new, seq)`` (T5 relative positions), applied on both paths by the caller's
+        ``run_attention`` and here on the absorbed path.
+
+    Returns
+    -------
+    output:
+        ``(batch, new, heads, head_dim)`` in the query dtype, as transformers' attention interfaces return it.
+    weights:
+        ``(batch, heads, new, seq)`` or None.
+    """
+    state: SlimAttentionState = module.hf_slim
+    cache = slim_cache_for(past_key_values, state.layer_idx, where=type(module).__name__)
+    if cache is None:
+        return run_attention(query, key, value, attention_mask)
+    past = cache.get_seq_length(state.layer_idx)
+    batch, _, num_queries, _ = query.shape
+    new_states = hidden_states if state.mode == "input" else key.transpose(1, 2).reshape(batch, num_queries, -1)
+    states = cache.update_slim(new_states, state.layer_idx)  # (b, n, w)
+    if past == 0:
+        return run_attention(query, key, value, attention_mask)
+    if not use_absorbed(num_queries, state.head_dim):
+        full_key, full_value = rebuild_kv(module, states)
+        return run_attention(query, full_key, full_value, attention_mask)
+
+    bias = _bias_for_decode(attention_mask, num_queries, states.shape[1], states.device)
+    if position_bias is not None:
+        bias = position_bias.float() if bias is None else bias + position_bias.float()
+    if state.mode == "k":
+        out, weights = _decode_k_mode(module, query, states, bias, scale, want_weights)
+    else:
+        out, weights = _decode_input_mode(state, state.projections(), query, states, bias, scale, want_weights)
+    return out.to(query.dtype).transpose(1, 2), weights
+
+
+def encoder_cross_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    encoder_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    run_attention: RunAttention,
+    *,
+    want_weights: bool = False,
+    position_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-attention computed from the encoder output E at every step: no cross-attention cache.
+
+    Beam search and ``num_return_sequences`` give ``batch = inputs * group`` query rows; when the encoder output is
+    kept once per input (``encoder_states.shape[0] == inputs``), the group's queries are folded into the query axis
+    so that one copy of E serves every beam (EL-attention). Beams never move between inputs, so E needs no reorder.
+
+    Parameters
+    ----------
+    query:
+        ``(batch, heads, new, head_dim)``.
+    encoder_states:
+        ``(inputs, frames, d_model)`` with ``batch % inputs == 0``.
+    attention_mask:
+        encoder padding mask as prepared by the model (bool or additive), broadcastable to
+        ``(batch, 1, new, frames)``, or None.
+
+    Returns
+    -------
+    ``(batch, new, heads, head_dim)`` in the query dtype, and the weights ``(batch, heads, new, frames)`` or None.
+    """
+    state: SlimAttentionState = module.hf_slim
+    projections = state.projections()
+    batch, heads, num_queries, head_dim = query.shape
+    inputs = encoder_states.shape[0]
+    if batch % inputs:
+        raise ValueError(f"{batch} decoder rows cannot share {inputs} encoder outputs")
+    group = batch // inputs
+    if group == 1 and not use_absorbed(num_queries, head_dim):
+        keys = torch.matmul(encoder_states, projections.w_k.to(encoder_states.dtype))
+        values = torch.matmul(encoder_states, projections.w_v.to(encoder_states.dtype))
+        if projections.b_k is not None:
+            keys = keys + projections.b_k
+        if projections.b_v is not None:
+            values = values + projections.b_v
+        return run_attention(query, _split_heads(keys, heads), _split_heads(values, heads), attention_mask)
+
+    bias = None if attention_mask is None else additive_bias(attention_mask)  # (b|1, 1|h, t|1, frames)
+    if position_bias is not None:
+        bias = position_bias.float() if bias is None else bias + position_bias.float()
+    # fold the group into the query axis: (inputs*group, h, t, .) -> (inputs, h, group*t, .)
+    grouped_query = query.view(inputs, group, heads, num_queries, head_dim).transpose(1, 2)
+    grouped_query = grouped_query.reshape(inputs, heads, group * num_queries, head_dim)
+    if bias is not None:
+        bias = _fold_bias(bias, inputs, group, heads, num_queries)
+    query_abs = absorb_query(grouped_query, projections.w_k)  # (inputs, h, g*t, d)
+    mixed, weights = absorbed_attention(
+        query_abs, encoder_states, scale=scale, bias=bias, return_weights=want_weights
+    )  # (inputs, h, g*t, d)
+    out = project_heads(mixed, projections.w_v, projections.b_v)  # (inputs, h, g*t, dk)
+    out = out.view(inputs, heads, group, num_queries, head_dim).transpose(1, 2)  # (inputs, g, h, t, dk)
+    out = out.reshape(batch, heads, num_queries, head_dim).to(query.dtype).transpose(1, 2)  # (b, t, h, dk)
+    if weights is not None:
+        weights = weights.view(inputs, heads, group, num_queries, -1).transpose(1, 2)
+        weights = weights.reshape(batch, heads, num_queries, -1)
+    return out, weights
+
+
+def _fold_bias(bias: torch.Tensor, inputs: int, group: int, heads: int, num_queries: int) -> torch.Tensor:
+    """Reshape a bias broadcastable to ``(inputs*group, h, t, n)`` to ``(inputs, h|1, group*t, n)``."""
+    frames = bias.shape[-1]
+    bias = bias.expand(inputs * group, bias.shape[1], num_queries, frames)
+    bias = bias.reshape(inputs, group, bias.shape[1], num_queries, frames).transpose(1, 2)
+    return bias.reshape(inputs, -1, group * num_queries, frames)

@@ -1,0 +1,180 @@
+"""The slim cache: one tensor per token per layer, behind the transformers v5 cache protocol.
+
+A vanilla ``DynamicCache`` layer holds keys and values, ``(batch, heads, seq, head_dim)`` each. A slim layer holds a
+single ``(batch, seq, width)`` tensor: the attention input X (input cache) or the keys K (K cache). Which one is the
+business of the attention layer that writes it; the cache only stores, grows, reorders, crops and selects rows.
+
+``SlimCache`` subclasses ``DynamicCache`` so that generation utilities which accept "a dynamic cache" (cropping for
+assisted decoding, batch selection, ``EncoderDecoderCache`` checks) keep working; every per-layer operation is
+delegated to :class:`SlimLayer`, which never holds keys/values. Writing K/V into it raises, so a slim cache handed to
+an unpatched model fails loudly instead of silently mixing layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, EncoderDecoderCache
+
+_NOT_KV_MESSAGE = (
+    "this cache is an hf_slim SlimCache: it stores one slim tensor per token (the attention input or the keys), not "
+    "keys and values. It can only be used by a model patched with hf_slim.slimify(); for an unpatched model pass "
+    "past_key_values=None or a transformers DynamicCache."
+)
+
+
+class SlimLayer(CacheLayerMixin):
+    """One layer's slim tensor, ``(batch, seq, width)``, grown by concatenation.
+
+    Why a separate layer class: transformers computes masks and positions from ``get_seq_length`` /
+    ``get_mask_sizes`` of the cache layers, so those must count slim tokens exactly as a K/V layer counts keys.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.states: torch.Tensor | None = None  # (b, n, w)
+
+    def __repr__(self) -> str:
+        shape = None if self.states is None else tuple(self.states.shape)
+        return f"{self.__class__.__name__}(states={shape})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise TypeError(_NOT_KV_MESSAGE)
+
+    def update_slim(self, states: torch.Tensor) -> torch.Tensor:
+        """Append ``states: (batch, new, width)`` and return the whole layer ``(batch, seq, width)``."""
+        if self.states is None:
+            self.lazy_initialization(states)
+            self.states = states
+        else:
+            if states.shape[0] != self.states.shape[0] or states.shape[-1] != self.states.shape[-1]:
+                raise ValueError(
+                    f"slim cache layer holds {tuple(self.states.shape)} but got new states {tuple(states.shape)}: "
+                    "batch size and width must match the cached ones"
+                )
+            self.states = torch.cat([self.states, states], dim=1)
+        return self.states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.states is None else self.states.shape[1]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:
+        if self.states is not None:
+            self.states = self.states.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        if self.states is not None and self.states.device != self.device:
+            self.states = self.states.to(self.device, non_blocking=True)
+
+    def reset(self) -> None:
+        self.states = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.states is not None:
+            self.states = self.states.index_select(0, beam_idx.to(self.states.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove, as transformers' DynamicLayer does")
+        if tokens_to_remove < 0 and self.states is not None:
+            self.states = self.states[:, :tokens_to_remove]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.states is not None:
+            self.states = self.states.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.states is not None:
+            self.states = self.states[indices]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.states is None else self.states.numel() * self.states.element_size()
+
+
+class SlimCache(DynamicCache):
+    """A cache of :class:`SlimLayer` s, one per attention layer that keeps per-token state.
+
+    Parameters
+    ----------
+    num_layers:
+        number of layers to create up front; ``None`` grows the list on first write to a layer.
+    """
+
+    def __init__(self, num_layers: int | None = None) -> None:
+        if num_layers is None:
+            Cache.__init__(self, layer_class_to_replicate=SlimLayer)
+        else:
+            Cache.__init__(self, layers=[SlimLayer() for _ in range(num_layers)])
+
+    def __iter__(self):
+        for layer in self.layers:
+            yield (layer.states,)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise TypeError(_NOT_KV_MESSAGE)
+
+    def update_slim(self, states: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Append ``states: (batch, new, width)`` to layer ``layer_idx``; return the layer's ``(batch, seq, width)``."""
+        while self.layer_class_to_replicate is not None and len(self.layers) <= layer_idx:
+            self.layers.append(SlimLayer())
+        return self.layers[layer_idx].update_slim(states)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors (what the memory claims count)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def slim_cache_for(past_key_values: Cache | None, layer_idx: int, *, where: str) -> SlimCache | None:
+    """Return the slim self-attention cache inside ``past_key_values``, or a clear error if it is not one.
+
+    Why: a slimified layer must never write into a K/V cache (the layouts differ), and users can pass any cache
+    object to ``forward`` / ``generate``; this is the one place that checks it.
+    """
+    if past_key_values is None:
+        return None
+    cache = past_key_values
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    if isinstance(cache, SlimCache):
+        return cache
+    raise TypeError(
+        f"hf_slim: {where} (layer {layer_idx}) is slimified but got a {type(cache).__name__}. A slim model needs its "
+        "own cache: let generate()/forward() create it (pass past_key_values=None), pass hf_slim.SlimCache(), or "
+        "call hf_slim.unslimify(model) to use transformers' caches again."
+    )
+
+
+def cache_nbytes(past_key_values: Cache | None) -> int:
+    """Count the bytes of every tensor a cache object holds (slim or vanilla, encoder-decoder or not).
+
+    Why: memory claims are measured on the objects generate() returns, not derived from formulas.
+    """
+    if past_key_values is None:
+        return 0
+    if isinstance(past_key_values, EncoderDecoderCache):
+        return cache_nbytes(past_key_values.self_attention_cache) + cache_nbytes(past_key_values.cross_attention_cache)
+    total = 0
+    seen: set[int] = set()
+    for layer in past_key_values.layers:
+        for name in ("keys", "values", "states"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,135 @@
+"""Cache memory arithmetic: bytes of a vanilla transformers cache vs a slim cache, per layer, for a given shape.
+
+Computed from the model's attention layer shapes only, so it works on a model built on the meta device (e.g. the
+full T5-11B config without allocating it). The measured counterpart is :func:`hf_slim.cache.cache_nbytes` on the
+cache objects generate() returns; tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .api import is_slim, slim_record
+from .registry import SUPPORTED
+
+
+@dataclass
+class LayerBytes:
+    """One attention layer's cache bytes for the reported shape."""
+
+    name: str
+    mode: str
+    vanilla: int
+    slim: int
+
+
+@dataclass
+class CacheReport:
+    """Vanilla vs slim cache bytes for ``batch_size`` sequences of ``seq_len`` tokens.
+
+    ``encoder_bytes`` is the encoder output (``batch, encoder_len, d_model``) that encoder-decoder generation holds
+    in both cases; ``*_with_encoder`` totals count it on both sides.
+    """
+
+    model_type: str
+    batch_size: int
+    seq_len: int
+    encoder_len: int
+    dtype: torch.dtype
+    layers: list[LayerBytes] = field(default_factory=list)
+    encoder_bytes: int = 0
+
+    @property
+    def vanilla_bytes(self) -> int:
+        return sum(layer.vanilla for layer in self.layers)
+
+    @property
+    def slim_bytes(self) -> int:
+        return sum(layer.slim for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        return self.vanilla_bytes / max(self.slim_bytes, 1)
+
+    @property
+    def ratio_with_encoder(self) -> float:
+        return (self.vanilla_bytes + self.encoder_bytes) / max(self.slim_bytes + self.encoder_bytes, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.model_type}: batch {self.batch_size}, {self.seq_len} tokens"
+            + (f", {self.encoder_len} encoder frames" if self.encoder_len else "")
+            + f", {str(self.dtype).removeprefix('torch.')}",
+            f"{'layer':<34} {'mode':<8} {'vanilla':>12} {'slim':>12}",
+        ]
+        lines += [f"{r.name:<34} {r.mode:<8} {_fmt(r.vanilla):>12} {_fmt(r.slim):>12}" for r in self.layers]
+        lines.append(f"{'total':<43} {_fmt(self.vanilla_bytes):>12} {_fmt(self.slim_bytes):>12}  {self.ratio:.2f}x")
+        if self.encoder_bytes:
+            lines.append(
+                f"{'total incl. encoder output':<43} {_fmt(self.vanilla_bytes + self.encoder_bytes):>12} "
+                f"{_fmt(self.slim_bytes + self.encoder_bytes):>12}  {self.ratio_with_encoder:.2f}x"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def cache_report(
+    model: torch.nn.Module,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype | None = None,
+    *,
+    encoder_len: int | None = None,
+    verbose: bool = True,
+) -> CacheReport:
+    """Bytes a vanilla cache and the slim cache need for ``batch_size`` x ``seq_len`` tokens, per layer and total.
+
+    Parameters
+    ----------
+    model:
+        a supported model, slimified or not (not: the report assumes ``slimify(model)`` defaults), possibly on meta.
+    batch_size, seq_len:
+        cache shape (decoder tokens).
+    dtype:
+        cache dtype; defaults to the model's parameter dtype.
+    encoder_len:
+        encoder frames/tokens for encoder-decoder models (defaults to Whisper's 1500 frames or ``seq_len``).
+    verbose:
+        print the table.
+    """
+    model_type = model.config.model_type
+    sites = SUPPORTED[model_type].load().attention_sites(model) if model_type in SUPPORTED else []
+    if not sites:
+        raise ValueError(f"no supported attention layers in {type(model).__name__} ({model_type!r})")
+    dtype = dtype or next(model.parameters()).dtype
+    size = torch.empty((), dtype=dtype).element_size()
+    if encoder_len is None:
+        encoder_len = getattr(model.config, "max_source_positions", seq_len) if model.config.is_encoder_decoder else 0
+    modes = slim_record(model).layer_modes if is_slim(model) else {}
+    report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype)
+    d_model = None
+    for site in sites:
+        projections = site.projections(site.module)
+        d_in, inner = projections.w_k.shape
+        d_model = d_in
+        mode = modes.get(site.name, "encoder" if site.kind == "cross" else "input")
+        if site.kind == "cross":
+            vanilla, slim = 2 * batch_size * encoder_len * inner, 0
+        else:
+            vanilla = 2 * batch_size * seq_len * inner
+            slim = batch_size * seq_len * (inner if mode == "k" else d_in)
+        report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
+    if model.config.is_encoder_decoder:
+        report.encoder_bytes = batch_size * encoder_len * d_model * size
+    if verbose:
+        print(report)
+    return report

@@ -1,0 +1,98 @@
+"""Reversible, instance-level patches.
+
+Why instance-level: ``slimify(model)`` must change only the model it is given (two models of the same class in one
+process, one slim and one not, must both stay correct), and ``unslimify`` must put back exactly what was there.
+Every change slimify makes is one :class:`InstancePatch`: set an attribute on one object, remember whether the object
+had its own value, and undo by restoring it or deleting ours so the class attribute shows through again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_MISSING = object()
+
+
+def forward_attribute(module: torch.nn.Module) -> str:
+    """Name of the attribute that holds the module's real forward.
+
+    accelerate's ``add_hook_to_module`` moves the original forward to ``_old_forward`` and installs a wrapper as
+    ``forward`` that moves weights onto the execution device first; patching ``forward`` itself would bypass that hook
+    (and run on meta/offloaded weights), so the patch goes where the hook will call it.
+    """
+    if hasattr(module, "_hf_hook") and "_old_forward" in vars(module):
+        return "_old_forward"
+    return "forward"
+
+
+@dataclass
+class InstancePatch:
+    """Set ``target.name = value`` on one object, undoably."""
+
+    target: Any
+    name: str
+    value: Any
+    _previous: Any = field(default=_MISSING, init=False, repr=False)
+    _applied: bool = field(default=False, init=False, repr=False)
+
+    def apply(self) -> None:
+        own = vars(self.target) if hasattr(self.target, "__dict__") else {}
+        modules = getattr(self.target, "_modules", {})
+        buffers = getattr(self.target, "_buffers", {})
+        if self.name in modules or self.name in buffers:
+            raise RuntimeError(f"refusing to shadow submodule/buffer {self.name!r} of {type(self.target).__name__}")
+        self._previous = own.get(self.name, _MISSING)
+        object.__setattr__(self.target, self.name, self.value)
+        self._applied = True
+
+    def revert(self) -> None:
+        if not self._applied:
+            return
+        if self._previous is _MISSING:
+            object.__delattr__(self.target, self.name)
+        else:
+            object.__setattr__(self.target, self.name, self._previous)
+        self._applied = False
+
+
+@dataclass
+class BufferPatch:
+    """Register a non-persistent buffer on a module (it follows ``.to()`` / device moves), undoably."""
+
+    module: torch.nn.Module
+    name: str
+    tensor: torch.Tensor
+    _applied: bool = field(default=False, init=False, repr=False)
+
+    def apply(self) -> None:
+        if hasattr(self.module, self.name):
+            raise RuntimeError(f"{type(self.module).__name__} already has an attribute {self.name!r}")
+        self.module.register_buffer(self.name, self.tensor, persistent=False)
+        self._applied = True
+
+    def revert(self) -> None:
+        if self._applied:
+            del self.module._buffers[self.name]
+            self._applied = False
+
+
+def apply_all(patches: list) -> None:
+    """Apply every patch or none: on the first failure, revert the ones already applied and re-raise."""
+    done = []
+    try:
+        for patch in patches:
+            patch.apply()
+            done.append(patch)
+    except BaseException:
+        for patch in reversed(done):
+            patch.revert()
+        raise
+
+
+def revert_all(patches: list) -> None:
+    """Revert patches in reverse order of application."""
+    for patch in reversed(patches):
+        patch.revert()

@@ -1,0 +1,43 @@
+"""What an architecture patch tells the shared machinery: its attention sites and where its cache is created."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .attention import Projections
+
+
+@dataclass
+class AttentionSite:
+    """One attention module to patch.
+
+    Attributes
+    ----------
+    module:
+        the model's attention module (patched in place, on this instance only).
+    kind:
+        ``"self"`` (causal self-attention with a slim cache) or ``"cross"`` (attention over the encoder output).
+    layer_idx:
+        slot of this layer in the slim cache (self-attention) or its decoder layer (cross-attention).
+    num_heads, head_dim:
+        head layout.
+    projections:
+        ``projections(module) -> Projections`` reading the live weights.
+    forward:
+        the replacement forward, a plain function taking the module as first argument.
+    """
+
+    module: torch.nn.Module
+    kind: str
+    layer_idx: int
+    num_heads: int
+    head_dim: int
+    projections: Callable[[torch.nn.Module], Projections]
+    forward: Callable
+
+    @property
+    def name(self) -> str:
+        return f"{type(self.module).__name__}[{self.kind} {self.layer_idx}]"

@@ -1,0 +1,1 @@
+"""Patches, one module per architecture (installed as ``hf_slim.patches``)."""

@@ -1,0 +1,89 @@
+"""Bad input gets a clear error, and a failed slimify leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_gpt2
+from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+
+import hf_slim.patching
+from hf_slim import SlimCache, UnsupportedModelError, is_slim, slimify
+
+
+def tiny_llama(kv_heads: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, vocab_size=100,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_gqa_model_is_refused_with_mha_explanation():
+    with pytest.raises(UnsupportedModelError, match=r"needs multi-head attention.*num_key_value_heads"):
+        slimify(tiny_llama(kv_heads=2))
+
+
+def test_input_mode_on_rope_model_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"mode='input' cannot be used with 'llama'.*RoPE"):
+        slimify(tiny_llama(kv_heads=4), mode="input")
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UnsupportedModelError, match=r"encoder-only.*Supported model types: gpt2, .*whisper"):
+        slimify(model)
+    config = LlamaConfig()
+    config.model_type = "made_up_arch"
+    with pytest.raises(UnsupportedModelError, match=r"no patch for model type 'made_up_arch'. Supported"):
+        hf_slim.registry.architecture_for(config, "auto")
+
+
+def test_bad_mode_and_attention_implementation():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        slimify(model, mode="fast")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(UnsupportedModelError, match="attn_implementation='flex_attention' is not supported"):
+        slimify(model)
+    assert not is_slim(model)
+
+
+def test_failure_half_way_leaves_model_unchanged(monkeypatch):
+    model = tiny_gpt2()
+    state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    attributes_before = {name: dict(vars(module)) for name, module in model.named_modules()}
+    calls = {"count": 0}
+    original_apply = hf_slim.patching.InstancePatch.apply
+
+    def failing_apply(self):
+        calls["count"] += 1
+        if calls["count"] == 5:
+            raise RuntimeError("injected failure")
+        original_apply(self)
+
+    monkeypatch.setattr(hf_slim.patching.InstancePatch, "apply", failing_apply)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        slimify(model, "k")
+    assert calls["count"] == 5
+    assert not is_slim(model)
+    for name, module in model.named_modules():
+        assert vars(module).keys() == attributes_before[name].keys(), name
+        assert "forward" not in vars(module) and "hf_slim" not in vars(module)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state_before[name]), name
+
+
+def test_incompatible_cache_objects_are_refused():
+    model = slimify(tiny_gpt2())
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    with pytest.raises(TypeError, match=r"slimified but got a DynamicCache.*SlimCache"):
+        model(ids, past_key_values=DynamicCache())
+    with pytest.raises(TypeError, match=r"generate\(\) got past_key_values=DynamicCache"):
+        model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=2)
+    with pytest.raises(NotImplementedError, match="cache_implementation='quantized'"):
+        model.generate(ids, cache_implementation="quantized", max_new_tokens=2)
+    with pytest.raises(TypeError, match="SlimCache"):
+        model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=16), max_new_tokens=2)
+    with pytest.raises(TypeError, match="only be used by a model patched"):
+        SlimCache().update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 0)
