@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 
 from . import __version__
 from .attention import SlimAttentionState
@@ -46,9 +46,10 @@ class SlimRecord:
     version: str = __version__
     patches: list = field(default_factory=list, repr=False)
 
-    def new_cache(self) -> SlimCache | EncoderDecoderCache:
-        """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache)."""
-        cache = SlimCache(self.num_cache_layers)
+    def new_cache(self, max_cache_len: int | None = None) -> SlimCache | EncoderDecoderCache:
+        """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache);
+        ``max_cache_len`` makes it static (preallocated)."""
+        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len)
         if self.is_encoder_decoder:
             return EncoderDecoderCache(cache, SlimCache(0))
         return cache
@@ -283,10 +284,10 @@ def _prepare_slim_cache(model: torch.nn.Module, record: SlimRecord):
 
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
         user_cache = model_kwargs.get("past_key_values")
-        if user_cache is None and generation_config.cache_implementation not in (None, "dynamic"):
+        if user_cache is None and generation_config.cache_implementation not in (None, "dynamic", "static"):
             raise NotImplementedError(
-                f"hf_slim does not support cache_implementation={generation_config.cache_implementation!r} yet; "
-                "use the default (dynamic) cache, which hf_slim replaces by a slim cache"
+                f"hf_slim does not support cache_implementation={generation_config.cache_implementation!r}; use "
+                "the default (dynamic) or 'static', which hf_slim replaces by the matching slim cache"
             )
         original(self, generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
@@ -300,12 +301,13 @@ def _prepare_slim_cache(model: torch.nn.Module, record: SlimRecord):
                     "cache (generate builds a slim one), an hf_slim.SlimCache, or unslimify the model first"
                 )
             return
-        fresh_dynamic = type(cache) is DynamicCache or (
-            isinstance(cache, EncoderDecoderCache) and type(cache.self_attention_cache) is DynamicCache
-        )
-        if not fresh_dynamic:
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if type(self_cache) is DynamicCache:
+            slim = record.new_cache()
+        elif type(self_cache) is StaticCache:
+            slim = record.new_cache(max_cache_len=self_cache.get_max_length())
+        else:
             raise NotImplementedError(f"hf_slim cannot replace a {type(cache).__name__} prepared by generate()")
-        slim = record.new_cache()
         if generation_config.is_assistant:
             slim.activate_past_recording()
         model_kwargs["past_key_values"] = slim

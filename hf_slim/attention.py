@@ -184,17 +184,29 @@ def slim_self_attention(
     cache = slim_cache_for(past_key_values, state.layer_idx, where=type(module).__name__)
     if cache is None:
         return run_attention(query, key, value, attention_mask)
-    past = cache.get_seq_length(state.layer_idx)
     batch, _, num_queries, _ = query.shape
     new_states = hidden_states if state.mode == "input" else key.transpose(1, 2).reshape(batch, num_queries, -1)
+    layer = cache.layers[state.layer_idx] if state.layer_idx < len(cache.layers) else None
+    static = layer is not None and layer.is_compileable
+    # A static layer decides by query count alone (its length is a tensor: no data-dependent branch under compile);
+    # its unwritten slots are masked below.
+    absorbed = use_absorbed(num_queries, state.head_dim) and (static or cache.get_seq_length(state.layer_idx) > 0)
+    past = None if absorbed else int(cache.get_seq_length(state.layer_idx))
     states = cache.update_slim(new_states, state.layer_idx)  # (b, n, w)
     if past == 0:
+        if static and attention_mask is not None:
+            attention_mask = attention_mask[..., :num_queries]
         return run_attention(query, key, value, attention_mask)
-    if not use_absorbed(num_queries, state.head_dim):
+    if not absorbed:
         full_key, full_value = rebuild_kv(module, states)
         return run_attention(query, full_key, full_value, attention_mask)
 
-    bias = _bias_for_decode(attention_mask, num_queries, states.shape[1], states.device)
+    if static:
+        bias = cache.layers[state.layer_idx].causal_bias(num_queries)
+        if attention_mask is not None:
+            bias = bias + additive_bias(attention_mask[..., : states.shape[1]])
+    else:
+        bias = _bias_for_decode(attention_mask, num_queries, states.shape[1], states.device)
     if position_bias is not None:
         bias = position_bias.float() if bias is None else bias + position_bias.float()
     if state.mode == "k":

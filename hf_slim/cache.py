@@ -106,6 +106,77 @@ class SlimLayer(CacheLayerMixin):
         return 0 if self.states is None else self.states.numel() * self.states.element_size()
 
 
+class StaticSlimLayer(SlimLayer):
+    """A preallocated slim layer, ``(batch, max_cache_len, width)``, written in place: fixed addresses for
+    ``torch.compile(mode="reduce-overhead")`` / CUDA graphs, like transformers' ``StaticLayer`` for K/V.
+
+    ``cumulative_length`` is a 0-d tensor (not an int) so that decode steps do not recompile; slots at or past it
+    are unwritten and the attention masks them (:meth:`causal_bias`).
+    """
+
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int, **kwargs) -> None:
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        super().lazy_initialization(key_states)
+        batch, _, width = key_states.shape
+        self.batch_size = batch
+        self.states = torch.zeros((batch, self.max_cache_len, width), dtype=self.dtype, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.states)
+            torch._dynamo.mark_static_address(self.cumulative_length)
+
+    def update_slim(self, states: torch.Tensor) -> torch.Tensor:
+        if not self.is_initialized:
+            self.lazy_initialization(states)
+        positions = torch.arange(states.shape[1], device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(states.shape[1])
+        self.states.index_copy_(1, positions, states)
+        return self.states
+
+    def causal_bias(self, num_queries: int) -> torch.Tensor:
+        """``(1, 1, queries, max_cache_len)`` float32 bias for the last ``num_queries`` written tokens: 0 where the
+        slot is written and not in the query's future, dtype-min elsewhere (computed from the length tensor, so it
+        needs no host sync)."""
+        key_pos = torch.arange(self.max_cache_len, device=self.device)  # (n,)
+        query_pos = torch.arange(num_queries, device=self.device) + self.cumulative_length - num_queries  # (t,)
+        visible = key_pos[None, :] <= query_pos[:, None]  # (t, n)
+        return torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.states.zero_()
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.states.copy_(self.states.index_select(0, beam_idx.to(self.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a static slim cache cannot be cropped; use the default dynamic slim cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a static slim cache has a fixed batch size")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a static slim cache has a fixed batch size")
+
+
 class SlimCache(DynamicCache):
     """A cache of :class:`SlimLayer` s, one per attention layer that keeps per-token state.
 
@@ -113,10 +184,17 @@ class SlimCache(DynamicCache):
     ----------
     num_layers:
         number of layers to create up front; ``None`` grows the list on first write to a layer.
+    max_cache_len:
+        preallocate every layer for this many tokens (:class:`StaticSlimLayer`), for ``torch.compile`` and CUDA
+        graphs; needs ``num_layers``. ``generate(..., cache_implementation="static")`` on a slim model builds one.
     """
 
-    def __init__(self, num_layers: int | None = None) -> None:
-        if num_layers is None:
+    def __init__(self, num_layers: int | None = None, max_cache_len: int | None = None) -> None:
+        if max_cache_len is not None:
+            if num_layers is None:
+                raise ValueError("a static SlimCache (max_cache_len) needs num_layers")
+            Cache.__init__(self, layers=[StaticSlimLayer(max_cache_len) for _ in range(num_layers)])
+        elif num_layers is None:
             Cache.__init__(self, layer_class_to_replicate=SlimLayer)
         else:
             Cache.__init__(self, layers=[SlimLayer() for _ in range(num_layers)])
