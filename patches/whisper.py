@@ -1,0 +1,315 @@
+"""Whisper: decoder self-attention keeps one slim tensor per token, cross-attention keeps no cache at all.
+
+Covers WhisperForConditionalGeneration (``generate``, short-form and sequential long-form, beams, timestamps, the
+ASR pipeline) and WhisperModel, eager and SDPA attention. The encoder's self-attention has no cache and stays
+untouched; the sites are each decoder layer's ``self_attn`` (input or K cache) and ``encoder_attn`` (absorbed
+attention over the encoder output E, which generate() already holds).
+
+Whisper specifics:
+
+* ``q_proj`` output is multiplied by ``head_dim ** -0.5`` before the dot product and the attention call uses
+  ``scaling=1.0`` (kept as is, so prefill is bit-for-bit the model's own computation); ``k_proj`` has no bias.
+* Beam search: transformers repeats E once per beam (``_expand_inputs_for_generation``). The slim model keeps one
+  copy per input and :func:`hf_slim.attention.encoder_cross_attention` folds each input's beams onto it, so neither a
+  cross-attention cache nor beam copies of E exist.
+* ``WhisperGenerationMixin._postprocess_outputs`` / ``_stack_split_outputs`` split and re-stack the returned cache by
+  reading ``layers[i].keys``; the slim model splits and stacks its slim tensors instead.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.whisper.modeling_whisper import (
+    WhisperAttention,
+    WhisperDecoder,
+    WhisperDecoderLayer,
+    eager_attention_forward,
+)
+
+from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention
+from hf_slim.cache import SlimCache
+from hf_slim.patching import InstancePatch
+from hf_slim.registry import UnsupportedModelError
+from hf_slim.sites import AttentionSite
+
+#: Whisper classes slimify accepts, and the ones it refuses with the reason.
+SUPPORTED_CLASSES = (WhisperForConditionalGeneration, WhisperModel)
+REFUSED_CLASSES = {
+    "WhisperForCausalLM": "the decoder-only Whisper (a speculative-decoding assistant) converts any cache it is given "
+    "into a K/V EncoderDecoderCache when it sees encoder states; it is not supported yet",
+    "WhisperForAudioClassification": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
+    "WhisperEncoder": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
+    "WhisperDecoder": "slimify the WhisperModel or WhisperForConditionalGeneration that holds this decoder",
+}
+
+#: Whisper's fixed audio front end: 16 kHz, 10 ms hop (160 samples), two encoder frames per output position.
+_SAMPLING_RATE, _HOP_LENGTH, _CONV_STRIDE = 16_000, 160, 2
+
+
+def _projections(module: WhisperAttention) -> Projections:
+    """``K = X @ W_K`` (no bias), ``V = X @ W_V + b_V``; nn.Linear stores ``(out, in)`` so the views are transposed."""
+    return Projections(w_k=module.k_proj.weight.T, w_v=module.v_proj.weight.T, b_k=None, b_v=module.v_proj.bias)
+
+
+def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)  # (b, t, e) -> (b, h, t, dk)
+
+
+# Adapted from transformers 5.23.0, models/whisper/modeling_whisper.py, WhisperAttention.forward: the cache handling
+# and the attention call change; the scaled query, the projections and the output projection are the model's own.
+def slim_whisper_attention_forward(
+    self: WhisperAttention,
+    hidden_states: torch.Tensor,
+    key_value_states: torch.Tensor | None = None,
+    past_key_values=None,
+    attention_mask: torch.Tensor | None = None,
+    output_attentions: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoder self-attention over a slim cache, or cross-attention over the encoder output with no cache.
+
+    ``hidden_states: (batch, new, d_model)``; ``key_value_states``: the encoder output ``(inputs, frames, d_model)``
+    for cross-attention, where ``batch % inputs == 0`` (one copy of E per input, shared by its beams).
+    Returns the attention output ``(batch, new, d_model)`` and the weights ``(batch, heads, new, keys)`` (eager) or
+    None.
+    """
+    implementation = self.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    dropout = 0.0 if not self.training else self.dropout
+
+    def run_attention(query, key, value, mask):
+        return interface(
+            self, query, key, value, mask, dropout=dropout, scaling=1.0, output_attentions=output_attentions, **kwargs
+        )
+
+    want_weights = implementation == "eager"
+    # Whisper scales the query before the dot product (see the source) and calls the attention with scaling=1.0.
+    query = _split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim).contiguous()  # (b, h, t, dk)
+    if key_value_states is not None:
+        if dropout > 0.0:  # attention dropout needs the probabilities over K/V: compute them (training only)
+            key = _split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            value = _split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            attn_output, attn_weights = run_attention(query, key, value, attention_mask)
+        else:
+            attn_output, attn_weights = encoder_cross_attention(
+                self, query, key_value_states, attention_mask, 1.0, run_attention, want_weights=want_weights
+            )
+    else:
+        key = _split_heads(self.k_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
+        value = _split_heads(self.v_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
+        attn_output, attn_weights = slim_self_attention(
+            self,
+            hidden_states,
+            query,
+            key,
+            value,
+            past_key_values,
+            attention_mask,
+            1.0,
+            run_attention,
+            want_weights=want_weights,
+        )
+    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
+    return self.out_proj(attn_output), attn_weights
+
+
+def _decoders(model: torch.nn.Module) -> list[WhisperDecoder]:
+    if not isinstance(model, SUPPORTED_CLASSES):
+        name = type(model).__name__
+        reason = REFUSED_CLASSES.get(name, "not a Whisper encoder-decoder model")
+        raise UnsupportedModelError(
+            f"hf_slim cannot patch {name}: {reason}. Supported Whisper classes: "
+            + ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
+        )
+    return [module for module in model.modules() if isinstance(module, WhisperDecoder)]
+
+
+def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+    """Each decoder layer's self-attention (slim cache) and cross-attention (encoder output, no cache)."""
+    sites = []
+    for decoder in _decoders(model):
+        for layer in decoder.layers:
+            if not isinstance(layer, WhisperDecoderLayer):
+                continue
+            for kind, module in (("self", layer.self_attn), ("cross", layer.encoder_attn)):
+                sites.append(
+                    AttentionSite(
+                        module=module,
+                        kind=kind,
+                        layer_idx=module.layer_idx,
+                        num_heads=module.num_heads,
+                        head_dim=module.head_dim,
+                        projections=_projections,
+                        forward=slim_whisper_attention_forward,
+                    )
+                )
+    return sites
+
+
+def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """WhisperDecoder.forward creates the (self + cross) cache when none is given."""
+    return _decoders(model)
+
+
+def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
+    """generate() of WhisperForConditionalGeneration: E stays one copy per input, and outputs split slim caches."""
+    if not isinstance(model, WhisperForConditionalGeneration):
+        return []
+    return [
+        InstancePatch(model, name, types.MethodType(function, model))
+        for name, function in (
+            ("_expand_inputs_for_generation", _expand_inputs_keeping_encoder_output),
+            ("_postprocess_outputs", _postprocess_slim_outputs),
+            ("_stack_split_outputs", _stack_split_slim_outputs),
+        )
+    ]
+
+
+def _expand_inputs_keeping_encoder_output(
+    self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+):
+    """Expand the decoder inputs for beams / returned sequences as transformers does, but not the encoder output.
+
+    The encoder output ``E: (inputs, frames, d_model)`` stays one copy per input; the cross-attention maps the
+    ``inputs * expand_size`` decoder rows onto it (:func:`hf_slim.attention.encoder_cross_attention`). transformers
+    would repeat every tensor of ``encoder_outputs`` ``expand_size`` times (``repeat_interleave``: beams of one input
+    are adjacent, which is the row order the folding assumes).
+    """
+    generic = type(self)._expand_inputs_for_generation
+    encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+    if expand_size == 1 or not is_encoder_decoder or encoder_outputs is None:
+        if encoder_outputs is not None:
+            model_kwargs["encoder_outputs"] = encoder_outputs
+        return generic(
+            self, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+    input_ids, model_kwargs = generic(
+        self, expand_size=expand_size, is_encoder_decoder=False, input_ids=input_ids, **model_kwargs
+    )
+    model_kwargs["encoder_outputs"] = encoder_outputs
+    return input_ids, model_kwargs
+
+
+def _slim_self_cache(cache) -> SlimCache | None:
+    """The SlimCache inside a cache returned by generate(), or None for any other cache."""
+    inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    return inner if isinstance(inner, SlimCache) else None
+
+
+def _slim_cache_from_layers(states: list[torch.Tensor | None]) -> EncoderDecoderCache:
+    """An encoder-decoder slim cache whose self-attention layers hold ``states`` (each ``(batch, seq, width)``)."""
+    cache = SlimCache(len(states))
+    for layer_idx, layer_states in enumerate(states):
+        if layer_states is not None:
+            cache.update_slim(layer_states, layer_idx)
+    return EncoderDecoderCache(cache, SlimCache(0))
+
+
+# Adapted from transformers 5.23.0, models/whisper/generation_whisper.py, WhisperGenerationMixin._postprocess_outputs
+# (its split_by_batch_index reads K/V of every layer): the slim cache is split here, everything else is delegated.
+def _postprocess_slim_outputs(
+    self, seek_outputs, decoder_input_ids, return_token_timestamps, generation_config, is_shortform, seek, batch_idx_map
+):
+    """Per-sequence outputs of one generate() call; a slim cache is split row by row like transformers splits K/V.
+
+    Short-form keeps each row's cache as an ``EncoderDecoderCache`` of a one-row SlimCache (transformers does the same
+    with K/V, moved to CPU); long-form keeps no cache (transformers: "too costly for longform").
+    """
+    original = type(self)._postprocess_outputs
+    cache = None if isinstance(seek_outputs, torch.Tensor) else seek_outputs.get("past_key_values")
+    slim = _slim_self_cache(cache)
+    if slim is None:
+        return original(
+            self,
+            seek_outputs,
+            decoder_input_ids,
+            return_token_timestamps,
+            generation_config,
+            is_shortform,
+            seek,
+            batch_idx_map,
+        )
+    without_cache = type(seek_outputs)(**{k: v for k, v in seek_outputs.items() if k != "past_key_values"})
+    sequence_tokens, split = original(
+        self,
+        without_cache,
+        decoder_input_ids,
+        return_token_timestamps,
+        generation_config,
+        is_shortform,
+        seek,
+        batch_idx_map,
+    )
+    states = [layer.states for layer in slim.layers]
+    for row, outputs in enumerate(split):
+        outputs["past_key_values"] = (
+            _slim_cache_from_layers([None if s is None else s[row][None].cpu() for s in states])
+            if is_shortform
+            else None
+        )
+    return sequence_tokens, split
+
+
+# Adapted from transformers 5.23.0, models/whisper/generation_whisper.py, WhisperGenerationMixin._stack_split_outputs
+# (it stacks K/V of every layer): slim caches are stacked here, everything else is delegated.
+def _stack_split_slim_outputs(self, seek_outputs, model_output_type, device, kwargs):
+    """Stack the per-sequence outputs of :func:`_postprocess_slim_outputs` back into one generate() output."""
+    original = type(self)._stack_split_outputs
+    caches = [outputs.get("past_key_values") for outputs in seek_outputs]
+    if not caches or _slim_self_cache(caches[0]) is None:
+        return original(self, seek_outputs, model_output_type, device, kwargs)
+    without_cache = [{k: v for k, v in outputs.items() if k != "past_key_values"} for outputs in seek_outputs]
+    stacked = original(self, without_cache, model_output_type, device, kwargs)
+    layers = zip(*(_slim_self_cache(cache).layers for cache in caches), strict=True)
+    states = [None if rows[0].states is None else torch.cat([r.states for r in rows]).to(device) for rows in layers]
+    stacked["past_key_values"] = _slim_cache_from_layers(states)
+    return stacked
+
+
+@torch.no_grad()
+def default_calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> dict:
+    """Real speech for the K-mode calibration: the bundled sample WAV and the model's own greedy transcript of it.
+
+    Why: the K cache error depends on the activations (random ones understate it 3-10x); the decoder self-attention
+    inputs of a real transcript of real audio, computed in the model's dtype, are what the calibration should see.
+
+    Returns
+    -------
+    ``{"input_features": (1, num_mel_bins, 2 * max_source_positions), "decoder_input_ids": (1, tokens)}`` on the
+    model's device, features in the model's dtype.
+    """
+    from hf_slim.audio import load_wav
+    from hf_slim.bundled import sample_audio_path
+
+    config = model.config
+    parameter = next(model.parameters())
+    samples, _ = load_wav(sample_audio_path(), _SAMPLING_RATE)
+    extractor = WhisperFeatureExtractor(
+        feature_size=config.num_mel_bins, sampling_rate=_SAMPLING_RATE, hop_length=_HOP_LENGTH
+    )
+    num_samples = _CONV_STRIDE * config.max_source_positions * _HOP_LENGTH
+    features = extractor(
+        samples, sampling_rate=_SAMPLING_RATE, max_length=num_samples, return_tensors="pt"
+    ).input_features.to(device=parameter.device, dtype=parameter.dtype)  # (1, mel, 2 * max_source_positions)
+
+    whisper = model.model if isinstance(model, WhisperForConditionalGeneration) else model
+    encoder_states = whisper.encoder(features).last_hidden_state  # (1, frames, d_model)
+    output_embeddings = whisper.decoder.embed_tokens.weight  # Whisper ties the LM head to the token embeddings
+    tokens = [config.decoder_start_token_id]
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    step = torch.tensor([tokens], device=parameter.device)
+    for _ in range(min(max_tokens, config.max_target_positions) - 1):
+        hidden = whisper.decoder(
+            input_ids=step, encoder_hidden_states=encoder_states, past_key_values=cache, use_cache=True
+        ).last_hidden_state[:, -1]  # (1, d_model)
+        token = int((hidden @ output_embeddings.T).argmax(-1))
+        if token == config.eos_token_id:
+            break
+        tokens.append(token)
+        step = torch.tensor([[token]], device=parameter.device)
+    return {"input_features": features, "decoder_input_ids": torch.tensor([tokens], device=parameter.device)}
