@@ -116,9 +116,11 @@ def absorb_query(query: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
     -------
     ``(batch, heads, queries, d_in)`` float32.
     """
-    heads, head_dim = query.shape[1], query.shape[-1]
+    batch, heads, queries, head_dim = query.shape
     w_k_heads = w_k.float().view(w_k.shape[0], heads, head_dim).permute(1, 2, 0)  # (h, dk, d)
-    return torch.matmul(query.float(), w_k_heads)  # (b, h, t, d)
+    # one bmm over heads: matmul would broadcast the weight over the batch and copy it once per row
+    flat = query.float().transpose(0, 1).reshape(heads, batch * queries, head_dim)  # (h, b*t, dk)
+    return torch.bmm(flat, w_k_heads).view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, d)
 
 
 def project_heads(mixed: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,10 +141,11 @@ def project_heads(mixed: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | No
     -------
     ``(batch, heads, queries, head_dim)`` float32.
     """
-    heads = mixed.shape[1]
+    batch, heads, queries, _ = mixed.shape
     width, inner = w_v.shape
     w_v_heads = w_v.float().view(width, heads, inner // heads).transpose(0, 1)  # (h, w, dk)
-    out = torch.matmul(mixed, w_v_heads)  # (b, h, t, dk)
+    flat = mixed.transpose(0, 1).reshape(heads, batch * queries, width)  # (h, b*t, w), see absorb_query
+    out = torch.bmm(flat, w_v_heads).view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, dk)
     if b_v is not None:
         out = out + b_v.float().view(1, heads, 1, inner // heads)
     return out

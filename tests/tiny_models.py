@@ -65,3 +65,43 @@ def randomize_biases(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Modul
         elif "ln" in name or "norm" in name:
             parameter.copy_(1 + torch.randn(parameter.shape, generator=generator) * std)
     return model
+
+
+T5_TASK_SENTENCES = [
+    "summarize: slim attention keeps one tensor per token instead of keys and values",
+    "translate English to German: the quick brown fox jumps over the lazy dog",
+    "translate English to German: memory is the bottleneck of long context decoding",
+    "summarize: a model that remembers less can read longer texts and serve larger batches",
+]
+T5_CORPUS = CORPUS + T5_TASK_SENTENCES * 4
+
+
+@functools.cache
+def tiny_t5_tokenizer() -> PreTrainedTokenizerFast:
+    """A Unigram tokenizer over the words and characters of a few sentences, with T5's special tokens (``<pad>`` 0,
+    ``</s>`` 1, ``<unk>`` 2) and T5's post-processing (``</s>`` appended); right padding, as T5 tokenizers pad.
+
+    The pieces and their log-frequency scores are counted here rather than trained: the tokenizers Unigram trainer
+    orders its vocabulary differently from one process to the next, which would change every tiny model's token ids.
+    """
+    import collections
+    import math
+
+    from tokenizers import processors
+
+    counts = collections.Counter()
+    for sentence in T5_CORPUS:
+        for word in sentence.split():
+            counts["\u2581" + word] += 1
+            counts.update(word)
+            counts["\u2581"] += 1
+    total = sum(counts.values())
+    pieces = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, math.log(c / total)) for p, c in pieces]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
