@@ -13,16 +13,19 @@ check_transformers_version()
 
 from .api import SlimFallbackWarning, is_slim, slim_record, slimified, slimify, unslimify  # noqa: E402
 from .cache import SlimCache, cache_nbytes  # noqa: E402
+from .export import SlimCheckpointError, load_slim  # noqa: E402
 from .memory import cache_report  # noqa: E402
 from .registry import UnsupportedModelError, supported_model_types  # noqa: E402
 
 __all__ = [
     "SlimCache",
+    "SlimCheckpointError",
     "SlimFallbackWarning",
     "UnsupportedModelError",
     "cache_nbytes",
     "cache_report",
     "is_slim",
+    "load_slim",
     "slim_record",
     "slimified",
     "slimify",

@@ -21,8 +21,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from . import __version__
 from .attention import SlimAttentionState
 from .cache import SlimCache
-from .kmode import SingularKeyProjection, k_mode_is_exact, solve_k_mode, value_errors
-from .patching import BufferPatch, InstancePatch, apply_all, forward_attribute, revert_all
+from .kmode import KModeWeights, SingularKeyProjection, k_mode_is_exact, solve_k_mode, value_errors
+from .patching import BufferPatch, InstancePatch, apply_all, forward_attribute, resident_weights, revert_all
 from .registry import UnsupportedModelError, architecture_for
 from .sites import AttentionSite
 
@@ -72,6 +72,8 @@ def slimify(
     mode: str = "auto",
     *,
     calibration_inputs: dict | None = None,
+    layer_modes: dict[str, str] | None = None,
+    _k_weights: dict[str, KModeWeights] | None = None,
 ) -> torch.nn.Module:
     """Patch every supported attention layer of ``model`` in place to use a slim cache, and return the model.
 
@@ -91,6 +93,11 @@ def slimify(
         keyword arguments for one forward pass of the unmodified model whose attention inputs calibrate the K mode
         (real text or audio: random activations understate the K-cache error 3-10x). Defaults to the
         architecture's own calibration batch.
+    layer_modes:
+        force each layer's mode instead of choosing it (``{site name: "input" | "k" | "encoder"}``, exactly the keys
+        of ``slim_record(model).layer_modes``), e.g. to reproduce an exported model: no calibration runs, K layers
+        get ``W_KV`` solved from the live weights. Names or modes that do not fit the model raise ``ValueError``.
+        (``_k_weights`` is for :func:`hf_slim.load_slim`: verified precomputed K-mode weights, skipping the solve.)
 
     Raises
     ------
@@ -102,6 +109,8 @@ def slimify(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if is_slim(model):
         record = slim_record(model)
+        if layer_modes is not None and layer_modes != record.layer_modes:
+            raise ValueError("model is already slimified with other layer modes; call hf_slim.unslimify(model) first")
         if record.requested_mode != mode:
             raise ValueError(
                 f"model is already slimified with mode={record.requested_mode!r}; call hf_slim.unslimify(model) "
@@ -117,7 +126,12 @@ def slimify(
         raise UnsupportedModelError(f"found no attention layers to patch in {type(model).__name__}")
     resolved = ("k" if architecture.positions == "rope" else "input") if mode == "auto" else mode
 
-    layer_modes, calibration, k_weights = _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs)
+    if layer_modes is not None:
+        layer_modes, calibration, k_weights = _forced_layer_modes(sites, architecture, layer_modes, _k_weights)
+    else:
+        layer_modes, calibration, k_weights = _choose_layer_modes(
+            model, patch_module, sites, resolved, calibration_inputs
+        )
     self_sites = [site for site in sites if site.kind == "self"]
     record = SlimRecord(
         requested_mode=mode,
@@ -132,6 +146,9 @@ def slimify(
     if hasattr(model, "_prepare_cache_for_generation"):
         patches.append(InstancePatch(model, "_prepare_cache_for_generation", _prepare_slim_cache(model, record)))
     patches.extend(getattr(patch_module, "extra_patches", lambda model: [])(model))
+    from .export import export_patches  # export imports this module
+
+    patches.extend(export_patches(model, record))
     patches.append(InstancePatch(model, "_hf_slim_record", record))
     record.patches = patches
     apply_all(patches)
@@ -181,13 +198,14 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
     dtype = next(model.parameters()).dtype
     refused = []
     for site in self_sites:
-        projections = site.projections(site.module)
-        try:
-            weights = solve_k_mode(projections)
-        except SingularKeyProjection as error:
-            refused.append(f"{site.name}: {error}")
-            continue
-        k_error, vanilla_error = value_errors(activations[site.name], projections, weights, dtype)
+        with resident_weights(site.module):  # accelerate offload: solve from the real weights, on their device
+            projections = site.projections(site.module)
+            try:
+                weights = solve_k_mode(projections)
+            except SingularKeyProjection as error:
+                refused.append(f"{site.name}: {error}")
+                continue
+            k_error, vanilla_error = value_errors(activations[site.name], projections, weights, dtype)
         numbers = {"k_error": k_error, "vanilla_error": vanilla_error, "cond_w_k": weights.cond, "dtype": str(dtype)}
         calibration[site.name] = numbers
         if k_mode_is_exact(k_error, vanilla_error):
@@ -205,6 +223,30 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
             stacklevel=3,
         )
     return layer_modes, calibration, k_weights
+
+
+def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
+    """Check caller-given per-layer modes against the model's sites and get W_KV for the K layers (no calibration)."""
+    by_name = {site.name: site for site in sites}
+    unknown, missing = sorted(set(layer_modes) - set(by_name)), sorted(set(by_name) - set(layer_modes))
+    if unknown or missing:
+        raise ValueError(
+            f"layer_modes do not match this model's attention layers (unknown: {unknown}, missing: {missing}); "
+            f"its layers are {list(by_name)}"
+        )
+    weights = {}
+    for name, site in by_name.items():
+        mode, allowed = layer_modes[name], (("encoder",) if site.kind == "cross" else ("input", "k"))
+        if mode not in allowed:
+            raise ValueError(f"layer_modes[{name!r}] = {mode!r}: a {site.kind}-attention layer takes one of {allowed}")
+        if mode == "input" and architecture.positions == "rope":
+            raise UnsupportedModelError(f"layer_modes[{name!r}] = 'input' cannot be used with RoPE; use 'k'")
+        if mode == "k" and k_weights is not None and name in k_weights:
+            weights[name] = k_weights[name]
+        elif mode == "k":
+            with resident_weights(site.module):  # accelerate offload: solve from the real weights, on their device
+                weights[name] = solve_k_mode(site.projections(site.module))
+    return {site.name: layer_modes[site.name] for site in sites}, {}, weights
 
 
 @torch.no_grad()
@@ -248,8 +290,21 @@ def _site_patches(sites, layer_modes, calibration, k_weights) -> list:
             dtype = state.projections().w_v.dtype
             patches.append(BufferPatch(module, "hf_slim_w_kv", weights.w_kv.to(dtype)))
             patches.append(BufferPatch(module, "hf_slim_v_offset", weights.v_offset.to(dtype)))
-        patches.append(InstancePatch(module, forward_attribute(module), types.MethodType(site.forward, module)))
+        forward = types.MethodType(_resident_forward(site.forward), module)  # a bound method: deepcopy rebinds it
+        patches.append(InstancePatch(module, forward_attribute(module), forward))
     return patches
+
+
+def _resident_forward(forward):
+    """The slim forward, run with the module's offloaded weights kept real: it reads projection weights of
+    submodules after their own (offloading) forwards returned."""
+
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        with resident_weights(self):
+            return forward(self, *args, **kwargs)
+
+    return run
 
 
 def _use_cache_requested(owner: torch.nn.Module, arguments: dict) -> bool:
@@ -268,11 +323,19 @@ def _forward_with_slim_cache(owner: torch.nn.Module, record: SlimRecord):
     @functools.wraps(original)
     def forward(*args, **kwargs):
         arguments = {**dict(zip(names, args)), **kwargs}
-        if arguments.get("past_key_values") is None and _use_cache_requested(owner, arguments):
-            if len(args) > position:
-                args = (*args[:position], record.new_cache(), *args[position + 1 :])
-            else:
-                kwargs["past_key_values"] = record.new_cache()
+        cache = arguments.get("past_key_values")
+        if cache is None and _use_cache_requested(owner, arguments):
+            cache = record.new_cache()
+        elif record.is_encoder_decoder and type(cache) is SlimCache:
+            # a bare SlimCache for an encoder-decoder model: pair it with an empty cross-attention cache, as generate()
+            # does (Whisper's decoder would otherwise replace an empty one by a K/V EncoderDecoderCache)
+            cache = EncoderDecoderCache(cache, SlimCache(0))
+        else:
+            return original(*args, **kwargs)
+        if len(args) > position:
+            args = (*args[:position], cache, *args[position + 1 :])
+        else:
+            kwargs["past_key_values"] = cache
         return original(*args, **kwargs)
 
     return forward

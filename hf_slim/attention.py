@@ -318,8 +318,13 @@ def encoder_cross_attention(
 
 
 def _fold_bias(bias: torch.Tensor, inputs: int, group: int, heads: int, num_queries: int) -> torch.Tensor:
-    """Reshape a bias broadcastable to ``(inputs*group, h, t, n)`` to ``(inputs, h|1, group*t, n)``."""
+    """Reshape a bias with one row per decoder row (``inputs*group``), per input (``inputs``, when the model built
+    the encoder mask from the unexpanded encoder output) or shared (1) to ``(inputs, h|1, group*t, n)``."""
     frames = bias.shape[-1]
-    bias = bias.expand(inputs * group, bias.shape[1], num_queries, frames)
-    bias = bias.reshape(inputs, group, bias.shape[1], num_queries, frames).transpose(1, 2)
-    return bias.reshape(inputs, -1, group * num_queries, frames)
+    if bias.shape[0] == inputs and group > 1:
+        bias = bias.expand(inputs, bias.shape[1], num_queries, frames)[:, None]  # (inputs, 1, h|1, t, n)
+        bias = bias.expand(inputs, group, *bias.shape[2:])
+    else:
+        bias = bias.expand(inputs * group, bias.shape[1], num_queries, frames)
+        bias = bias.reshape(inputs, group, bias.shape[1], num_queries, frames)
+    return bias.transpose(1, 2).reshape(inputs, -1, group * num_queries, frames)

@@ -8,10 +8,13 @@ had its own value, and undo by restoring it or deleting ours so the class attrib
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device, has_offloaded_params
 
 _MISSING = object()
 
@@ -26,6 +29,37 @@ def forward_attribute(module: torch.nn.Module) -> str:
     if hasattr(module, "_hf_hook") and "_old_forward" in vars(module):
         return "_old_forward"
     return "forward"
+
+
+@contextlib.contextmanager
+def resident_weights(module: torch.nn.Module) -> Iterator[None]:
+    """Keep the accelerate-offloaded weights of ``module`` and its submodules real (not meta) inside the block.
+
+    Why: accelerate's offload hooks (``device_map`` with ``"cpu"``/``"disk"`` offload) load a module's weights just
+    before its own forward and put them back on the meta device right after. A slim forward reads projection weights
+    of submodules after those submodules ran (``W_K``, ``W_V`` inside GPT-2's fused ``c_attn``), and slimify solves
+    ``W_KV`` from them: both need the real tensors. Inside this block every offload hook under ``module`` has loaded
+    its weights onto its execution device and does not offload them again in nested forwards; on exit they return to
+    the meta device as after a normal forward. A no-op for modules without offload hooks.
+    """
+    hooked = [sub for sub in module.modules() if has_offloaded_params(sub)]
+    if not hooked:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for sub in hooked:
+            stack.enter_context(align_module_device(sub))  # pre_forward now, post_forward (offload) on exit
+            stack.enter_context(_offload_paused(sub._hf_hook))
+        yield
+
+
+@contextlib.contextmanager
+def _offload_paused(hook) -> Iterator[None]:
+    hook.offload = False  # nested hooked forwards neither reload nor offload
+    try:
+        yield
+    finally:
+        hook.offload = True
 
 
 @dataclass

@@ -27,6 +27,7 @@ from transformers.models.t5.modeling_t5 import T5Attention, T5Stack, eager_atten
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention
+from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.sites import AttentionSite
 
 #: Stacks whose decoder owns the cache, and attention classes with T5's forward signature
@@ -219,3 +220,10 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     input_ids = torch.randint(0, vocab, (2, 64), generator=generator)
     decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device), "decoder_input_ids": decoder_input_ids.to(model.device)}
+
+
+def extra_patches(model: torch.nn.Module) -> list:
+    """Beam search keeps one encoder output per input (cross-attention folds the beams onto it)."""
+    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "_expand_inputs_for_generation"):
+        return []
+    return [keep_one_encoder_output_per_input(model)]

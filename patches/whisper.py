@@ -33,6 +33,7 @@ from transformers.models.whisper.modeling_whisper import (
 
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention
 from hf_slim.cache import SlimCache
+from hf_slim.generation import expand_inputs_keeping_encoder_output
 from hf_slim.patching import InstancePatch
 from hf_slim.registry import UnsupportedModelError
 from hf_slim.sites import AttentionSite
@@ -163,36 +164,11 @@ def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
     return [
         InstancePatch(model, name, types.MethodType(function, model))
         for name, function in (
-            ("_expand_inputs_for_generation", _expand_inputs_keeping_encoder_output),
+            ("_expand_inputs_for_generation", expand_inputs_keeping_encoder_output),
             ("_postprocess_outputs", _postprocess_slim_outputs),
             ("_stack_split_outputs", _stack_split_slim_outputs),
         )
     ]
-
-
-def _expand_inputs_keeping_encoder_output(
-    self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
-):
-    """Expand the decoder inputs for beams / returned sequences as transformers does, but not the encoder output.
-
-    The encoder output ``E: (inputs, frames, d_model)`` stays one copy per input; the cross-attention maps the
-    ``inputs * expand_size`` decoder rows onto it (:func:`hf_slim.attention.encoder_cross_attention`). transformers
-    would repeat every tensor of ``encoder_outputs`` ``expand_size`` times (``repeat_interleave``: beams of one input
-    are adjacent, which is the row order the folding assumes).
-    """
-    generic = type(self)._expand_inputs_for_generation
-    encoder_outputs = model_kwargs.pop("encoder_outputs", None)
-    if expand_size == 1 or not is_encoder_decoder or encoder_outputs is None:
-        if encoder_outputs is not None:
-            model_kwargs["encoder_outputs"] = encoder_outputs
-        return generic(
-            self, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-    input_ids, model_kwargs = generic(
-        self, expand_size=expand_size, is_encoder_decoder=False, input_ids=input_ids, **model_kwargs
-    )
-    model_kwargs["encoder_outputs"] = encoder_outputs
-    return input_ids, model_kwargs
 
 
 def _slim_self_cache(cache) -> SlimCache | None:

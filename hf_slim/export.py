@@ -1,0 +1,346 @@
+"""Slim checkpoints: ``model.save_pretrained(dir)`` on a slim model, ``hf_slim.load_slim(dir)`` to get it back.
+
+What a slim checkpoint is, and why it is laid out this way:
+
+* The model weights are saved by transformers, unchanged. A plain ``AutoModel*.from_pretrained(dir)`` (no hf_slim)
+  therefore loads the original model and computes the original outputs; nothing slim can leak into its weights.
+* ``config.json`` gets one extra key, ``"hf_slim"`` (:data:`CONFIG_KEY`): the format version, the library version,
+  the requested mode, the mode of every attention layer and the K-mode calibration numbers. transformers keeps
+  unknown config keys as plain attributes, so vanilla loaders ignore it. slimify attaches it to ``model.config``
+  with an :class:`~hf_slim.patching.InstancePatch`, so ``unslimify`` removes it again.
+* K-mode layers need ``W_KV = W_K^-1 W_V`` and the value offset. They are stored in float64 in a sidecar file,
+  ``hf_slim.safetensors`` (:data:`SIDECAR`), which transformers never reads. On load, every stored ``W_KV`` is
+  checked against the loaded weights (``||W_K W_KV - W_V|| <= W_KV_RTOL * ||W_V||`` in float64) before it is used,
+  so a sidecar that does not belong to these weights is an error, not a wrong model.
+
+``load_slim`` reproduces the recorded per-layer modes exactly (no re-calibration: a calibration depends on the
+calibration data and could choose differently) and uses the stored ``W_KV`` (no solve: for large layers the float64
+solve is the slow part of slimify), so its outputs are identical to those of the model that was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import types
+from pathlib import Path
+
+import torch
+import transformers
+
+from . import __version__
+from .api import MODES, SlimRecord, slim_record, slimify
+from .kmode import KModeWeights, solve_k_mode
+from .patching import InstancePatch, resident_weights
+from .registry import SUPPORTED, UnsupportedModelError, architecture_for
+
+#: Version of the checkpoint layout written here. Readers refuse a newer format instead of guessing its meaning.
+FORMAT_VERSION = 1
+#: Key of the slim settings in ``config.json``.
+CONFIG_KEY = "hf_slim"
+#: File holding the float64 K-mode weights, next to the model weights.
+SIDECAR = "hf_slim.safetensors"
+#: Largest accepted relative residual ``||W_K W_KV - W_V||_F / ||W_V||_F`` (float64) of a stored ``W_KV``.
+#: A float64 solve leaves ~1e-15 (LU with partial pivoting is backward stable; layers whose W_K is ill-conditioned
+#: enough to matter fail the K-mode calibration long before); anything that changes the weights or W_KV by a
+#: meaningful amount (fine-tuning, another model's sidecar, edits) leaves 1e-4 or more.
+W_KV_RTOL = 1e-6
+_LAYER_MODES = ("input", "k", "encoder")
+
+
+class SlimCheckpointError(ValueError):
+    """A slim checkpoint is missing, damaged, from an incompatible hf_slim version, or does not fit its weights."""
+
+
+def slim_settings(record: SlimRecord) -> dict:
+    """The JSON-serialisable slim settings of a slim model, as stored under ``config.json["hf_slim"]``."""
+    has_k = any(mode == "k" for mode in record.layer_modes.values())
+    return {
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "requested_mode": record.requested_mode,
+        "layer_modes": dict(record.layer_modes),
+        "calibration": {name: dict(numbers) for name, numbers in record.calibration.items()},
+        "sidecar": SIDECAR if has_k else None,
+    }
+
+
+def export_patches(model: torch.nn.Module, record: SlimRecord) -> list[InstancePatch]:
+    """Patches slimify applies so that ``model.save_pretrained`` writes a slim checkpoint (undone by unslimify).
+
+    ``model.config.hf_slim`` holds the settings (refreshed from the record at every save) and ``save_pretrained``
+    also writes (or removes a stale) :data:`SIDECAR`. The new ``save_pretrained`` is a method bound to the model, so
+    a ``copy.deepcopy`` of the slim model saves the copy.
+    """
+    return [
+        InstancePatch(model.config, CONFIG_KEY, slim_settings(record)),
+        InstancePatch(model, "save_pretrained", types.MethodType(_save_slim_pretrained, model)),
+    ]
+
+
+def _save_slim_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+    """``save_pretrained`` of a slim model: the weights and config as transformers saves them, plus the sidecar."""
+    if kwargs.get("push_to_hub"):
+        raise NotImplementedError(
+            "push_to_hub from a slim model would upload before the hf_slim sidecar is written; save to a local "
+            "folder with save_pretrained(dir) and upload that folder"
+        )
+    record = slim_record(self)
+    tensors = k_mode_tensors(self, record)  # before writing anything: a model whose weights changed fails here
+    object.__setattr__(self.config, CONFIG_KEY, slim_settings(record))  # current calibration numbers
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+    if is_main_process:
+        _write_sidecar(Path(save_directory), tensors)
+    return result
+
+
+def _sites_by_name(model: torch.nn.Module) -> dict:
+    patch_module = SUPPORTED[model.config.model_type].load()
+    return {site.name: site for site in patch_module.attention_sites(model)}
+
+
+@torch.no_grad()
+def k_mode_tensors(model: torch.nn.Module, record: SlimRecord) -> dict[str, torch.Tensor]:
+    """Float64 ``W_KV`` ``(e, e)`` and value offset ``(e,)`` of every K-mode layer, for the sidecar.
+
+    Solved again from the live weights (the model keeps only the copies in its dtype) and checked against the
+    buffers the model runs with: if the weights changed after slimify, the K layers are stale and saving fails.
+    """
+    tensors = {}
+    sites = _sites_by_name(model)
+    for name, mode in record.layer_modes.items():
+        if mode != "k":
+            continue
+        module = sites[name].module
+        with resident_weights(module):
+            weights = solve_k_mode(sites[name].projections(module))
+        buffer, offset = module.hf_slim_w_kv, module.hf_slim_v_offset  # (e, e), (e,) in the model dtype
+        tolerance = 8 * torch.finfo(buffer.dtype).eps * max(float(buffer.abs().max()), float(offset.abs().max()))
+        stale = max(
+            float((weights.w_kv.to(device=buffer.device, dtype=buffer.dtype) - buffer).abs().max()),
+            float((weights.v_offset.to(device=offset.device, dtype=offset.dtype) - offset).abs().max()),
+        )
+        if stale > tolerance:
+            raise RuntimeError(
+                f"{name}: the weights changed after slimify, so its K-mode W_KV is stale; call "
+                "hf_slim.unslimify(model) and hf_slim.slimify(model, ...) again before saving"
+            )
+        tensors[f"{name}.w_kv"] = weights.w_kv.cpu().contiguous()
+        tensors[f"{name}.v_offset"] = weights.v_offset.cpu().contiguous()
+    return tensors
+
+
+def _write_sidecar(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path = directory / SIDECAR
+    if not tensors:
+        path.unlink(missing_ok=True)  # a stale sidecar from an earlier save would contradict config.json
+        return
+    save_file(tensors, str(path), metadata={"format_version": str(FORMAT_VERSION), "library_version": __version__})
+
+
+def read_slim_settings(path: str | os.PathLike) -> dict:
+    """Read and validate the slim settings of a checkpoint folder, without loading any weights.
+
+    Raises
+    ------
+    FileNotFoundError
+        the folder or its ``config.json`` does not exist.
+    SlimCheckpointError
+        ``config.json`` has no (or malformed) slim settings, or they come from a newer, incompatible format.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SlimCheckpointError(f"{config_file}: unreadable config.json ({error})") from error
+    settings = config.get(CONFIG_KEY)
+    if settings is None:
+        raise SlimCheckpointError(
+            f"{path} is not an hf_slim checkpoint (config.json has no {CONFIG_KEY!r} key); load it with "
+            "from_pretrained and call hf_slim.slimify(model)"
+        )
+    _validate_settings(settings, path)
+    return settings
+
+
+def _validate_settings(settings, path: Path) -> None:
+    where = f"{path}: config.json[{CONFIG_KEY!r}]"
+    if not isinstance(settings, dict):
+        raise SlimCheckpointError(f"{where} must be an object, got {type(settings).__name__}")
+    version = settings.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SlimCheckpointError(f"{where} has no valid format_version (got {version!r})")
+    if version > FORMAT_VERSION:
+        raise SlimCheckpointError(
+            f"{path} was written by hf_slim {settings.get('library_version', '?')} in slim checkpoint format "
+            f"{version}; this hf_slim {__version__} reads format {FORMAT_VERSION} at most: upgrade hf_slim"
+        )
+    if settings.get("requested_mode") not in MODES:
+        raise SlimCheckpointError(f"{where}: requested_mode {settings.get('requested_mode')!r} not in {MODES}")
+    layer_modes = settings.get("layer_modes")
+    if not isinstance(layer_modes, dict) or not layer_modes:
+        raise SlimCheckpointError(f"{where}: layer_modes must be a non-empty object")
+    bad = {name: mode for name, mode in layer_modes.items() if mode not in _LAYER_MODES}
+    if bad:
+        raise SlimCheckpointError(f"{where}: unknown layer modes {bad} (known: {_LAYER_MODES})")
+    if not isinstance(settings.get("calibration", {}), dict):
+        raise SlimCheckpointError(f"{where}: calibration must be an object")
+    if any(mode == "k" for mode in layer_modes.values()) and settings.get("sidecar") != SIDECAR:
+        raise SlimCheckpointError(f"{where}: K-mode layers need sidecar {SIDECAR!r}, got {settings.get('sidecar')!r}")
+
+
+def _model_class(path: Path):
+    """The transformers class named by ``config.json["architectures"]`` (falls back to ``AutoModel``)."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    if not architectures:
+        return transformers.AutoModel
+    model_class = getattr(transformers, architectures[0], None)
+    if model_class is None:
+        raise SlimCheckpointError(
+            f"{path}: config.json names architecture {architectures[0]!r}, unknown to transformers"
+        )
+    return model_class
+
+
+def load_slim(path: str | os.PathLike, **from_pretrained_kwargs) -> torch.nn.Module:
+    """Load a checkpoint saved from a slim model and slimify it exactly as it was saved.
+
+    Why: ``from_pretrained`` + ``slimify`` would calibrate again (possibly choosing other layer modes on other data)
+    and solve every ``W_KV`` again; this reuses the recorded modes and the stored, verified ``W_KV``, so the outputs
+    are identical to the saved slim model's.
+
+    Parameters
+    ----------
+    path:
+        folder written by ``save_pretrained`` of a slimified model.
+    from_pretrained_kwargs:
+        passed to ``from_pretrained`` (``dtype``, ``device_map``, ``offload_folder``, ``attn_implementation``, ...).
+
+    Raises
+    ------
+    SlimCheckpointError
+        no slim settings, a newer format, layer names that do not fit the model, a missing or damaged sidecar,
+        a ``W_KV`` that does not match the weights, or a dtype other than the one the K mode was calibrated in.
+    """
+    path = Path(path)
+    settings = read_slim_settings(path)
+    model = _model_class(path).from_pretrained(path, **from_pretrained_kwargs)
+    if CONFIG_KEY in vars(model.config):
+        delattr(model.config, CONFIG_KEY)  # the record is the source of truth; unslimify leaves a plain config
+    try:
+        architecture = architecture_for(model.config, settings["requested_mode"])
+    except UnsupportedModelError as error:
+        raise SlimCheckpointError(f"{path}: {error}") from error
+    sites = {site.name: site for site in architecture.load().attention_sites(model)}
+    layer_modes, calibration = settings["layer_modes"], settings.get("calibration", {})
+    unknown, missing = sorted(set(layer_modes) - set(sites)), sorted(set(sites) - set(layer_modes))
+    if unknown or missing:
+        raise SlimCheckpointError(
+            f"{path}: the recorded layer modes do not fit {type(model).__name__} (unknown layers: {unknown}, layers "
+            f"without a mode: {missing}); the config or the weights were changed after export"
+        )
+    _check_calibration_dtype(model, layer_modes, calibration, path)
+    k_weights = _verified_k_weights(sites, layer_modes, calibration, path)
+    try:
+        slimify(model, settings["requested_mode"], layer_modes=layer_modes, _k_weights=k_weights)
+    except ValueError as error:
+        raise SlimCheckpointError(f"{path}: {error}") from error
+    record = slim_record(model)
+    for name, numbers in calibration.items():
+        if name in sites:
+            record.calibration[name] = dict(numbers)
+            sites[name].module.hf_slim.calibration.update(numbers)
+    return model
+
+
+def _check_calibration_dtype(model, layer_modes: dict, calibration: dict, path: Path) -> None:
+    """K mode is only exact in the dtype it was calibrated in (fp16/bf16 can turn it into garbage)."""
+    dtype = str(next(model.parameters()).dtype)
+    for name, mode in layer_modes.items():
+        calibrated = calibration.get(name, {}).get("dtype")
+        if mode == "k" and calibrated is not None and calibrated != dtype:
+            raise SlimCheckpointError(
+                f"{path}: {name} uses the K cache, calibrated in {calibrated}, but the model is loaded in {dtype}; "
+                f"the K cache is only known to be exact in the calibrated dtype. Load with dtype={calibrated}, or load "
+                "with from_pretrained and call hf_slim.slimify(model) to calibrate again"
+            )
+
+
+@torch.no_grad()
+def _verified_k_weights(sites: dict, layer_modes: dict, calibration: dict, path: Path) -> dict[str, KModeWeights]:
+    """Read the sidecar and check every ``W_KV`` and offset against the loaded weights (float64)."""
+    k_names = [name for name, mode in layer_modes.items() if mode == "k"]
+    if not k_names:
+        return {}
+    sidecar = path / SIDECAR
+    if not sidecar.is_file():
+        raise SlimCheckpointError(
+            f"{path}: {len(k_names)} layers use the K cache but {SIDECAR} is missing (was the folder re-saved without "
+            "hf_slim?); load it with from_pretrained and call hf_slim.slimify(model) instead"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(sidecar))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SlimCheckpointError(f"{sidecar}: unreadable ({error})") from error
+    expected = {f"{name}.{part}" for name in k_names for part in ("w_kv", "v_offset")}
+    unknown, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+    if unknown or missing:
+        raise SlimCheckpointError(
+            f"{sidecar}: tensors do not match the K-mode layers (unknown: {unknown}, missing: {missing})"
+        )
+    weights = {}
+    for name in k_names:
+        site = sites[name]
+        w_kv, v_offset = tensors[f"{name}.w_kv"], tensors[f"{name}.v_offset"]
+        with resident_weights(site.module):
+            projections = site.projections(site.module)
+            if projections.w_k.is_meta:
+                raise SlimCheckpointError(f"{path}: {name} weights are on the meta device; cannot check W_KV")
+            device = projections.w_k.device
+            w_k, w_v = projections.w_k.double().cpu(), projections.w_v.double().cpu()  # (d, e)
+            b_k = None if projections.b_k is None else projections.b_k.double().cpu()
+            b_v = None if projections.b_v is None else projections.b_v.double().cpu()
+        width = w_v.shape[1]
+        if w_kv.dtype != torch.float64 or tuple(w_kv.shape) != (w_k.shape[1], width):
+            raise SlimCheckpointError(
+                f"{sidecar}: {name}.w_kv is {w_kv.dtype} {tuple(w_kv.shape)}, expected torch.float64 "
+                f"{(w_k.shape[1], width)}"
+            )
+        if v_offset.dtype != torch.float64 or tuple(v_offset.shape) != (width,):
+            raise SlimCheckpointError(
+                f"{sidecar}: {name}.v_offset is {v_offset.dtype} {tuple(v_offset.shape)}, expected torch.float64 "
+                f"{(width,)}"
+            )
+        residual = float((w_k @ w_kv - w_v).norm() / w_v.norm().clamp_min(1e-300))  # w_k @ w_kv: (d, e)
+        offset = torch.zeros(width, dtype=torch.float64)  # (e,)
+        if b_v is not None:
+            offset += b_v
+        if b_k is not None:
+            offset -= b_k @ w_kv
+        scale = max(float(offset.norm()), float(w_v.norm()) / math.sqrt(w_v.shape[0]), 1e-300)
+        offset_residual = float((v_offset - offset).norm()) / scale
+        if not (residual <= W_KV_RTOL and offset_residual <= W_KV_RTOL):
+            raise SlimCheckpointError(
+                f"{sidecar}: {name} W_KV does not match the weights (||W_K W_KV - W_V|| / ||W_V|| = {residual:.2e}, "
+                f"offset {offset_residual:.2e}, tolerance {W_KV_RTOL:.0e}); the weights or the sidecar were changed "
+                "after export"
+            )
+        cond = float(calibration.get(name, {}).get("cond_w_k", math.nan))
+        # column-major like torch.linalg.solve's result, so the W_KV buffer has the layout slimify gives it and the
+        # matmuls reading it round exactly as in the model that was saved (BLAS kernels differ per layout)
+        w_kv = w_kv.to(device).mT.contiguous().mT
+        weights[name] = KModeWeights(w_kv=w_kv, v_offset=v_offset.to(device), cond=cond)
+    return weights
