@@ -322,7 +322,7 @@ def _forward_with_slim_cache(owner: torch.nn.Module, record: SlimRecord):
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
-        arguments = {**dict(zip(names, args)), **kwargs}
+        arguments = {**dict(zip(names, args, strict=False)), **kwargs}
         cache = arguments.get("past_key_values")
         if cache is None and _use_cache_requested(owner, arguments):
             cache = record.new_cache()

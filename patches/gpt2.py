@@ -8,8 +8,8 @@ the model's own), and ``add_cross_attention`` (cross-attention reads the encoder
 from __future__ import annotations
 
 import torch
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eager_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eager_attention_forward
 
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention
 from hf_slim.sites import AttentionSite
@@ -64,14 +64,27 @@ def slim_gpt2_attention_forward(
     if encoder_hidden_states is not None:
         query = _split_heads(self.q_attn(hidden_states), self.head_dim)  # (b, h, t, dk)
         attn_output, attn_weights = encoder_cross_attention(
-            self, query, encoder_hidden_states, encoder_attention_mask, self.scaling, run_attention,
+            self,
+            query,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            self.scaling,
+            run_attention,
             want_weights=want_weights,
         )
     else:
         query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # (b, t, e) each
         query, key, value = (_split_heads(x, self.head_dim) for x in (query, key, value))  # (b, h, t, dk)
         attn_output, attn_weights = slim_self_attention(
-            self, hidden_states, query, key, value, past_key_values, attention_mask, self.scaling, run_attention,
+            self,
+            hidden_states,
+            query,
+            key,
+            value,
+            past_key_values,
+            attention_mask,
+            self.scaling,
+            run_attention,
             want_weights=want_weights,
         )
     attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()  # (b, t, e)

@@ -41,16 +41,32 @@ from hf_slim import cache_nbytes, slim_record, slimify
 SHAPES = {
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257),
     "whisper-large-v3": dict(
-        d_model=1280, decoder_layers=32, decoder_attention_heads=20, encoder_layers=1, encoder_attention_heads=20,
-        decoder_ffn_dim=5120, encoder_ffn_dim=256, vocab_size=51866, max_source_positions=1500,
-        max_target_positions=448, num_mel_bins=128,
+        d_model=1280,
+        decoder_layers=32,
+        decoder_attention_heads=20,
+        encoder_layers=1,
+        encoder_attention_heads=20,
+        decoder_ffn_dim=5120,
+        encoder_ffn_dim=256,
+        vocab_size=51866,
+        max_source_positions=1500,
+        max_target_positions=448,
+        num_mel_bins=128,
     ),
 }
 TINY = {
     "gpt2-xl": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=300),
     "whisper-large-v3": dict(
-        d_model=64, decoder_layers=2, decoder_attention_heads=4, encoder_layers=1, encoder_attention_heads=4,
-        decoder_ffn_dim=128, encoder_ffn_dim=128, vocab_size=300, max_source_positions=1500, max_target_positions=448,
+        d_model=64,
+        decoder_layers=2,
+        decoder_attention_heads=4,
+        encoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_ffn_dim=128,
+        encoder_ffn_dim=128,
+        vocab_size=300,
+        max_source_positions=1500,
+        max_target_positions=448,
         num_mel_bins=80,
     ),
 }
@@ -168,8 +184,10 @@ def main() -> None:
         f"# {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, hf_slim {hf_slim.__version__}, "
         f"{datetime.date.today()}; {args.dtype}, random weights, {'eager' if args.no_compile else 'compiled'} steps"
     )
-    print(f"{'shape':<17} {'batch':>5} {'ctx':>6} {'vanilla ms':>10} {'slim ms':>8} {'speedup':>7} "
-          f"{'vanilla peak':>12} {'slim peak':>10} {'cache x':>7}")
+    print(
+        f"{'shape':<17} {'batch':>5} {'ctx':>6} {'vanilla ms':>10} {'slim ms':>8} {'speedup':>7} "
+        f"{'vanilla peak':>12} {'slim peak':>10} {'cache x':>7}"
+    )
     frames = 1500
     for shape in args.shape:
         vanilla = build(shape, args.tiny, dtype, args.device)
@@ -191,8 +209,10 @@ def main() -> None:
         if args.device == "cuda":
             context = min(args.context[0], 440) if shape.startswith("whisper") else args.context[0]
             budget = int(args.budget_gib * 2**30)
-            sizes = {name: largest_batch(m, context, budget, args.device, dtype, frames) for name, m in
-                     (("vanilla", vanilla), ("slim", slim))}
+            sizes = {
+                name: largest_batch(m, context, budget, args.device, dtype, frames)
+                for name, m in (("vanilla", vanilla), ("slim", slim))
+            }
             print(f"# {shape}: largest batch under {args.budget_gib} GiB at context {context}: {sizes}")
         del vanilla, slim
 

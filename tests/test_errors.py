@@ -13,8 +13,12 @@ from hf_slim import SlimCache, UnsupportedModelError, is_slim, slimify
 
 def tiny_llama(kv_heads: int) -> LlamaForCausalLM:
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=100,
     )
     return LlamaForCausalLM(config)
 

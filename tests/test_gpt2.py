@@ -143,7 +143,7 @@ def test_explicit_position_ids_and_attentions():
         expected = vanilla(**step, past_key_values=cache_v)
         actual = slim(**step, past_key_values=cache_s)
     assert_close_relative(actual.logits, expected.logits, LOGITS_RTOL[torch.float32])
-    for layer, (a, e) in enumerate(zip(actual.attentions, expected.attentions)):
+    for layer, (a, e) in enumerate(zip(actual.attentions, expected.attentions, strict=True)):
         assert_close_relative(a, e, 1e-5, f"attention weights layer {layer}")
 
 

@@ -55,7 +55,7 @@ def test_static_and_dynamic_slim_caches_agree_step_by_step():
 
     expected = _decode(vanilla, DynamicCache())
     actual = _decode(slim, SlimCache(2, max_cache_len=16))
-    for step, (a, e) in enumerate(zip(actual, expected)):
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert_close_relative(a, e, LOGITS_RTOL[torch.float32], f"step {step}")
 
 

@@ -220,7 +220,8 @@ def test_beam_search_keeps_one_encoder_output_per_input():
         shapes = seen.setdefault(name, set())
         cross = model.decoder.block[0].layer[1].EncDecAttention
         handle = cross.register_forward_pre_hook(
-            lambda module, args, kwargs: shapes.add(kwargs["key_value_states"].shape[0]), with_kwargs=True
+            lambda module, args, kwargs, shapes=shapes: shapes.add(kwargs["key_value_states"].shape[0]),
+            with_kwargs=True,
         )
         try:
             _generate(model, "left", num_beams=4)

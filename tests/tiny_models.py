@@ -42,8 +42,15 @@ def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "sd
     """
     tokenizer = tiny_tokenizer()
     settings = dict(
-        n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tokenizer), initializer_range=0.1,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=256,
+        vocab_size=len(tokenizer),
+        initializer_range=0.1,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     settings.update(overrides)
     torch.manual_seed(seed)
