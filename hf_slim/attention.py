@@ -155,16 +155,17 @@ def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Ten
     projections = state.projections()
     if state.mode == "k":
         keys = states
-        values = torch.matmul(states, module.hf_slim_w_kv.to(states.dtype))
-        values = values + module.hf_slim_v_offset.to(states.dtype)
+        values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))
     else:
-        keys = torch.matmul(states, projections.w_k.to(states.dtype))
-        if projections.b_k is not None:
-            keys = keys + projections.b_k
-        values = torch.matmul(states, projections.w_v.to(states.dtype))
-        if projections.b_v is not None:
-            values = values + projections.b_v
+        keys = _linear(states, projections.w_k, projections.b_k)
+        values = _linear(states, projections.w_v, projections.b_v)
     return _split_heads(keys, state.num_heads), _split_heads(values, state.num_heads)
+
+
+def _linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``states @ weight (+ bias)`` in the states' dtype: ``(b, n, d) -> (b, n, e)``."""
+    out = torch.matmul(states, weight.to(states.dtype))
+    return out if bias is None else out + bias
 
 
 def slim_self_attention(
@@ -288,12 +289,8 @@ def encoder_cross_attention(
         raise ValueError(f"{batch} decoder rows cannot share {inputs} encoder outputs")
     group = batch // inputs
     if group == 1 and not use_absorbed(num_queries, head_dim):
-        keys = torch.matmul(encoder_states, projections.w_k.to(encoder_states.dtype))
-        values = torch.matmul(encoder_states, projections.w_v.to(encoder_states.dtype))
-        if projections.b_k is not None:
-            keys = keys + projections.b_k
-        if projections.b_v is not None:
-            values = values + projections.b_v
+        keys = _linear(encoder_states, projections.w_k, projections.b_k)  # (inputs, frames, e)
+        values = _linear(encoder_states, projections.w_v, projections.b_v)
         return run_attention(query, _split_heads(keys, heads), _split_heads(values, heads), attention_mask)
 
     bias = None if attention_mask is None else additive_bias(attention_mask)  # (b|1, 1|h, t|1, frames)
