@@ -64,20 +64,22 @@ class CacheReport:
             + f", {str(self.dtype).removeprefix('torch.')}",
             f"{'layer':<34} {'mode':<8} {'vanilla':>12} {'slim':>12}",
         ]
-        lines += [f"{r.name:<34} {r.mode:<8} {_fmt(r.vanilla):>12} {_fmt(r.slim):>12}" for r in self.layers]
-        lines.append(f"{'total':<43} {_fmt(self.vanilla_bytes):>12} {_fmt(self.slim_bytes):>12}  {self.ratio:.2f}x")
+        size = format_bytes
+        lines += [f"{r.name:<34} {r.mode:<8} {size(r.vanilla):>12} {size(r.slim):>12}" for r in self.layers]
+        lines.append(f"{'total':<43} {size(self.vanilla_bytes):>12} {size(self.slim_bytes):>12}  {self.ratio:.2f}x")
         if self.encoder_bytes:
             lines.append(
-                f"{'total incl. encoder output':<43} {_fmt(self.vanilla_bytes + self.encoder_bytes):>12} "
-                f"{_fmt(self.slim_bytes + self.encoder_bytes):>12}  {self.ratio_with_encoder:.2f}x"
+                f"{'total incl. encoder output':<43} {size(self.vanilla_bytes + self.encoder_bytes):>12} "
+                f"{size(self.slim_bytes + self.encoder_bytes):>12}  {self.ratio_with_encoder:.2f}x"
             )
         return "\n".join(lines)
 
 
-def _fmt(nbytes: int) -> str:
+def format_bytes(nbytes: float, digits: int = 1) -> str:
+    """``1536 -> '1.5 KiB'``: binary units up to GiB, whole bytes below 1 KiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.{digits}f} {unit}"
         nbytes /= 1024
     return str(nbytes)
 

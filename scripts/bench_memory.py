@@ -34,16 +34,13 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 import hf_slim
 from hf_slim import cache_nbytes, cache_report, slimify
+from hf_slim.memory import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def fmt(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1024
-    return str(nbytes)
+    return format_bytes(nbytes, digits=2)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 import hf_slim
 from hf_slim import cache_nbytes, cache_report, slimify, unslimify
+from hf_slim.memory import format_bytes
 
 T5_11B = dict(
     vocab_size=32128, d_model=1024, d_kv=128, num_heads=128, d_ff=65536, num_layers=24, num_decoder_layers=24,
@@ -49,11 +50,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def fmt(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1024
-    return str(nbytes)
+    return format_bytes(nbytes, digits=2)
 
 
 @contextlib.contextmanager
