@@ -38,6 +38,28 @@ class AttentionSite:
     projections: Callable[[torch.nn.Module], Projections]
     forward: Callable
 
+    @classmethod
+    def of(
+        cls,
+        module: torch.nn.Module,
+        kind: str,
+        projections: Callable[[torch.nn.Module], Projections],
+        forward: Callable,
+        *,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+    ) -> AttentionSite:
+        """A site for ``module``, reading ``layer_idx``, ``num_heads`` and ``head_dim`` from it unless given."""
+        return cls(
+            module=module,
+            kind=kind,
+            layer_idx=module.layer_idx,
+            num_heads=module.num_heads if num_heads is None else num_heads,
+            head_dim=module.head_dim if head_dim is None else head_dim,
+            projections=projections,
+            forward=forward,
+        )
+
     @property
     def name(self) -> str:
         return f"{type(self.module).__name__}[{self.kind} {self.layer_idx}]"

@@ -94,24 +94,13 @@ def slim_gpt2_attention_forward(
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """Self-attention (and cross-attention, if the config adds it) of every GPT-2 block."""
-    sites = []
-    for module in model.modules():
-        if not isinstance(module, GPT2Attention):
-            continue
-        kind = "cross" if module.is_cross_attention else "self"
-        projections = _cross_projections if kind == "cross" else _self_projections
-        sites.append(
-            AttentionSite(
-                module=module,
-                kind=kind,
-                layer_idx=module.layer_idx,
-                num_heads=module.num_heads,
-                head_dim=module.head_dim,
-                projections=projections,
-                forward=slim_gpt2_attention_forward,
-            )
-        )
-    return sites
+    return [
+        AttentionSite.of(module, "cross", _cross_projections, slim_gpt2_attention_forward)
+        if module.is_cross_attention
+        else AttentionSite.of(module, "self", _self_projections, slim_gpt2_attention_forward)
+        for module in model.modules()
+        if isinstance(module, GPT2Attention)
+    ]
 
 
 def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -194,17 +194,10 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
             if len(block.layer) == 3:  # self-attention, cross-attention, feed-forward
                 modules.append(("cross", block.layer[1].EncDecAttention))
             for kind, module in modules:
-                sites.append(
-                    AttentionSite(
-                        module=module,
-                        kind=kind,
-                        layer_idx=module.layer_idx,
-                        num_heads=module.n_heads,
-                        head_dim=module.key_value_proj_dim,
-                        projections=_projections,
-                        forward=forward,
-                    )
+                site = AttentionSite.of(
+                    module, kind, _projections, forward, num_heads=module.n_heads, head_dim=module.key_value_proj_dim
                 )
+                sites.append(site)
     return sites
 
 

@@ -138,17 +138,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
             if not isinstance(layer, WhisperDecoderLayer):
                 continue
             for kind, module in (("self", layer.self_attn), ("cross", layer.encoder_attn)):
-                sites.append(
-                    AttentionSite(
-                        module=module,
-                        kind=kind,
-                        layer_idx=module.layer_idx,
-                        num_heads=module.num_heads,
-                        head_dim=module.head_dim,
-                        projections=_projections,
-                        forward=slim_whisper_attention_forward,
-                    )
-                )
+                sites.append(AttentionSite.of(module, kind, _projections, slim_whisper_attention_forward))
     return sites
 
 
