@@ -68,6 +68,10 @@ TINY = {
         max_source_positions=1500,
         max_target_positions=448,
         num_mel_bins=80,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
     ),
 }
 
