@@ -21,7 +21,14 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from . import __version__
 from .attention import SlimAttentionState
 from .cache import SlimCache
-from .kmode import KModeWeights, SingularKeyProjection, k_mode_is_exact, solve_k_mode, value_errors
+from .kmode import (
+    KModeWeights,
+    SingularKeyProjection,
+    k_mode_is_exact,
+    solve_k_mode,
+    solve_layer_k_mode,
+    value_errors,
+)
 from .patching import BufferPatch, InstancePatch, apply_all, forward_attribute, resident_weights, revert_all
 from .registry import UnsupportedModelError, architecture_for
 from .sites import AttentionSite
@@ -244,8 +251,7 @@ def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
         if mode == "k" and k_weights is not None and name in k_weights:
             weights[name] = k_weights[name]
         elif mode == "k":
-            with resident_weights(site.module):  # accelerate offload: solve from the real weights, on their device
-                weights[name] = solve_k_mode(site.projections(site.module))
+            weights[name] = solve_layer_k_mode(site)
     return {site.name: layer_modes[site.name] for site in sites}, {}, weights
 
 

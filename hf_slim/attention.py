@@ -140,9 +140,9 @@ def _decode_k_mode(module, query, states, bias, scale, want_weights):
     return project_heads(mixed, module.hf_slim_w_kv, module.hf_slim_v_offset), weights  # (b, h, t, dk)
 
 
-def _split_heads(flat: torch.Tensor, num_heads: int) -> torch.Tensor:
-    batch, seq, width = flat.shape
-    return flat.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)  # (b, h, n, dk)
+def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)``, the layout attention interfaces take."""
+    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
 def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +159,7 @@ def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Ten
     else:
         keys = _linear(states, projections.w_k, projections.b_k)
         values = _linear(states, projections.w_v, projections.b_v)
-    return _split_heads(keys, state.num_heads), _split_heads(values, state.num_heads)
+    return split_heads(keys, state.head_dim), split_heads(values, state.head_dim)
 
 
 def _linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -224,8 +224,10 @@ def slim_self_attention(
     static = layer is not None and layer.is_compileable
     # A static layer decides by query count alone (its length is a tensor: no data-dependent branch under compile);
     # its unwritten slots are masked below.
-    absorbed = use_absorbed(num_queries, state.head_dim) and (static or cache.get_seq_length(state.layer_idx) > 0)
-    past = None if absorbed else int(cache.get_seq_length(state.layer_idx))
+    past = None if static else cache.get_seq_length(state.layer_idx)
+    absorbed = use_absorbed(num_queries, state.head_dim) and (static or past > 0)
+    if static and not absorbed:
+        past = int(layer.get_seq_length())  # a static cache's prefill runs eagerly
     states = cache.update_slim(new_states, state.layer_idx)  # (b, n, w)
     if past == 0:
         if static and attention_mask is not None:
@@ -236,7 +238,7 @@ def slim_self_attention(
         return run_attention(query, full_key, full_value, attention_mask)
 
     if static:
-        bias = cache.layers[state.layer_idx].causal_bias(num_queries)
+        bias = layer.causal_bias(num_queries)
         if attention_mask is not None:
             bias = bias + additive_bias(attention_mask[..., : states.shape[1]])
     else:
@@ -291,7 +293,7 @@ def encoder_cross_attention(
     if group == 1 and not use_absorbed(num_queries, head_dim):
         keys = _linear(encoder_states, projections.w_k, projections.b_k)  # (inputs, frames, e)
         values = _linear(encoder_states, projections.w_v, projections.b_v)
-        return run_attention(query, _split_heads(keys, heads), _split_heads(values, heads), attention_mask)
+        return run_attention(query, split_heads(keys, head_dim), split_heads(values, head_dim), attention_mask)
 
     bias = None if attention_mask is None else additive_bias(attention_mask)  # (b|1, 1|h, t|1, frames)
     if position_bias is not None:

@@ -31,7 +31,7 @@ import transformers
 
 from . import __version__
 from .api import MODES, SlimRecord, slim_record, slimify
-from .kmode import KModeWeights, solve_k_mode
+from .kmode import KModeWeights, solve_layer_k_mode, value_offset
 from .patching import InstancePatch, resident_weights
 from .registry import SUPPORTED, UnsupportedModelError, architecture_for
 
@@ -114,8 +114,7 @@ def k_mode_tensors(model: torch.nn.Module, record: SlimRecord) -> dict[str, torc
         if mode != "k":
             continue
         module = sites[name].module
-        with resident_weights(module):
-            weights = solve_k_mode(sites[name].projections(module))
+        weights = solve_layer_k_mode(sites[name])
         buffer, offset = module.hf_slim_w_kv, module.hf_slim_v_offset  # (e, e), (e,) in the model dtype
         tolerance = 8 * torch.finfo(buffer.dtype).eps * max(float(buffer.abs().max()), float(offset.abs().max()))
         stale = max(
@@ -325,11 +324,7 @@ def _verified_k_weights(sites: dict, layer_modes: dict, calibration: dict, path:
                 f"{(width,)}"
             )
         residual = float((w_k @ w_kv - w_v).norm() / w_v.norm().clamp_min(1e-300))  # w_k @ w_kv: (d, e)
-        offset = torch.zeros(width, dtype=torch.float64)  # (e,)
-        if b_v is not None:
-            offset += b_v
-        if b_k is not None:
-            offset -= b_k @ w_kv
+        offset = value_offset(w_kv, b_k, b_v)  # (e,)
         scale = max(float(offset.norm()), float(w_v.norm()) / math.sqrt(w_v.shape[0]), 1e-300)
         offset_residual = float((v_offset - offset).norm()) / scale
         if not (residual <= W_KV_RTOL and offset_residual <= W_KV_RTOL):

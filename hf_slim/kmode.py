@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .attention import Projections
+from .patching import resident_weights
+from .sites import AttentionSite
 
 #: A layer keeps the K cache when rebuilding V from cached keys is at most this many times less accurate than the
 #: unmodified model computing V in the same dtype (both measured against float64). 4x is two bits of the mantissa:
@@ -65,12 +67,23 @@ def solve_k_mode(projections: Projections) -> KModeWeights:
     if not cond < 1e12:
         raise SingularKeyProjection(f"W_K is singular (condition number {cond:.3g}); use mode='input'")
     w_kv = torch.linalg.solve(w_k, w_v)  # (e, e)
-    v_offset = torch.zeros(w_kv.shape[1], dtype=torch.float64, device=w_kv.device)
-    if projections.b_v is not None:
-        v_offset = v_offset + projections.b_v.detach().to(torch.float64)
-    if projections.b_k is not None:
-        v_offset = v_offset - projections.b_k.detach().to(torch.float64) @ w_kv
-    return KModeWeights(w_kv=w_kv, v_offset=v_offset, cond=cond)
+    return KModeWeights(w_kv=w_kv, v_offset=value_offset(w_kv, projections.b_k, projections.b_v), cond=cond)
+
+
+def value_offset(w_kv: torch.Tensor, b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> torch.Tensor:
+    """``b_V - b_K W_KV`` in float64, ``(e,)``: what ``V = K W_KV + offset`` adds when K was cached with its bias."""
+    offset = torch.zeros(w_kv.shape[1], dtype=torch.float64, device=w_kv.device)
+    if b_v is not None:
+        offset = offset + b_v.detach().to(device=w_kv.device, dtype=torch.float64)
+    if b_k is not None:
+        offset = offset - b_k.detach().to(device=w_kv.device, dtype=torch.float64) @ w_kv
+    return offset
+
+
+def solve_layer_k_mode(site: AttentionSite) -> KModeWeights:
+    """:func:`solve_k_mode` on a site's real weights (accelerate-offloaded ones are loaded for the solve)."""
+    with resident_weights(site.module):
+        return solve_k_mode(site.projections(site.module))
 
 
 def value_errors(

@@ -11,7 +11,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eager_attention_forward
 
-from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention
+from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.sites import AttentionSite
 
 
@@ -25,10 +25,6 @@ def _cross_projections(module: GPT2Attention) -> Projections:
     e = module.split_size
     weight, bias = module.c_attn.weight, module.c_attn.bias  # (d, 2e), (2e,)
     return Projections(w_k=weight[:, :e], w_v=weight[:, e:], b_k=bias[:e], b_v=bias[e:])
-
-
-def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)  # (b, t, e) -> (b, h, t, dk)
 
 
 def _attention_runner(module: GPT2Attention, kwargs: dict):
@@ -62,7 +58,7 @@ def slim_gpt2_attention_forward(
     run_attention = _attention_runner(self, kwargs)
     want_weights = self.config._attn_implementation == "eager"
     if encoder_hidden_states is not None:
-        query = _split_heads(self.q_attn(hidden_states), self.head_dim)  # (b, h, t, dk)
+        query = split_heads(self.q_attn(hidden_states), self.head_dim)  # (b, h, t, dk)
         attn_output, attn_weights = encoder_cross_attention(
             self,
             query,
@@ -74,7 +70,7 @@ def slim_gpt2_attention_forward(
         )
     else:
         query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # (b, t, e) each
-        query, key, value = (_split_heads(x, self.head_dim) for x in (query, key, value))  # (b, h, t, dk)
+        query, key, value = (split_heads(x, self.head_dim) for x in (query, key, value))  # (b, h, t, dk)
         attn_output, attn_weights = slim_self_attention(
             self,
             hidden_states,

@@ -26,7 +26,7 @@ from transformers.models.mt5.modeling_mt5 import MT5Attention, MT5Stack
 from transformers.models.t5.modeling_t5 import T5Attention, T5Stack, eager_attention_forward
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
-from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention
+from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.sites import AttentionSite
 
@@ -40,10 +40,6 @@ T5_STYLE_ATTENTION = (T5Attention, MT5Attention)
 def _projections(module: torch.nn.Module) -> Projections:
     """``K = X @ k.weight.T``: views of the live ``nn.Linear`` weights, ``(d_model, num_heads * d_kv)``, no biases."""
     return Projections(w_k=module.k.weight.t(), w_v=module.v.weight.t())
-
-
-def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)  # (b, t, e) -> (b, h, t, dk)
 
 
 def _position_bias(
@@ -91,7 +87,7 @@ def _slim_t5_attention(
     batch, num_queries = hidden_states.shape[:2]
     head_dim = module.key_value_proj_dim
     past_seen_tokens = past_key_values.get_seq_length(module.layer_idx) if past_key_values is not None else 0
-    query = _split_heads(module.q(hidden_states), head_dim)  # (b, h, t, dk)
+    query = split_heads(module.q(hidden_states), head_dim)  # (b, h, t, dk)
     if encoder_states is not None:
         key_length = encoder_states.shape[1]
     else:
@@ -128,8 +124,8 @@ def _slim_t5_attention(
             position_bias=position_bias,
         )
     else:
-        key = _split_heads(module.k(hidden_states), head_dim)  # (b, h, t, dk)
-        value = _split_heads(module.v(hidden_states), head_dim)  # (b, h, t, dk)
+        key = split_heads(module.k(hidden_states), head_dim)  # (b, h, t, dk)
+        value = split_heads(module.v(hidden_states), head_dim)  # (b, h, t, dk)
         attn_output, attn_weights = slim_self_attention(
             module,
             hidden_states,

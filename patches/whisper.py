@@ -31,7 +31,7 @@ from transformers.models.whisper.modeling_whisper import (
     eager_attention_forward,
 )
 
-from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention
+from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.cache import SlimCache
 from hf_slim.generation import expand_inputs_keeping_encoder_output
 from hf_slim.patching import InstancePatch
@@ -55,10 +55,6 @@ _SAMPLING_RATE, _HOP_LENGTH, _CONV_STRIDE = 16_000, 160, 2
 def _projections(module: WhisperAttention) -> Projections:
     """``K = X @ W_K`` (no bias), ``V = X @ W_V + b_V``; nn.Linear stores ``(out, in)`` so the views are transposed."""
     return Projections(w_k=module.k_proj.weight.T, w_v=module.v_proj.weight.T, b_k=None, b_v=module.v_proj.bias)
-
-
-def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)  # (b, t, e) -> (b, h, t, dk)
 
 
 # Adapted from transformers 5.23.0, models/whisper/modeling_whisper.py, WhisperAttention.forward: the cache handling
@@ -90,19 +86,19 @@ def slim_whisper_attention_forward(
 
     want_weights = implementation == "eager"
     # Whisper scales the query before the dot product (see the source) and calls the attention with scaling=1.0.
-    query = _split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim).contiguous()  # (b, h, t, dk)
+    query = split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim).contiguous()  # (b, h, t, dk)
     if key_value_states is not None:
         if dropout > 0.0:  # attention dropout needs the probabilities over K/V: compute them (training only)
-            key = _split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
-            value = _split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            key = split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            value = split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
             attn_output, attn_weights = run_attention(query, key, value, attention_mask)
         else:
             attn_output, attn_weights = encoder_cross_attention(
                 self, query, key_value_states, attention_mask, 1.0, run_attention, want_weights=want_weights
             )
     else:
-        key = _split_heads(self.k_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
-        value = _split_heads(self.v_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
+        key = split_heads(self.k_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
+        value = split_heads(self.v_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
         attn_output, attn_weights = slim_self_attention(
             self,
             hidden_states,
@@ -189,21 +185,11 @@ def _postprocess_slim_outputs(
     original = type(self)._postprocess_outputs
     cache = None if isinstance(seek_outputs, torch.Tensor) else seek_outputs.get("past_key_values")
     slim = _slim_self_cache(cache)
-    if slim is None:
-        return original(
-            self,
-            seek_outputs,
-            decoder_input_ids,
-            return_token_timestamps,
-            generation_config,
-            is_shortform,
-            seek,
-            batch_idx_map,
-        )
-    without_cache = type(seek_outputs)(**{k: v for k, v in seek_outputs.items() if k != "past_key_values"})
-    sequence_tokens, split = original(
+    if slim is not None:  # transformers would split it reading K/V: hand it the outputs without the cache
+        seek_outputs = type(seek_outputs)(**{k: v for k, v in seek_outputs.items() if k != "past_key_values"})
+    result = original(
         self,
-        without_cache,
+        seek_outputs,
         decoder_input_ids,
         return_token_timestamps,
         generation_config,
@@ -211,6 +197,9 @@ def _postprocess_slim_outputs(
         seek,
         batch_idx_map,
     )
+    if slim is None:
+        return result
+    sequence_tokens, split = result
     states = [layer.states for layer in slim.layers]
     for row, outputs in enumerate(split):
         outputs["past_key_values"] = (
