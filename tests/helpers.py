@@ -31,3 +31,19 @@ def assert_same_tokens(actual: torch.Tensor, expected: torch.Tensor, what: str =
             f"{what} differ first at row {rows[0].item()} position {cols[0].item()}:\n"
             f"slim     {actual[rows[0]].tolist()}\nvanilla  {expected[rows[0]].tolist()}"
         )
+
+
+def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, set[str]]]:
+    """A copy of the weights and each module's instance attribute names, for :func:`assert_unchanged`."""
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    return state, {name: set(vars(module)) for name, module in model.named_modules()}
+
+
+def assert_unchanged(model: torch.nn.Module, before: tuple[dict[str, torch.Tensor], dict[str, set[str]]]) -> None:
+    """The model has exactly the instance attributes and bit-identical weights it had at :func:`snapshot` time."""
+    state_before, attributes_before = before
+    assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes_before
+    state_after = model.state_dict()
+    assert state_after.keys() == state_before.keys()
+    for name, tensor in state_before.items():
+        assert torch.equal(tensor, state_after[name]), name

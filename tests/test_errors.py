@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_unchanged, snapshot
 from tiny_models import tiny_gpt2
 from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -55,8 +56,7 @@ def test_bad_mode_and_attention_implementation():
 
 def test_failure_half_way_leaves_model_unchanged(monkeypatch):
     model = tiny_gpt2()
-    state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    attributes_before = {name: dict(vars(module)) for name, module in model.named_modules()}
+    before = snapshot(model)
     calls = {"count": 0}
     original_apply = hf_slim.patching.InstancePatch.apply
 
@@ -71,11 +71,9 @@ def test_failure_half_way_leaves_model_unchanged(monkeypatch):
         slimify(model, "k")
     assert calls["count"] == 5
     assert not is_slim(model)
-    for name, module in model.named_modules():
-        assert vars(module).keys() == attributes_before[name].keys(), name
+    assert_unchanged(model, before)
+    for module in model.modules():
         assert "forward" not in vars(module) and "hf_slim" not in vars(module)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, state_before[name]), name
 
 
 def test_incompatible_cache_objects_are_refused():

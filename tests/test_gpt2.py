@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
 from tiny_models import tiny_gpt2, tiny_tokenizer
 from transformers import DynamicCache, GPT2Config, GPT2Model, pipeline
 
@@ -183,18 +183,13 @@ def test_cross_attention_reads_encoder_output_without_cache():
 def test_unslimify_restores_exactly():
     vanilla = tiny_gpt2()
     model = copy.deepcopy(vanilla)
-    state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    attributes_before = {name: set(vars(module)) for name, module in model.named_modules()}
+    before = snapshot(model)
     slimify(model, "k")
     assert is_slim(model)
     _generate(model, do_sample=False)
     unslimify(model)
     assert not is_slim(model)
-    assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes_before
-    state_after = model.state_dict()
-    assert state_after.keys() == state_before.keys()
-    for name, tensor in state_before.items():
-        assert torch.equal(tensor, state_after[name]), name
+    assert_unchanged(model, before)
     expected, actual = _generate(vanilla, do_sample=False), _generate(model, do_sample=False)
     assert_same_tokens(actual.sequences, expected.sequences)
     assert type(actual.past_key_values) is DynamicCache

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
 from tiny_models import randomize_biases, tiny_t5_tokenizer
 from transformers import (
     DynamicCache,
@@ -432,18 +432,13 @@ def test_base_model_forward_creates_slim_cache():
 def test_unslimify_restores_exactly():
     vanilla = tiny_t5("t5-v1.1")
     model = copy.deepcopy(vanilla)
-    state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    attributes_before = {name: set(vars(module)) for name, module in model.named_modules()}
+    before = snapshot(model)
     slimify(model)
     assert is_slim(model)
     _generate(model)
     unslimify(model)
     assert not is_slim(model)
-    assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes_before
-    state_after = model.state_dict()
-    assert state_after.keys() == state_before.keys()
-    for name, tensor in state_before.items():
-        assert torch.equal(tensor, state_after[name]), name
+    assert_unchanged(model, before)
     expected, actual = _generate(vanilla), _generate(model)
     assert_same_tokens(actual.sequences, expected.sequences)
     assert type(actual.past_key_values.self_attention_cache) is DynamicCache

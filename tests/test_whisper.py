@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
 from hf_slim.patches.whisper import default_calibration_inputs
 from tiny_models import randomize_biases
 from transformers import (
@@ -373,15 +373,13 @@ def test_default_calibration_inputs_are_real_speech_and_own_tokens():
 def test_unslimify_restores_exactly():
     vanilla = tiny_whisper()
     model = copy.deepcopy(vanilla)
-    state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    attributes_before = {name: set(vars(module)) for name, module in model.named_modules()}
+    before = snapshot(model)
     calibration = {"input_features": random_features(1), "decoder_input_ids": torch.tensor([[1, 5]])}
     slimify(model, "k", calibration_inputs=calibration)
     model.generate(random_features(2), max_new_tokens=4, num_beams=2)
     unslimify(model)
     assert not is_slim(model)
-    assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes_before
-    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in state_before.items())
+    assert_unchanged(model, before)
     expected = vanilla.generate(random_features(2), **GENERATE)
     actual = model.generate(random_features(2), **GENERATE)
     assert_same_tokens(actual.sequences, expected.sequences)
