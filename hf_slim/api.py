@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,15 @@ from .kmode import (
     solve_layer_k_mode,
     value_errors,
 )
-from .patching import BufferPatch, InstancePatch, apply_all, forward_attribute, resident_weights, revert_all
+from .patching import (
+    BufferPatch,
+    InstancePatch,
+    PatchedMethod,
+    apply_all,
+    forward_attribute,
+    resident_weights,
+    revert_all,
+)
 from .registry import UnsupportedModelError, architecture_for
 from .sites import AttentionSite
 
@@ -296,21 +303,16 @@ def _site_patches(sites, layer_modes, calibration, k_weights) -> list:
             dtype = state.projections().w_v.dtype
             patches.append(BufferPatch(module, "hf_slim_w_kv", weights.w_kv.to(dtype)))
             patches.append(BufferPatch(module, "hf_slim_v_offset", weights.v_offset.to(dtype)))
-        forward = types.MethodType(_resident_forward(site.forward), module)  # a bound method: deepcopy rebinds it
+        forward = PatchedMethod(_run_resident, module, site.forward, signature_of=site.forward)
         patches.append(InstancePatch(module, forward_attribute(module), forward))
     return patches
 
 
-def _resident_forward(forward):
-    """The slim forward, run with the module's offloaded weights kept real: it reads projection weights of
+def _run_resident(module: torch.nn.Module, forward, *args, **kwargs):
+    """Run the slim ``forward`` with the module's offloaded weights kept real: it reads projection weights of
     submodules after their own (offloading) forwards returned."""
-
-    @functools.wraps(forward)
-    def run(self, *args, **kwargs):
-        with resident_weights(self):
-            return forward(self, *args, **kwargs)
-
-    return run
+    with resident_weights(module):
+        return forward(module, *args, **kwargs)
 
 
 def _use_cache_requested(owner: torch.nn.Module, arguments: dict) -> bool:
@@ -320,65 +322,64 @@ def _use_cache_requested(owner: torch.nn.Module, arguments: dict) -> bool:
     return bool(use_cache) and not (getattr(owner, "gradient_checkpointing", False) and owner.training)
 
 
-def _forward_with_slim_cache(owner: torch.nn.Module, record: SlimRecord):
+def _forward_with_slim_cache(owner: torch.nn.Module, record: SlimRecord) -> PatchedMethod:
     """Wrap the forward that would create a DynamicCache so that it starts from a slim cache instead."""
-    original = getattr(owner, forward_attribute(owner))
-    names = list(inspect.signature(original).parameters)
+    return PatchedMethod(_slim_cache_owner_forward, owner, record, signature_of=type(owner).forward)
+
+
+def _slim_cache_owner_forward(owner: torch.nn.Module, record: SlimRecord, *args, **kwargs):
+    original = type(owner).forward  # what forward_attribute(owner) held: the class forward (accelerate's hook wraps us)
+    names = list(inspect.signature(original).parameters)[1:]
     position = names.index("past_key_values")
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        arguments = {**dict(zip(names, args, strict=False)), **kwargs}
-        cache = arguments.get("past_key_values")
-        if cache is None and _use_cache_requested(owner, arguments):
-            cache = record.new_cache()
-        elif record.is_encoder_decoder and type(cache) is SlimCache:
-            # a bare SlimCache for an encoder-decoder model: pair it with an empty cross-attention cache, as generate()
-            # does (Whisper's decoder would otherwise replace an empty one by a K/V EncoderDecoderCache)
-            cache = EncoderDecoderCache(cache, SlimCache(0))
-        else:
-            return original(*args, **kwargs)
-        if len(args) > position:
-            args = (*args[:position], cache, *args[position + 1 :])
-        else:
-            kwargs["past_key_values"] = cache
-        return original(*args, **kwargs)
-
-    return forward
+    arguments = {**dict(zip(names, args, strict=False)), **kwargs}
+    cache = arguments.get("past_key_values")
+    if cache is None and _use_cache_requested(owner, arguments):
+        cache = record.new_cache()
+    elif record.is_encoder_decoder and type(cache) is SlimCache:
+        # a bare SlimCache for an encoder-decoder model: pair it with an empty cross-attention cache, as generate()
+        # does (Whisper's decoder would otherwise replace an empty one by a K/V EncoderDecoderCache)
+        cache = EncoderDecoderCache(cache, SlimCache(0))
+    else:
+        return original(owner, *args, **kwargs)
+    if len(args) > position:
+        args = (*args[:position], cache, *args[position + 1 :])
+    else:
+        kwargs["past_key_values"] = cache
+    return original(owner, *args, **kwargs)
 
 
-def _prepare_slim_cache(model: torch.nn.Module, record: SlimRecord):
+def _prepare_slim_cache(model: torch.nn.Module, record: SlimRecord) -> PatchedMethod:
     """generate() hook: let transformers prepare its cache, then swap its fresh DynamicCache for a slim one."""
-    original = type(model)._prepare_cache_for_generation
+    return PatchedMethod(_prepare_slim_cache_for_generation, model, record)
 
-    def prepare(self, generation_config, model_kwargs, *args, **kwargs):
-        user_cache = model_kwargs.get("past_key_values")
-        if user_cache is None and generation_config.cache_implementation not in (None, "dynamic", "static"):
-            raise NotImplementedError(
-                f"hf_slim does not support cache_implementation={generation_config.cache_implementation!r}; use "
-                "the default (dynamic) or 'static', which hf_slim replaces by the matching slim cache"
+
+def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_config, model_kwargs, *args, **kwargs):
+    original = type(self)._prepare_cache_for_generation
+    user_cache = model_kwargs.get("past_key_values")
+    if user_cache is None and generation_config.cache_implementation not in (None, "dynamic", "static"):
+        raise NotImplementedError(
+            f"hf_slim does not support cache_implementation={generation_config.cache_implementation!r}; use "
+            "the default (dynamic) or 'static', which hf_slim replaces by the matching slim cache"
+        )
+    original(self, generation_config, model_kwargs, *args, **kwargs)
+    cache = model_kwargs.get("past_key_values")
+    if cache is None:
+        return
+    if user_cache is not None:
+        inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if not isinstance(inner, SlimCache):
+            raise TypeError(
+                f"this model is slimified but generate() got past_key_values={type(cache).__name__}; pass no "
+                "cache (generate builds a slim one), an hf_slim.SlimCache, or unslimify the model first"
             )
-        original(self, generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if cache is None:
-            return
-        if user_cache is not None:
-            inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-            if not isinstance(inner, SlimCache):
-                raise TypeError(
-                    f"this model is slimified but generate() got past_key_values={type(cache).__name__}; pass no "
-                    "cache (generate builds a slim one), an hf_slim.SlimCache, or unslimify the model first"
-                )
-            return
-        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        if type(self_cache) is DynamicCache:
-            slim = record.new_cache()
-        elif type(self_cache) is StaticCache:
-            slim = record.new_cache(max_cache_len=self_cache.get_max_length())
-        else:
-            raise NotImplementedError(f"hf_slim cannot replace a {type(cache).__name__} prepared by generate()")
-        if generation_config.is_assistant:
-            slim.activate_past_recording()
-        model_kwargs["past_key_values"] = slim
-
-    return types.MethodType(prepare, model)
+        return
+    self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    if type(self_cache) is DynamicCache:
+        slim = record.new_cache()
+    elif type(self_cache) is StaticCache:
+        slim = record.new_cache(max_cache_len=self_cache.get_max_length())
+    else:
+        raise NotImplementedError(f"hf_slim cannot replace a {type(cache).__name__} prepared by generate()")
+    if generation_config.is_assistant:
+        slim.activate_past_recording()
+    model_kwargs["past_key_values"] = slim

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import types
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import transformers
 from . import __version__
 from .api import MODES, SlimRecord, slim_record, slimify
 from .kmode import KModeWeights, solve_layer_k_mode, value_offset
-from .patching import InstancePatch, resident_weights
+from .patching import InstancePatch, PatchedMethod, resident_weights
 from .registry import SUPPORTED, UnsupportedModelError, architecture_for
 
 #: Version of the checkpoint layout written here. Readers refuse a newer format instead of guessing its meaning.
@@ -75,7 +74,7 @@ def export_patches(model: torch.nn.Module, record: SlimRecord) -> list[InstanceP
     """
     return [
         InstancePatch(model.config, CONFIG_KEY, slim_settings(record)),
-        InstancePatch(model, "save_pretrained", types.MethodType(_save_slim_pretrained, model)),
+        InstancePatch(model, "save_pretrained", PatchedMethod(_save_slim_pretrained, model)),
     ]
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from .patching import InstancePatch
+from .patching import InstancePatch, PatchedMethod
 
 
 def keep_one_encoder_output_per_input(model: torch.nn.Module) -> InstancePatch:
     """Patch ``model._expand_inputs_for_generation`` so beam search keeps one encoder output per input."""
     return InstancePatch(
-        model, "_expand_inputs_for_generation", types.MethodType(expand_inputs_keeping_encoder_output, model)
+        model, "_expand_inputs_for_generation", PatchedMethod(expand_inputs_keeping_encoder_output, model)
     )
 
 

@@ -9,14 +9,68 @@ had its own value, and undo by restoring it or deleting ours so the class attrib
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import align_module_device, has_offloaded_params
 
-_MISSING = object()
+
+class _Missing:
+    """ "The object had no instance attribute of that name" (a singleton that survives pickling)."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
+
+
+class PatchedMethod:
+    """A method installed on one object: calling it calls ``function(owner, *bound, *args, **kwargs)``.
+
+    Why not a closure or ``types.MethodType``: everything slimify installs must follow the model through
+    ``copy.deepcopy`` and ``pickle``/``torch.save``. A closure keeps pointing at the object it was made for (a deep
+    copy would still call the original's forward, with the original's weights), and neither closures nor bound
+    methods of patch functions pickle. This object holds only ``function`` (module-level, pickled by reference),
+    ``owner`` and ``bound`` (plain data that deepcopy and pickle copy together with the owner, so a copy's methods
+    act on the copy).
+
+    ``signature_of``: a function whose signature (less its first parameter) this method reports to
+    :func:`inspect.signature`, for callers that inspect a forward (generate() validates model kwargs that way).
+    """
+
+    def __init__(self, function: Callable, owner: Any, *bound: Any, signature_of: Callable | None = None) -> None:
+        self.function = function
+        self.owner = owner
+        self.bound = bound
+        self.signature_of = signature_of
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.owner, *self.bound, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        source = inspect.signature(self.signature_of or self.function)
+        skip = 1 if self.signature_of is not None else 1 + len(self.bound)
+        return source.replace(parameters=list(source.parameters.values())[skip:])
+
+    @property
+    def __self__(self) -> Any:
+        """The object this method acts on, as for a bound method."""
+        return self.owner
+
+    @property
+    def __name__(self) -> str:
+        return getattr(self.signature_of or self.function, "__name__", type(self).__name__)
+
+    def __repr__(self) -> str:
+        return f"<hf_slim patched method {self.function.__qualname__} of {type(self.owner).__name__}>"
 
 
 def forward_attribute(module: torch.nn.Module) -> str:

@@ -18,8 +18,6 @@ Whisper specifics:
 
 from __future__ import annotations
 
-import types
-
 import torch
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -34,7 +32,7 @@ from transformers.models.whisper.modeling_whisper import (
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.cache import SlimCache
 from hf_slim.generation import expand_inputs_keeping_encoder_output
-from hf_slim.patching import InstancePatch
+from hf_slim.patching import InstancePatch, PatchedMethod
 from hf_slim.registry import UnsupportedModelError
 from hf_slim.sites import AttentionSite
 
@@ -148,7 +146,7 @@ def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
     if not isinstance(model, WhisperForConditionalGeneration):
         return []
     return [
-        InstancePatch(model, name, types.MethodType(function, model))
+        InstancePatch(model, name, PatchedMethod(function, model))
         for name, function in (
             ("_expand_inputs_for_generation", expand_inputs_keeping_encoder_output),
             ("_postprocess_outputs", _postprocess_slim_outputs),
