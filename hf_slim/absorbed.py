@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .adapters import LowRank
+
 
 def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """Turn a transformers attention mask into an additive score bias.
@@ -102,7 +104,7 @@ def absorbed_attention(
     return mixed, (weights if return_weights else None)
 
 
-def absorb_query(query: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
+def absorb_query(query: torch.Tensor, w_k: torch.Tensor, low_rank: tuple[LowRank, ...] = ()) -> torch.Tensor:
     """Move per-head queries into the cache's input space: ``q_abs_i = q_i W_K,i^T``.
 
     Parameters
@@ -111,6 +113,9 @@ def absorb_query(query: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
         ``(batch, heads, queries, head_dim)``.
     w_k:
         ``(d_in, heads * head_dim)``, the key projection as ``K = X @ w_k``.
+    low_rank:
+        LoRA updates of the key projection, ``K += s (X down) up``; each absorbs at rank-r cost as
+        ``q_i (W_K,i + s down up_i)^T = q_i W_K,i^T + s (q_i up_i^T) down^T``.
 
     Returns
     -------
@@ -120,10 +125,16 @@ def absorb_query(query: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
     w_k_heads = w_k.float().view(w_k.shape[0], heads, head_dim).permute(1, 2, 0)  # (h, dk, d)
     # one bmm over heads: matmul would broadcast the weight over the batch and copy it once per row
     flat = query.float().transpose(0, 1).reshape(heads, batch * queries, head_dim)  # (h, b*t, dk)
-    return torch.bmm(flat, w_k_heads).view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, d)
+    absorbed = torch.bmm(flat, w_k_heads)  # (h, b*t, d)
+    for term in low_rank:
+        up_heads = term.up.float().view(-1, heads, head_dim).permute(1, 2, 0)  # (h, dk, r)
+        absorbed = absorbed + torch.matmul(torch.bmm(flat, up_heads), term.down.float().T) * term.scale  # (h, b*t, d)
+    return absorbed.view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, d)
 
 
-def project_heads(mixed: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None = None) -> torch.Tensor:
+def project_heads(
+    mixed: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None = None, low_rank: tuple[LowRank, ...] = ()
+) -> torch.Tensor:
     """Apply each head's own value projection to its mixed cache rows: ``head_i = mixed_i W_V,i (+ b_V,i)``.
 
     A value bias passes through unchanged because each softmax row sums to one.
@@ -136,6 +147,8 @@ def project_heads(mixed: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | No
         ``(width, heads * head_dim)``: ``W_V`` for the input/encoder cache, ``W_KV`` for the K cache.
     b_v:
         ``(heads * head_dim,)`` or None.
+    low_rank:
+        LoRA updates of the value projection, ``V += s (X down) up``: head ``i`` adds ``s (mixed_i down) up_i``.
 
     Returns
     -------
@@ -145,7 +158,11 @@ def project_heads(mixed: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | No
     width, inner = w_v.shape
     w_v_heads = w_v.float().view(width, heads, inner // heads).transpose(0, 1)  # (h, w, dk)
     flat = mixed.transpose(0, 1).reshape(heads, batch * queries, width)  # (h, b*t, w), see absorb_query
-    out = torch.bmm(flat, w_v_heads).view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, dk)
+    out = torch.bmm(flat, w_v_heads)  # (h, b*t, dk)
+    for term in low_rank:
+        up_heads = term.up.float().view(-1, heads, inner // heads).transpose(0, 1)  # (h, r, dk)
+        out = out + torch.bmm(torch.matmul(flat, term.down.float()), up_heads) * term.scale  # (h, b*t, dk)
+    out = out.view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, dk)
     if b_v is not None:
         out = out + b_v.float().view(1, heads, 1, inner // heads)
     return out

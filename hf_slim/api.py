@@ -11,7 +11,7 @@ import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +19,10 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 
 from . import __version__
 from .attention import SlimAttentionState
-from .cache import SlimCache
+from .cache import CacheOwner, SlimCache, SlimLayout
 from .kmode import (
     KModeWeights,
+    KSourceStamp,
     SingularKeyProjection,
     k_mode_is_exact,
     solve_k_mode,
@@ -59,26 +60,49 @@ class SlimRecord:
     is_encoder_decoder: bool
     version: str = __version__
     patches: list = field(default_factory=list, repr=False)
+    owner: CacheOwner = field(default_factory=CacheOwner, repr=False)
 
     def new_cache(self, max_cache_len: int | None = None) -> SlimCache | EncoderDecoderCache:
         """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache);
         ``max_cache_len`` makes it static (preallocated)."""
-        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len)
+        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len)  # layers adopt each writer's layout
         if self.is_encoder_decoder:
             return EncoderDecoderCache(cache, SlimCache(0))
         return cache
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (slimify patches that one), or ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and hasattr(model, "peft_config"):
+        return get_base_model()
+    return model
+
+
 def is_slim(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is currently slimified."""
-    return "_hf_slim_record" in vars(model)
+    """Whether ``model`` (or the model inside a PEFT wrapper) is currently slimified."""
+    return "_hf_slim_record" in vars(_unwrapped(model))
 
 
 def slim_record(model: torch.nn.Module) -> SlimRecord:
     """The :class:`SlimRecord` of a slimified model."""
     if not is_slim(model):
+        part = _slim_part(model)
+        if part is not None:
+            raise ValueError(
+                f"this module is not slimified itself, but part of it ({part!r}) belongs to a slimify() call on "
+                "another model: call hf_slim.unslimify on the model that was passed to slimify"
+            )
         raise ValueError("this model is not slimified; call hf_slim.slimify(model) first")
-    return vars(model)["_hf_slim_record"]
+    return vars(_unwrapped(model))["_hf_slim_record"]
+
+
+def _slim_part(model: torch.nn.Module) -> str | None:
+    """The name of a submodule of ``model`` that a slimify() call patched, or None."""
+    for name, module in _unwrapped(model).named_modules():
+        if "hf_slim" in vars(module) or "_hf_slim_record" in vars(module):
+            return name or type(module).__name__
+    return None
 
 
 def slimify(
@@ -121,6 +145,7 @@ def slimify(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    wrapper, model = model, _unwrapped(model)
     if is_slim(model):
         record = slim_record(model)
         if layer_modes is not None and layer_modes != record.layer_modes:
@@ -130,7 +155,14 @@ def slimify(
                 f"model is already slimified with mode={record.requested_mode!r}; call hf_slim.unslimify(model) "
                 f"before slimify(model, mode={mode!r})"
             )
-        return model
+        return wrapper
+    part = _slim_part(model)
+    if part is not None:
+        raise ValueError(
+            f"part of this model ({part!r}) is already slimified, by a slimify() call on it or on a model that "
+            "contains it; unslimify that first (one slimify per model: nested slim states could not be undone in "
+            "every order)"
+        )
     config = model.config
     architecture = architecture_for(config, mode)
     _check_attention_implementation(model)
@@ -154,7 +186,7 @@ def slimify(
         num_cache_layers=1 + max((site.layer_idx for site in self_sites), default=-1),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
     )
-    patches = _site_patches(sites, layer_modes, calibration, k_weights)
+    patches = _site_patches(sites, layer_modes, calibration, k_weights, record.owner)
     for owner in patch_module.cache_owners(model):
         patches.append(InstancePatch(owner, forward_attribute(owner), _forward_with_slim_cache(owner, record)))
     if hasattr(model, "_prepare_cache_for_generation"):
@@ -166,7 +198,7 @@ def slimify(
     patches.append(InstancePatch(model, "_hf_slim_record", record))
     record.patches = patches
     apply_all(patches)
-    return model
+    return wrapper
 
 
 def unslimify(model: torch.nn.Module) -> torch.nn.Module:
@@ -208,6 +240,7 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
     self_sites = [site for site in sites if site.kind == "self"]
     if calibration_inputs is None:
         calibration_inputs = patch_module.default_calibration_inputs(model)
+    _check_calibration_inputs(calibration_inputs)
     activations = _collect_attention_inputs(model, self_sites, calibration_inputs)
     dtype = next(model.parameters()).dtype
     refused = []
@@ -219,6 +252,8 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
             except SingularKeyProjection as error:
                 refused.append(f"{site.name}: {error}")
                 continue
+            except ValueError as error:
+                raise ValueError(f"{site.name}: {error}") from error
             k_error, vanilla_error = value_errors(activations[site.name], projections, weights, dtype)
         numbers = {"k_error": k_error, "vanilla_error": vanilla_error, "cond_w_k": weights.cond, "dtype": str(dtype)}
         calibration[site.name] = numbers
@@ -258,8 +293,28 @@ def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
         if mode == "k" and k_weights is not None and name in k_weights:
             weights[name] = k_weights[name]
         elif mode == "k":
-            weights[name] = solve_layer_k_mode(site)
+            try:
+                weights[name] = solve_layer_k_mode(site)
+            except ValueError as error:
+                raise ValueError(f"layer_modes[{name!r}] = 'k': {error}") from error
     return {site.name: layer_modes[site.name] for site in sites}, {}, weights
+
+
+def _check_calibration_inputs(calibration_inputs) -> None:
+    """``calibration_inputs`` must be the keyword arguments of one forward pass: a dict of names to tensors."""
+    example = "e.g. calibration_inputs={'input_ids': tokenizer(text, return_tensors='pt').input_ids}"
+    if not isinstance(calibration_inputs, Mapping):
+        raise TypeError(
+            "calibration_inputs must be a dict of forward() keyword arguments, got a "
+            f"{type(calibration_inputs).__name__}; {example}"
+        )
+    for key, value in calibration_inputs.items():
+        if not isinstance(key, str):
+            raise TypeError(f"calibration_inputs keys must be argument names (str), got {key!r}; {example}")
+        if key in ("use_cache", "past_key_values"):
+            raise ValueError(f"calibration_inputs must not set {key!r}: the calibration runs one pass without a cache")
+        if not isinstance(value, torch.Tensor) and key not in ("encoder_outputs",):
+            raise TypeError(f"calibration_inputs[{key!r}] is a {type(value).__name__}, expected a tensor; {example}")
 
 
 @torch.no_grad()
@@ -276,6 +331,13 @@ def _collect_attention_inputs(model, sites, calibration_inputs) -> dict[str, tor
         handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         model(**calibration_inputs, use_cache=False)
+    except Exception as error:  # the model's own error, often deep inside: say which argument is at fault
+        shapes = {key: tuple(value.shape) for key, value in calibration_inputs.items() if hasattr(value, "shape")}
+        raise ValueError(
+            f"the calibration forward pass failed with calibration_inputs of shapes {shapes}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Pass the keyword arguments "
+            f"of one forward pass of {type(model).__name__} (real text or audio), or none for the default"
+        ) from error
     finally:
         for handle in handles:
             handle.remove()
@@ -285,17 +347,23 @@ def _collect_attention_inputs(model, sites, calibration_inputs) -> dict[str, tor
     return captured
 
 
-def _site_patches(sites, layer_modes, calibration, k_weights) -> list:
+def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner) -> list:
     patches = []
     for site in sites:
         module, mode = site.module, layer_modes[site.name]
+        projections = functools.partial(site.projections, module)
+        with resident_weights(module):
+            k_source = KSourceStamp.of(projections()) if mode == "k" else None
         state = SlimAttentionState(
             mode=mode,
             layer_idx=site.layer_idx,
             num_heads=site.num_heads,
             head_dim=site.head_dim,
-            projections=functools.partial(site.projections, module),
+            projections=projections,
             calibration=calibration.get(site.name, {}),
+            name=site.name,
+            layout=SlimLayout(owner, mode) if site.kind == "self" else None,
+            k_source=k_source,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
         if mode == "k":
@@ -310,7 +378,19 @@ def _site_patches(sites, layer_modes, calibration, k_weights) -> list:
 
 def _run_resident(module: torch.nn.Module, forward, *args, **kwargs):
     """Run the slim ``forward`` with the module's offloaded weights kept real: it reads projection weights of
-    submodules after their own (offloading) forwards returned."""
+    submodules after their own (offloading) forwards returned.
+
+    Also the one place that refuses an attention implementation switched after slimify
+    (``model.set_attn_implementation("flex_attention")``): the slim paths only understand eager/SDPA masks.
+    """
+    config = getattr(module, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation is not None and implementation not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(
+            f"this slim model now uses attn_implementation={implementation!r} (set after slimify); hf_slim supports "
+            f"{', '.join(SUPPORTED_ATTENTION)}: call model.set_attn_implementation('sdpa'), or "
+            "hf_slim.unslimify(model) to use another implementation"
+        )
     with resident_weights(module):
         return forward(module, *args, **kwargs)
 

@@ -18,11 +18,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
-from .cache import slim_cache_for
+from .adapters import LowRank, apply_low_rank, projection_weights
+from .cache import SlimLayout, slim_cache_for
+
+if TYPE_CHECKING:
+    from .kmode import KSourceStamp
 
 # run_attention(query, key, value, mask) -> (output (b, t, h, dk), weights or None): the model's own attention call.
 RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
@@ -30,16 +35,34 @@ RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor 
 
 @dataclass
 class Projections:
-    """The key and value projections of one attention layer, as ``K = X @ w_k + b_k`` and ``V = X @ w_v + b_v``.
+    """The key and value projections of one attention layer, as ``K = X @ w_k + b_k (+ LoRA)`` and likewise V.
 
     Tensors are views of the live module parameters (never copies), read at every call, so device moves, dtype
-    casts and accelerate offload hooks are followed. Shapes: ``w_k, w_v: (d_in, heads * head_dim)``.
+    casts, weight edits, PEFT adapters and accelerate offload hooks are followed. Shapes:
+    ``w_k, w_v: (d_in, heads * head_dim)``; ``k_low_rank`` / ``v_low_rank``: the active LoRA updates
+    (:class:`~hf_slim.adapters.LowRank`), empty without adapters.
     """
 
     w_k: torch.Tensor
     w_v: torch.Tensor
     b_k: torch.Tensor | None = None
     b_v: torch.Tensor | None = None
+    k_low_rank: tuple[LowRank, ...] = ()
+    v_low_rank: tuple[LowRank, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        k_layer: torch.nn.Module,
+        v_layer: torch.nn.Module,
+        k_columns: slice = slice(None),
+        v_columns: slice = slice(None),
+    ) -> Projections:
+        """Read the live projections from the model's key and value layers (the same fused layer with two column
+        ranges for a fused ``qkv``), including active PEFT LoRA adapters on them."""
+        w_k, b_k, k_low_rank = projection_weights(k_layer, k_columns, where="the key projection")
+        w_v, b_v, v_low_rank = projection_weights(v_layer, v_columns, where="the value projection")
+        return cls(w_k=w_k, w_v=w_v, b_k=b_k, b_v=b_v, k_low_rank=k_low_rank, v_low_rank=v_low_rank)
 
 
 @dataclass
@@ -58,6 +81,14 @@ class SlimAttentionState:
         returns the module's live :class:`Projections`.
     calibration:
         per-layer numbers measured when the mode was chosen (K mode relative errors), for reports and export.
+    name:
+        the site's name, for error messages.
+    layout:
+        what this layer writes into a slim cache (:class:`~hf_slim.cache.SlimLayout`: its model and mode), so a
+        cache filled by another model or mode is refused.
+    k_source:
+        for K-mode layers, the :class:`~hf_slim.kmode.KSourceStamp` of the weights ``W_KV`` was derived from,
+        checked at every step.
     """
 
     mode: str
@@ -66,6 +97,16 @@ class SlimAttentionState:
     head_dim: int
     projections: Callable[[], Projections]
     calibration: dict = field(default_factory=dict)
+    name: str = ""
+    layout: SlimLayout | None = None
+    k_source: KSourceStamp | None = None
+
+    def live_projections(self) -> Projections:
+        """The layer's projections now; for a K-mode layer, after checking ``W_KV`` still fits them (O(1))."""
+        projections = self.projections()
+        if self.k_source is not None:
+            self.k_source.check(projections, self.name)
+        return projections
 
 
 def use_absorbed(num_queries: int, head_dim: int) -> bool:
@@ -128,9 +169,9 @@ def attend(
 
 
 def _decode_input_mode(state, projections, query, states, bias, scale, want_weights):
-    query_abs = absorb_query(query, projections.w_k)  # (b, h, t, d)
+    query_abs = absorb_query(query, projections.w_k, projections.k_low_rank)  # (b, h, t, d)
     mixed, weights = attend(query_abs, states, scale=scale, bias=bias, return_weights=want_weights)
-    return project_heads(mixed, projections.w_v, projections.b_v), weights  # (b, h, t, dk)
+    return project_heads(mixed, projections.w_v, projections.b_v, projections.v_low_rank), weights  # (b, h, t, dk)
 
 
 def _decode_k_mode(module, query, states, bias, scale, want_weights):
@@ -152,20 +193,25 @@ def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Ten
     than the absorbed path.
     """
     state: SlimAttentionState = module.hf_slim
-    projections = state.projections()
+    projections = state.live_projections()
     if state.mode == "k":
         keys = states
         values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))
     else:
-        keys = _linear(states, projections.w_k, projections.b_k)
-        values = _linear(states, projections.w_v, projections.b_v)
+        keys = _linear(states, projections.w_k, projections.b_k, projections.k_low_rank)
+        values = _linear(states, projections.w_v, projections.b_v, projections.v_low_rank)
     return split_heads(keys, state.head_dim), split_heads(values, state.head_dim)
 
 
-def _linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``states @ weight (+ bias)`` in the states' dtype: ``(b, n, d) -> (b, n, e)``."""
+def _linear(
+    states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low_rank: tuple[LowRank, ...] = ()
+) -> torch.Tensor:
+    """``states @ weight (+ bias) (+ LoRA updates)`` in the states' dtype: ``(b, n, d) -> (b, n, e)``."""
     out = torch.matmul(states, weight.to(states.dtype))
-    return out if bias is None else out + bias
+    if bias is not None:
+        out = out + bias
+    delta = apply_low_rank(states, low_rank)
+    return out if delta is None else out + delta.to(out.dtype)
 
 
 def slim_self_attention(
@@ -218,6 +264,7 @@ def slim_self_attention(
     cache = slim_cache_for(past_key_values, state.layer_idx, where=type(module).__name__)
     if cache is None:
         return run_attention(query, key, value, attention_mask)
+    projections = state.live_projections()  # K mode: W_KV still fits the weights and dtype (raises otherwise)
     batch, _, num_queries, _ = query.shape
     new_states = hidden_states if state.mode == "input" else key.transpose(1, 2).reshape(batch, num_queries, -1)
     layer = cache.layers[state.layer_idx] if state.layer_idx < len(cache.layers) else None
@@ -228,7 +275,7 @@ def slim_self_attention(
     absorbed = use_absorbed(num_queries, state.head_dim) and (static or past > 0)
     if static and not absorbed:
         past = int(layer.get_seq_length())  # a static cache's prefill runs eagerly
-    states = cache.update_slim(new_states, state.layer_idx)  # (b, n, w)
+    states = cache.update_slim(new_states, state.layer_idx, state.layout)  # (b, n, w)
     if past == 0:
         if static and attention_mask is not None:
             attention_mask = attention_mask[..., :num_queries]
@@ -248,7 +295,7 @@ def slim_self_attention(
     if state.mode == "k":
         out, weights = _decode_k_mode(module, query, states, bias, scale, want_weights)
     else:
-        out, weights = _decode_input_mode(state, state.projections(), query, states, bias, scale, want_weights)
+        out, weights = _decode_input_mode(state, projections, query, states, bias, scale, want_weights)
     return out.to(query.dtype).transpose(1, 2), weights
 
 
@@ -291,8 +338,8 @@ def encoder_cross_attention(
         raise ValueError(f"{batch} decoder rows cannot share {inputs} encoder outputs")
     group = batch // inputs
     if group == 1 and not use_absorbed(num_queries, head_dim):
-        keys = _linear(encoder_states, projections.w_k, projections.b_k)  # (inputs, frames, e)
-        values = _linear(encoder_states, projections.w_v, projections.b_v)
+        keys = _linear(encoder_states, projections.w_k, projections.b_k, projections.k_low_rank)  # (inputs, frames, e)
+        values = _linear(encoder_states, projections.w_v, projections.b_v, projections.v_low_rank)
         return run_attention(query, split_heads(keys, head_dim), split_heads(values, head_dim), attention_mask)
 
     bias = None if attention_mask is None else additive_bias(attention_mask)  # (b|1, 1|h, t|1, frames)
@@ -303,11 +350,11 @@ def encoder_cross_attention(
     grouped_query = grouped_query.reshape(inputs, heads, group * num_queries, head_dim)
     if bias is not None:
         bias = _fold_bias(bias, inputs, group, heads, num_queries)
-    query_abs = absorb_query(grouped_query, projections.w_k)  # (inputs, h, g*t, d)
+    query_abs = absorb_query(grouped_query, projections.w_k, projections.k_low_rank)  # (inputs, h, g*t, d)
     mixed, weights = attend(
         query_abs, encoder_states, scale=scale, bias=bias, return_weights=want_weights
     )  # (inputs, h, g*t, d)
-    out = project_heads(mixed, projections.w_v, projections.b_v)  # (inputs, h, g*t, dk)
+    out = project_heads(mixed, projections.w_v, projections.b_v, projections.v_low_rank)  # (inputs, h, g*t, dk)
     out = out.view(inputs, heads, group, num_queries, head_dim).transpose(1, 2)  # (inputs, g, h, t, dk)
     out = out.reshape(batch, heads, num_queries, head_dim).to(query.dtype).transpose(1, 2)  # (b, t, h, dk)
     if weights is not None:

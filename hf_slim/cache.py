@@ -12,6 +12,8 @@ an unpatched model fails loudly instead of silently mixing layouts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, EncoderDecoderCache
 
@@ -20,6 +22,30 @@ _NOT_KV_MESSAGE = (
     "keys and values. It can only be used by a model patched with hf_slim.slimify(); for an unpatched model pass "
     "past_key_values=None or a transformers DynamicCache."
 )
+
+
+class CacheOwner:
+    """The identity of one slimified model, carried by every slim cache layer it writes.
+
+    Why: slim layers of different models (or of one model's input-mode and K-mode layers) hold different things of
+    possibly the same shape; a cache written by one model and handed to another would be read as the wrong tensor
+    without any error. Compared by identity; a deep copy of a slim model gets a new owner (its weights may change
+    independently), and so does an unpickled one.
+    """
+
+    def __deepcopy__(self, memo) -> CacheOwner:
+        return CacheOwner()
+
+    def __repr__(self) -> str:
+        return f"<hf_slim model {id(self):#x}>"
+
+
+@dataclass(frozen=True)
+class SlimLayout:
+    """What a slim cache layer holds: which model wrote it and what kind of tensor (``"input"`` X or ``"k"`` K)."""
+
+    owner: CacheOwner
+    mode: str
 
 
 class SlimLayer(CacheLayerMixin):
@@ -36,6 +62,7 @@ class SlimLayer(CacheLayerMixin):
     def __init__(self, **kwargs) -> None:
         super().__init__()
         self.states: torch.Tensor | None = None  # (b, n, w)
+        self.layout: SlimLayout | None = None
 
     def __repr__(self) -> str:
         shape = None if self.states is None else tuple(self.states.shape)
@@ -48,8 +75,27 @@ class SlimLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError(_NOT_KV_MESSAGE)
 
-    def update_slim(self, states: torch.Tensor) -> torch.Tensor:
-        """Append ``states: (batch, new, width)`` and return the whole layer ``(batch, seq, width)``."""
+    def check_layout(self, layout: SlimLayout | None) -> None:
+        """Adopt ``layout`` on the first write; refuse a write by another model or of another kind of tensor."""
+        if layout is None or torch.compiler.is_compiling():
+            return
+        if self.layout is None:
+            self.layout = layout
+        elif self.layout != layout:
+            same_model = self.layout.owner is layout.owner
+            raise ValueError(
+                f"this slim cache layer holds {self.layout.mode!r}-mode states "
+                f"{'of this model' if same_model else 'written by another slimified model'}, but a "
+                f"{layout.mode!r}-mode layer of {'this' if same_model else 'another'} model is writing to it. A slim "
+                "cache belongs to the model that filled it: start a new cache (past_key_values=None) for this model"
+            )
+
+    def update_slim(self, states: torch.Tensor, layout: SlimLayout | None = None) -> torch.Tensor:
+        """Append ``states: (batch, new, width)`` and return the whole layer ``(batch, seq, width)``.
+
+        ``layout`` says who writes and what (see :class:`SlimLayout`); a mismatch with the layer's raises.
+        """
+        self.check_layout(layout)
         if self.states is None:
             self.lazy_initialization(states)
             self.states = states
@@ -81,6 +127,7 @@ class SlimLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.states = None
+        self.layout = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -132,7 +179,8 @@ class StaticSlimLayer(SlimLayer):
             torch._dynamo.mark_static_address(self.states)
             torch._dynamo.mark_static_address(self.cumulative_length)
 
-    def update_slim(self, states: torch.Tensor) -> torch.Tensor:
+    def update_slim(self, states: torch.Tensor, layout: SlimLayout | None = None) -> torch.Tensor:
+        self.check_layout(layout)
         if not self.is_initialized:
             self.lazy_initialization(states)
         positions = torch.arange(states.shape[1], device=self.device) + self.cumulative_length
@@ -162,6 +210,7 @@ class StaticSlimLayer(SlimLayer):
         if self.is_initialized:
             self.states.zero_()
         self.cumulative_length.zero_()
+        self.layout = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -206,11 +255,14 @@ class SlimCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise TypeError(_NOT_KV_MESSAGE)
 
-    def update_slim(self, states: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Append ``states: (batch, new, width)`` to layer ``layer_idx``; return the layer's ``(batch, seq, width)``."""
+    def update_slim(self, states: torch.Tensor, layer_idx: int, layout: SlimLayout | None = None) -> torch.Tensor:
+        """Append ``states: (batch, new, width)`` to layer ``layer_idx``; return the layer's ``(batch, seq, width)``.
+
+        ``layout``: the writing layer's :class:`SlimLayout`; a layer filled by another model or mode refuses it.
+        """
         while self.layer_class_to_replicate is not None and len(self.layers) <= layer_idx:
             self.layers.append(SlimLayer())
-        return self.layers[layer_idx].update_slim(states)
+        return self.layers[layer_idx].update_slim(states, layout)
 
     @property
     def nbytes(self) -> int:

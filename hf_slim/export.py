@@ -6,8 +6,12 @@ What a slim checkpoint is, and why it is laid out this way:
   therefore loads the original model and computes the original outputs; nothing slim can leak into its weights.
 * ``config.json`` gets one extra key, ``"hf_slim"`` (:data:`CONFIG_KEY`): the format version, the library version,
   the requested mode, the mode of every attention layer and the K-mode calibration numbers. transformers keeps
-  unknown config keys as plain attributes, so vanilla loaders ignore it. slimify attaches it to ``model.config``
-  with an :class:`~hf_slim.patching.InstancePatch`, so ``unslimify`` removes it again.
+  unknown config keys as plain attributes, so vanilla loaders ignore it. It is written into the saved file only,
+  never set on ``model.config``: a config object is often shared (a second model built from ``a.config``), and slim
+  state must not leak into other models or their checkpoints.
+* A save is ordered so that an interrupted or failed one (a full disk) never leaves a folder that claims what it does
+  not hold: transformers writes the plain checkpoint, the key is removed from its ``config.json``, the sidecar is
+  written (to a temporary name, then renamed), and only then is the key added (again through a rename).
 * K-mode layers need ``W_KV = W_K^-1 W_V`` and the value offset. They are stored in float64 in a sidecar file,
   ``hf_slim.safetensors`` (:data:`SIDECAR`), which transformers never reads. On load, every stored ``W_KV`` is
   checked against the loaded weights (``||W_K W_KV - W_V|| <= W_KV_RTOL * ||W_V||`` in float64) before it is used,
@@ -68,14 +72,10 @@ def slim_settings(record: SlimRecord) -> dict:
 def export_patches(model: torch.nn.Module, record: SlimRecord) -> list[InstancePatch]:
     """Patches slimify applies so that ``model.save_pretrained`` writes a slim checkpoint (undone by unslimify).
 
-    ``model.config.hf_slim`` holds the settings (refreshed from the record at every save) and ``save_pretrained``
-    also writes (or removes a stale) :data:`SIDECAR`. The new ``save_pretrained`` is a method bound to the model, so
-    a ``copy.deepcopy`` of the slim model saves the copy.
+    The new ``save_pretrained`` is a :class:`~hf_slim.patching.PatchedMethod`, so a ``copy.deepcopy`` of the slim
+    model saves the copy.
     """
-    return [
-        InstancePatch(model.config, CONFIG_KEY, slim_settings(record)),
-        InstancePatch(model, "save_pretrained", PatchedMethod(_save_slim_pretrained, model)),
-    ]
+    return [InstancePatch(model, "save_pretrained", PatchedMethod(_save_slim_pretrained, model))]
 
 
 def _save_slim_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -87,12 +87,46 @@ def _save_slim_pretrained(self, save_directory: str | os.PathLike, *args, **kwar
         )
     record = slim_record(self)
     tensors = k_mode_tensors(self, record)  # before writing anything: a model whose weights changed fails here
-    object.__setattr__(self.config, CONFIG_KEY, slim_settings(record))  # current calibration numbers
+    settings = slim_settings(record)
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     is_main_process = args[0] if args else kwargs.get("is_main_process", True)
-    if is_main_process:
-        _write_sidecar(Path(save_directory), tensors)
+    if not is_main_process:
+        return result
+    directory = Path(save_directory)
+    try:
+        _set_config_settings(directory, None)  # plain first (a stale key may come from the config object)
+        _write_sidecar(directory, tensors)
+        _set_config_settings(directory, settings)
+    except OSError as error:
+        raise OSError(
+            f"saved the weights and a plain config to {directory}, but writing the hf_slim settings failed ({error}). "
+            "The folder holds the original (unslimmed) model, loadable with from_pretrained; free space or fix the "
+            "folder and call save_pretrained again for a slim checkpoint"
+        ) from error
     return result
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, then rename it onto ``path``: readers see the old file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.hf_slim-tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _set_config_settings(directory: Path, settings: dict | None) -> None:
+    """Set (or, with None, remove) ``config.json[CONFIG_KEY]`` in a saved folder, atomically."""
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if settings is None and CONFIG_KEY not in config:
+        return
+    config.pop(CONFIG_KEY, None)
+    if settings is not None:
+        config[CONFIG_KEY] = settings
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(config_file, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _sites_by_name(model: torch.nn.Module) -> dict:
@@ -137,7 +171,8 @@ def _write_sidecar(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
     if not tensors:
         path.unlink(missing_ok=True)  # a stale sidecar from an earlier save would contradict config.json
         return
-    save_file(tensors, str(path), metadata={"format_version": str(FORMAT_VERSION), "library_version": __version__})
+    metadata = {"format_version": str(FORMAT_VERSION), "library_version": __version__}
+    _atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def read_slim_settings(path: str | os.PathLike) -> dict:

@@ -31,6 +31,10 @@ K_MODE_ERROR_FACTOR = 4.0
 K_MODE_ABSOLUTE_FLOOR = 1e-5
 
 
+class StaleKModeWeights(RuntimeError):
+    """The weights or the dtype of a K-mode layer changed after slimify, so its ``W_KV`` no longer rebuilds V."""
+
+
 class SingularKeyProjection(ValueError):
     """W_K cannot be inverted (not square, or numerically singular), so the K cache cannot rebuild V."""
 
@@ -55,10 +59,21 @@ def solve_k_mode(projections: Projections) -> KModeWeights:
     SingularKeyProjection
         when W_K is not square or is singular to float64 precision.
     """
+    if projections.k_low_rank or projections.v_low_rank:
+        raise SingularKeyProjection(
+            "LoRA adapters on the key/value projections change W_K and W_V whenever they are switched, so no fixed "
+            "W_KV serves them; merge them first (peft: model.merge_and_unload()) to use the K cache. The input cache "
+            "serves active adapters exactly"
+        )
     w_k = projections.w_k.detach().to(torch.float64)
     w_v = projections.w_v.detach().to(torch.float64)
     if w_k.is_meta or w_v.is_meta:
         raise ValueError("K mode needs the real weights, got meta tensors (load the weights before slimify)")
+    if not (bool(torch.isfinite(w_k).all()) and bool(torch.isfinite(w_v).all())):
+        raise ValueError(
+            "the key/value weights contain NaN or inf, so the model itself computes NaN; check how the weights were "
+            "loaded or trained before slimify"
+        )
     if w_k.shape[0] != w_k.shape[1]:
         raise SingularKeyProjection(
             f"K mode needs a square W_K, got {tuple(w_k.shape)} (d_model != heads*head_dim); use mode='input'"
@@ -129,3 +144,76 @@ def k_mode_is_exact(k_error: float, vanilla_error: float) -> bool:
     """The acceptance rule: at most :data:`K_MODE_ERROR_FACTOR` x the unmodified model's own error, or
     below :data:`K_MODE_ABSOLUTE_FLOOR`."""
     return k_error <= max(K_MODE_ERROR_FACTOR * vanilla_error, K_MODE_ABSOLUTE_FLOOR)
+
+
+def _sketch(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A float64 fingerprint of a weight, ``tensor @ probe`` (one number per row), on the CPU.
+
+    Used only when a version counter moved (a rare event), to tell a real edit from a device move or a reload of the
+    same values; the probe is fixed, so identical values give identical sketches.
+    """
+    if tensor is None:
+        return None
+    values = tensor.detach().to(torch.float64)
+    columns = values.shape[-1]
+    probe = torch.cos(torch.arange(columns, dtype=torch.float64, device=values.device) * 0.7853981 + 0.1)  # (cols,)
+    return (values @ probe).cpu()
+
+
+def _versions(projections: Projections) -> tuple[int, ...]:
+    return tuple(
+        -1 if t is None else t._version for t in (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+    )
+
+
+@dataclass
+class KSourceStamp:
+    """Which weights and dtype a layer's K-mode ``W_KV`` was derived from, checked at every K-mode step.
+
+    Why: ``W_KV = W_K^-1 W_V`` is a copy derived from the weights. ``load_state_dict``, an optimizer step or any
+    in-place edit changes W_K/W_V but not W_KV (decode would silently use the old weights), and a dtype cast breaks
+    the calibration's promise (the K cache is exact only in the dtype it was calibrated in). The per-step check is
+    O(1): tensor version counters and the dtype. When a version counter moved, a float64 sketch of the weights
+    (computed once then) tells a real change from a device move or a reload of identical values.
+    """
+
+    dtype: torch.dtype
+    versions: tuple[int, ...]
+    sketches: tuple[torch.Tensor | None, ...]
+
+    @classmethod
+    def of(cls, projections: Projections) -> KSourceStamp:
+        parts = (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+        return cls(projections.w_k.dtype, _versions(projections), tuple(_sketch(t) for t in parts))
+
+    def check(self, projections: Projections, where: str) -> None:
+        """Raise :class:`StaleKModeWeights` unless ``projections`` are the weights (values and dtype) stamped."""
+        if projections.w_k.dtype != self.dtype:
+            raise StaleKModeWeights(
+                f"{where} uses the K cache, set up for {self.dtype}, but the model now runs in {projections.w_k.dtype}:"
+                " the K cache is only known to be exact in the dtype it was calibrated in. Call "
+                "hf_slim.unslimify(model) and hf_slim.slimify(model, mode='k') after the cast to calibrate again, or "
+                "use mode='input' (exact in every dtype)"
+            )
+        if projections.k_low_rank or projections.v_low_rank:
+            raise StaleKModeWeights(
+                f"{where} uses the K cache but its key/value projections now carry LoRA adapters, which change W_K and "
+                "W_V; merge them (peft: model.merge_and_unload()) and slimify again, or use mode='input' (which serves "
+                "active adapters exactly)"
+            )
+        versions = _versions(projections)
+        if versions == self.versions:
+            return
+        parts = (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+        for old, tensor in zip(self.sketches, parts, strict=True):
+            new = _sketch(tensor)
+            if (old is None) != (new is None) or (
+                old is not None and float((new - old).abs().max()) > 1e-12 * float(old.abs().max().clamp_min(1e-300))
+            ):
+                raise StaleKModeWeights(
+                    f"{where}: the key/value weights changed after slimify (load_state_dict, an optimizer step or an "
+                    "in-place edit), so its K-mode W_KV = W_K^-1 W_V is stale and decode would use the old weights. "
+                    "Call hf_slim.unslimify(model) and hf_slim.slimify(model, mode='k') again after changing weights, "
+                    "or use mode='input', which always reads the live weights"
+                )
+        self.versions = versions  # same values (a device move or a reload): remember the new counters

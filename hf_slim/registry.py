@@ -62,6 +62,10 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+#: Encoder-only families whose configs can also build a causal decoder (``is_decoder=True``), refused differently.
+ENCODER_ONLY = ("bert", "roberta")
+
+
 def supported_model_types() -> list[str]:
     """Model types slimify accepts."""
     return sorted(SUPPORTED)
@@ -87,6 +91,11 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
             f"{model_type!r} uses grouped/multi-query attention ({kv_heads} key/value heads for {heads} query heads). "
             "Slim attention needs multi-head attention (num_key_value_heads == num_attention_heads). "
             f"Supported model types: {supported}."
+        )
+    if model_type in ENCODER_ONLY and getattr(config, "is_decoder", False):
+        raise UnsupportedModelError(
+            f"hf_slim cannot patch {model_type!r} configured as a decoder (is_decoder=True): its decoder mode is not "
+            f"implemented yet. Supported model types: {supported}."
         )
     if model_type in UNSUPPORTED:
         if mode == "input" and "RoPE" in UNSUPPORTED[model_type]:

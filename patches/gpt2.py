@@ -17,14 +17,12 @@ from hf_slim.sites import AttentionSite
 
 def _self_projections(module: GPT2Attention) -> Projections:
     e = module.split_size
-    weight, bias = module.c_attn.weight, module.c_attn.bias  # (d, 3e), (3e,)
-    return Projections(w_k=weight[:, e : 2 * e], w_v=weight[:, 2 * e :], b_k=bias[e : 2 * e], b_v=bias[2 * e :])
+    return Projections.of(module.c_attn, module.c_attn, slice(e, 2 * e), slice(2 * e, None))  # c_attn: (d, 3e)
 
 
 def _cross_projections(module: GPT2Attention) -> Projections:
     e = module.split_size
-    weight, bias = module.c_attn.weight, module.c_attn.bias  # (d, 2e), (2e,)
-    return Projections(w_k=weight[:, :e], w_v=weight[:, e:], b_k=bias[:e], b_v=bias[e:])
+    return Projections.of(module.c_attn, module.c_attn, slice(None, e), slice(e, None))  # c_attn: (d, 2e)
 
 
 def _attention_runner(module: GPT2Attention, kwargs: dict):

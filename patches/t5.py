@@ -39,7 +39,7 @@ T5_STYLE_ATTENTION = (T5Attention, MT5Attention)
 
 def _projections(module: torch.nn.Module) -> Projections:
     """``K = X @ k.weight.T``: views of the live ``nn.Linear`` weights, ``(d_model, num_heads * d_kv)``, no biases."""
-    return Projections(w_k=module.k.weight.t(), w_v=module.v.weight.t())
+    return Projections.of(module.k, module.v)
 
 
 def _position_bias(

@@ -52,7 +52,7 @@ _SAMPLING_RATE, _HOP_LENGTH, _CONV_STRIDE = 16_000, 160, 2
 
 def _projections(module: WhisperAttention) -> Projections:
     """``K = X @ W_K`` (no bias), ``V = X @ W_V + b_V``; nn.Linear stores ``(out, in)`` so the views are transposed."""
-    return Projections(w_k=module.k_proj.weight.T, w_v=module.v_proj.weight.T, b_k=None, b_v=module.v_proj.bias)
+    return Projections.of(module.k_proj, module.v_proj)
 
 
 # Adapted from transformers 5.23.0, models/whisper/modeling_whisper.py, WhisperAttention.forward: the cache handling
