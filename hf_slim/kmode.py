@@ -160,10 +160,11 @@ def _sketch(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return (values @ probe).cpu()
 
 
-def _versions(projections: Projections) -> tuple[int, ...]:
-    return tuple(
-        -1 if t is None else t._version for t in (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
-    )
+def _versions(projections: Projections) -> tuple[tuple[int, int], ...]:
+    """``(version counter, data pointer)`` of each projection tensor: in-place edits bump the first, ``.data = ...``
+    assignments and device moves change the second."""
+    parts = (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+    return tuple((-1, 0) if t is None else (t._version, t.data_ptr()) for t in parts)
 
 
 @dataclass
@@ -173,12 +174,13 @@ class KSourceStamp:
     Why: ``W_KV = W_K^-1 W_V`` is a copy derived from the weights. ``load_state_dict``, an optimizer step or any
     in-place edit changes W_K/W_V but not W_KV (decode would silently use the old weights), and a dtype cast breaks
     the calibration's promise (the K cache is exact only in the dtype it was calibrated in). The per-step check is
-    O(1): tensor version counters and the dtype. When a version counter moved, a float64 sketch of the weights
-    (computed once then) tells a real change from a device move or a reload of identical values.
+    O(1): tensor version counters, data pointers and the dtype. When one of them moved, a float64 sketch of the
+    weights (computed once then) tells a real change from a device move or a reload of identical values. Edits
+    through ``param.data`` in place bypass version counters (PyTorch does not count them) and are not detected.
     """
 
     dtype: torch.dtype
-    versions: tuple[int, ...]
+    versions: tuple[tuple[int, int], ...]
     sketches: tuple[torch.Tensor | None, ...]
 
     @classmethod

@@ -108,7 +108,7 @@ def test_pickle_and_torch_save_round_trip(family):
 # --- 3. K mode after the weights change ---
 
 
-@pytest.mark.parametrize("change", ["load_state_dict", "optimizer_step", "in_place_edit"])
+@pytest.mark.parametrize("change", ["load_state_dict", "optimizer_step", "in_place_edit", "data_assignment"])
 def test_k_mode_refuses_changed_weights(change):
     model = tiny_gpt2()
     slimify(model, "k", layer_modes=all_k(model))
@@ -119,9 +119,12 @@ def test_k_mode_refuses_changed_weights(change):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model(PROMPT, labels=PROMPT).loss.backward()
         optimizer.step()
-    else:
+    elif change == "in_place_edit":
         with torch.no_grad():
             model.transformer.h[1].attn.c_attn.weight[:, 70] += 0.01
+    else:
+        weight = model.transformer.h[0].attn.c_attn.weight
+        weight.data = weight.data * 1.01
     with pytest.raises(StaleKModeWeights, match="changed after slimify"):
         greedy(model, steps=2)
 
