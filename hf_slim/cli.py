@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -147,6 +148,16 @@ def _fallback_notes() -> Iterator[None]:
             _note(f"{lines[0]} ({len(lines) - 1} layers)")
 
 
+#: config attributes giving the size of a learned position table, decoder's first (T5's relative positions have none)
+_POSITION_LIMITS = ("max_target_positions", "n_positions", "max_position_embeddings")
+
+
+def _position_limit(config) -> tuple[str, int] | None:
+    """``(attribute, decoder positions)`` of a model with a learned position table; None without one (T5)."""
+    name = next((name for name in _POSITION_LIMITS if isinstance(getattr(config, name, None), int)), None)
+    return None if name is None else (name, getattr(config, name))
+
+
 def _model_folder(path: str | None) -> Path:
     """The checkpoint folder: ``path``, or the bundled Whisper tiny.en (converted on first use) when None."""
     if path is None:
@@ -154,6 +165,11 @@ def _model_folder(path: str | None) -> Path:
 
         return whisper_tiny_en_dir()
     folder = Path(path)
+    if not folder.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise CliError(
+            f"model folder not found: {folder}; --model takes a local checkpoint folder (nothing is downloaded): to "
+            f"use the Hub model {path}, download it first with: hf download {path} --local-dir DIR"
+        )
     if not folder.exists():
         raise CliError(f"model folder not found: {folder}")
     if not folder.is_dir():
@@ -296,6 +312,8 @@ def _read_audio(paths: list[str]) -> list[tuple[Path, object]]:
     audio = []
     for name in paths:
         path = Path(name)
+        if path.is_dir():
+            raise CliError(f"{path} is a folder: give the WAV files themselves (e.g. {path / '*.wav'})")
         if not path.is_file():
             raise CliError(f"audio file not found: {path}")
         samples, _ = load_wav(path, WHISPER_SAMPLING_RATE)
@@ -398,20 +416,12 @@ def _token_progress(total: int, desc: str):
     return TokenProgress()
 
 
-#: config attributes giving the size of a decoder-only model's learned position table (T5 has relative positions and no
-#: limit; Whisper's generate checks its own max_target_positions)
-_POSITION_LIMITS = ("n_positions", "max_position_embeddings")
-
-
 def _check_length(config, prompt_tokens: int, max_new_tokens: int, prompt: str = "the prompt") -> None:
     """Refuse a prompt (plus new tokens) longer than the model's position table, which fails deep inside generate
     with ``IndexError: index out of range in self``."""
-    if config.is_encoder_decoder:
+    if config.is_encoder_decoder or _position_limit(config) is None:  # Whisper's generate checks its own limit
         return
-    name = next((name for name in _POSITION_LIMITS if isinstance(getattr(config, name, None), int)), None)
-    if name is None:
-        return
-    limit = getattr(config, name)
+    name, limit = _position_limit(config)
     where = f"this {config.model_type} model has {limit} positions ({name})"
     if prompt_tokens >= limit:
         raise CliError(f"{prompt} is {prompt_tokens} tokens, but {where}: shorten it to fewer than {limit} tokens")
@@ -538,6 +548,9 @@ def cmd_verify(args) -> int:
     from .api import slim_record, slimify, unslimify
     from .export import CONFIG_KEY
 
+    model_type = "whisper" if args.model is None else _read_config(_model_folder(args.model)).get("model_type")
+    if args.audio is not None and model_type != "whisper":
+        raise CliError(f"--audio is for Whisper models; {model_type} takes text (use --prompt)")
     model, folder = load_model(args.model, args.dtype, args.mode, args.device, slim=False)
     recorded = _read_config(folder).get(CONFIG_KEY)
     mode = args.mode or (recorded["requested_mode"] if isinstance(recorded, dict) else None) or "auto"
@@ -629,10 +642,8 @@ def _meta_model(args):
 
 
 def _default_seq_len(config) -> int:
-    for name in ("max_target_positions", "n_positions", "max_position_embeddings"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return 512
+    limit = _position_limit(config)
+    return 512 if limit is None else limit[1]
 
 
 def cmd_memory(args) -> int:
@@ -644,6 +655,9 @@ def cmd_memory(args) -> int:
     if args.encoder_len is not None and not model.config.is_encoder_decoder:
         raise CliError(f"--encoder-len is for encoder-decoder models (Whisper, T5); {model.config.model_type} has none")
     seq_len = _default_seq_len(model.config) if args.seq_len is None else args.seq_len
+    limit = _position_limit(model.config)
+    if limit is not None and seq_len > limit[1]:
+        _note(f"{model.config.model_type} has {limit[1]} positions ({limit[0]}): it cannot run {seq_len} tokens")
     report = cache_report(model, args.batch, seq_len, encoder_len=args.encoder_len, verbose=False)
     print(report)
     if args.plot:

@@ -298,6 +298,15 @@ BAD_INPUT = {
         lambda d: ["verify", "--model", str(d["gpt2"]), "--prompt", " ".join(["the quick brown fox"] * 100)],
         "the --prompt is",
     ),
+    "hub id instead of a folder": (
+        lambda d: ["generate", "--model", "openai/whisper-tiny", "hi"],
+        "download it first with: hf download openai/whisper-tiny --local-dir DIR",
+    ),
+    "audio folder": (lambda d: ["transcribe", str(DATA)], f"{DATA} is a folder: give the WAV files themselves"),
+    "verify audio of a text model": (
+        lambda d: ["verify", "--model", str(d["gpt2"]), "--audio", str(DATA / "finish_report.wav")],
+        "--audio is for Whisper models; gpt2 takes text (use --prompt)",
+    ),
     "malformed calibration in a slim checkpoint": (
         lambda d: ["generate", "--model", str(d["bad calibration"]), "hi"],
         "config.json['hf_slim']['calibration'] must be an object mapping layer names to their numbers, got str",
@@ -426,3 +435,11 @@ def test_error_under_a_progress_bar_starts_on_a_clean_line(command, interruption
     else:
         message = f"hf-slim {command}: error: RuntimeError: stopped in the middle of generation"
         assert status == 1 and terminal_lines(err) == [message], repr(err)
+
+
+def test_memory_beyond_the_model_positions_is_noted(gpt2_dir, capsys):
+    """The arithmetic is still shown (what-if sizes), with a note that this model cannot run that context."""
+    assert main(["memory", "--model", str(gpt2_dir), "--seq-len", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert "gpt2: batch 1, 1000 tokens" in captured.out
+    assert captured.err == "note: gpt2 has 256 positions (n_positions): it cannot run 1000 tokens\n"
