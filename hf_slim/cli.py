@@ -615,6 +615,8 @@ def _meta_model(args):
 
     if args.config is not None:
         path = Path(args.config)
+        if path.is_dir():
+            raise CliError(f"--config takes a config.json file; {path} is a folder (use --model {path})")
         if not path.is_file():
             raise CliError(f"config file not found: {path}")
         try:

@@ -281,6 +281,9 @@ BAD_INPUT = {
     "unsupported model": (lambda d: ["export", "--model", str(d["bert"]), "--out", "x"], "cannot patch 'bert'"),
     "not a checkpoint": (lambda d: ["verify", "--model", str(DATA)], "has no config.json"),
     "export onto itself": (lambda d: ["export", "--model", str(d["gpt2"]), "--out", str(d["gpt2"])], "--out must"),
+    "config folder instead of file": (
+        lambda d: ["memory", "--config", str(d["gpt2"])], "--config takes a config.json file; "
+    ),
     "missing config json": (lambda d: ["memory", "--config", "nowhere.json"], "config file not found: nowhere.json"),
     "encoder length of a decoder-only model": (
         lambda d: ["memory", "--model", str(d["gpt2"]), "--encoder-len", "30"],
