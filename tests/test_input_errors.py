@@ -33,9 +33,9 @@ def tone(seconds: float) -> np.ndarray:
     return np.sin(np.arange(int(seconds * RATE)) * 2 * np.pi * 440 / RATE).astype(np.float32) * 0.5
 
 
-def wav_header(data_bytes: int, format_tag: int = 1, width: int = 2) -> bytes:
-    """A 44-byte RIFF/WAVE header (mono, 16 kHz) announcing ``data_bytes`` of sample data."""
-    fmt = struct.pack("<IHHIIHH", 16, format_tag, 1, RATE, RATE * width, width, 8 * width)  # size, then the fields
+def wav_header(data_bytes: int, format_tag: int = 1, width: int = 2, rate: int = RATE) -> bytes:
+    """A 44-byte RIFF/WAVE header (mono) announcing ``data_bytes`` of sample data."""
+    fmt = struct.pack("<IHHIIHH", 16, format_tag, 1, rate, rate * width, width, 8 * width)  # size, then the fields
     riff_size = min(36 + data_bytes, 0xFFFFFFFF)
     return b"RIFF" + struct.pack("<I", riff_size) + b"WAVEfmt " + fmt + b"data" + struct.pack("<I", data_bytes)
 
@@ -70,12 +70,18 @@ def float_pcm(path: Path) -> Path:
     return path
 
 
+def zero_rate(path: Path) -> Path:
+    path.write_bytes(wav_header(2 * RATE, rate=0) + (tone(1.0) * 32767).astype("<i2").tobytes())
+    return path
+
+
 BAD_WAV = {
     # case: (writer, message)
     "empty": (empty, r"holds no audio samples \(empty, or truncated after its header\)"),
     "header only": (header_only, r"holds no audio samples \(empty, or truncated after its header\)"),
     "truncated": (truncated, r"is truncated: its header announces 1.00 s \(16000 frames\) but only 0.25 s are present"),
     "cut inside the header": (cut_in_header, r"is truncated \(it ends inside its header\)"),
+    "zero sampling rate": (zero_rate, r"the WAV header gives a sampling rate of 0 Hz"),
     "32-bit float": (float_pcm, r"not a readable PCM WAV file \(unknown format: 3\); hf_slim reads integer PCM WAV"),
 }
 
