@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 WHISPER_SAMPLING_RATE = 16_000
+#: data chunk size that streaming writers (e.g. ffmpeg to a pipe) put in the header when the length is not known
+_UNKNOWN_LENGTH = 0xFFFFFFFF
+_CONVERT = "hf_slim reads integer PCM WAV: convert it, e.g. ffmpeg -i IN -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav"
 
 
 def load_wav(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMPLING_RATE) -> tuple[np.ndarray, int]:
@@ -37,14 +40,21 @@ def load_wav(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMPLI
     Raises
     ------
     ValueError
-        If the file is not a PCM WAV file or has an unsupported sample width.
+        If the file is not a PCM WAV file, has an unsupported sample width, or holds fewer samples than its header
+        announces (empty, or cut off by an interrupted copy or download).
     """
     try:
         with wave.open(os.fspath(path), "rb") as wav:
             width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-            frames = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as err:
-        raise ValueError(f"{path}: not a readable PCM WAV file ({err})") from err
+            announced = wav.getnframes()  # from the header's data chunk size
+            frames = wav.readframes(announced)
+    except EOFError as err:
+        raise ValueError(
+            f"{path}: the WAV file is truncated (it ends inside its header); copy or export it again"
+        ) from err
+    except wave.Error as err:
+        raise ValueError(f"{path}: not a readable PCM WAV file ({err}); {_CONVERT}") from err
+    frames = _whole_frames(path, frames, announced, width * channels, rate)
     if width == 1:
         samples = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width in (2, 4):
@@ -59,6 +69,28 @@ def load_wav(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMPLI
     if sampling_rate is not None and sampling_rate != rate:
         samples, rate = resample(samples, rate, sampling_rate), sampling_rate
     return samples, rate
+
+
+def _whole_frames(path, frames: bytes, announced: int, frame_bytes: int, rate: int) -> bytes:
+    """The complete frames of ``frames``, or a ValueError if the file is empty or shorter than its header says.
+
+    Why: an empty WAV would reach Whisper as silence (transcribed as "you"), and a cut-off one as a shorter clip;
+    both would be wrong answers with exit status 0.
+    """
+    present = len(frames) // frame_bytes
+    if rate <= 0:
+        raise ValueError(f"{path}: the WAV header gives a sampling rate of {rate} Hz; {_CONVERT}")
+    if present == 0:
+        raise ValueError(
+            f"{path}: the WAV file holds no audio samples (empty, or truncated after its header); record or export "
+            "it again"
+        )
+    if present < announced and announced != _UNKNOWN_LENGTH // frame_bytes:
+        raise ValueError(
+            f"{path}: the WAV file is truncated: its header announces {announced / rate:.2f} s ({announced} frames) "
+            f"but only {present / rate:.2f} s are present; copy or export it again"
+        )
+    return frames[: present * frame_bytes]  # (present * channels * width) bytes: no partial frame
 
 
 def resample(samples: np.ndarray, orig_rate: int, new_rate: int, zero_crossings: int = 16) -> np.ndarray:

@@ -11,9 +11,11 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,10 @@ _SIDE_FILES = (
     "merges.txt", "spiece.model", "normalizer.json", "preprocessor_config.json", "processor_config.json",
     "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
+
+
+#: progress bars made by :func:`_bar` that may still be drawn (weak: a closed, dropped bar disappears by itself)
+_OPEN_BARS: weakref.WeakSet = weakref.WeakSet()
 
 
 class CliError(Exception):
@@ -58,6 +64,34 @@ def _dtype(name: str):
     return DTYPES[key]
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts and lengths: a zero or negative one would give an empty run or negative bytes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device(name: str) -> str:
+    """argparse type for ``--device``: a torch device this machine has (torch would fail later, mid-load)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: this torch build or machine has no CUDA device (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: only {torch.cuda.device_count()} CUDA devices are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: MPS is not available on this machine (use cpu)")
+    return name
+
+
 def _torch_dtype(name: str | None):
     import torch
 
@@ -70,10 +104,20 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _bar(total: int, desc: str):
+def _bar(total: int, desc: str, unit: str = "step"):
+    """A progress bar on stderr, erased when closed; :func:`main` erases the ones an error interrupted."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    _OPEN_BARS.add(bar)
+    return bar
+
+
+def _close_bars() -> None:
+    """Erase the progress bars an error or Ctrl-C left open, so the message after them starts on a clean line."""
+    for bar in list(_OPEN_BARS):
+        bar.close()  # leave=False: overwrites the bar with blanks and returns to the start of the line
+    _OPEN_BARS.clear()
 
 
 def _human(nbytes: float) -> str:
@@ -104,6 +148,16 @@ def _fallback_notes() -> Iterator[None]:
             _note(f"{lines[0]} ({len(lines) - 1} layers)")
 
 
+#: config attributes giving the size of a learned position table, decoder's first (T5's relative positions have none)
+_POSITION_LIMITS = ("max_target_positions", "n_positions", "max_position_embeddings")
+
+
+def _position_limit(config) -> tuple[str, int] | None:
+    """``(attribute, decoder positions)`` of a model with a learned position table; None without one (T5)."""
+    name = next((name for name in _POSITION_LIMITS if isinstance(getattr(config, name, None), int)), None)
+    return None if name is None else (name, getattr(config, name))
+
+
 def _model_folder(path: str | None) -> Path:
     """The checkpoint folder: ``path``, or the bundled Whisper tiny.en (converted on first use) when None."""
     if path is None:
@@ -111,6 +165,11 @@ def _model_folder(path: str | None) -> Path:
 
         return whisper_tiny_en_dir()
     folder = Path(path)
+    if not folder.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise CliError(
+            f"model folder not found: {folder}; --model takes a local checkpoint folder (nothing is downloaded): to "
+            f"use the Hub model {path}, download it first with: hf download {path} --local-dir DIR"
+        )
     if not folder.exists():
         raise CliError(f"model folder not found: {folder}")
     if not folder.is_dir():
@@ -253,6 +312,8 @@ def _read_audio(paths: list[str]) -> list[tuple[Path, object]]:
     audio = []
     for name in paths:
         path = Path(name)
+        if path.is_dir():
+            raise CliError(f"{path} is a folder: give the WAV files themselves (e.g. {path / '*.wav'})")
         if not path.is_file():
             raise CliError(f"audio file not found: {path}")
         samples, _ = load_wav(path, WHISPER_SAMPLING_RATE)
@@ -261,8 +322,6 @@ def _read_audio(paths: list[str]) -> list[tuple[Path, object]]:
 
 
 def cmd_transcribe(args) -> int:
-    from tqdm.auto import tqdm
-
     from .api import unslimify
     from .bundled import sample_audio_path
 
@@ -275,7 +334,7 @@ def cmd_transcribe(args) -> int:
     model, _ = load_model(str(folder), args.dtype, args.mode, args.device)
     runs = ["slim", "vanilla"] if args.compare else ["slim"]
     results: dict[str, list[Transcript]] = {}
-    with tqdm(total=len(runs) * len(audio), desc="transcribing", unit="file", file=sys.stderr, leave=False) as bar:
+    with _bar(len(runs) * len(audio), "transcribing", unit="file") as bar:
         for run in runs:
             if run == "vanilla":
                 unslimify(model)
@@ -357,6 +416,23 @@ def _token_progress(total: int, desc: str):
     return TokenProgress()
 
 
+def _check_length(config, prompt_tokens: int, max_new_tokens: int, prompt: str = "the prompt") -> None:
+    """Refuse a prompt (plus new tokens) longer than the model's position table, which fails deep inside generate
+    with ``IndexError: index out of range in self``."""
+    if config.is_encoder_decoder or _position_limit(config) is None:  # Whisper's generate checks its own limit
+        return
+    name, limit = _position_limit(config)
+    where = f"this {config.model_type} model has {limit} positions ({name})"
+    if prompt_tokens >= limit:
+        raise CliError(f"{prompt} is {prompt_tokens} tokens, but {where}: shorten it to fewer than {limit} tokens")
+    if prompt_tokens + max_new_tokens > limit:
+        raise CliError(
+            f"{prompt} ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} needs "
+            f"{prompt_tokens + max_new_tokens} positions, but {where}: use --max-new-tokens {limit - prompt_tokens} "
+            "or less, or a shorter prompt"
+        )
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int):
     """Greedy continuation of ``prompt``: ``(text, cache_bytes)`` with the bytes of the cache generate returned."""
     import torch
@@ -385,8 +461,10 @@ def cmd_generate(args) -> int:
         raise CliError(f"{folder} is a Whisper speech model: use hf-slim transcribe")
     from transformers import AutoConfig
 
-    _check_supported(AutoConfig.from_pretrained(folder), args.mode)  # before the tokenizer: the clearer error first
+    config = AutoConfig.from_pretrained(folder)
+    _check_supported(config, args.mode)  # before the tokenizer: the clearer error first
     tokenizer = _tokenizer(folder)
+    _check_length(config, len(tokenizer(args.prompt)["input_ids"]), args.max_new_tokens)  # before loading weights
     model, _ = load_model(args.model, args.dtype, args.mode, args.device)
     text, slim_bytes = generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
     if not args.compare:
@@ -470,10 +548,15 @@ def cmd_verify(args) -> int:
     from .api import slim_record, slimify, unslimify
     from .export import CONFIG_KEY
 
+    model_type = "whisper" if args.model is None else _read_config(_model_folder(args.model)).get("model_type")
+    if args.audio is not None and model_type != "whisper":
+        raise CliError(f"--audio is for Whisper models; {model_type} takes text (use --prompt)")
     model, folder = load_model(args.model, args.dtype, args.mode, args.device, slim=False)
     recorded = _read_config(folder).get(CONFIG_KEY)
     mode = args.mode or (recorded["requested_mode"] if isinstance(recorded, dict) else None) or "auto"
     inputs = _sample_inputs(model, folder, args)
+    if "input_ids" in inputs:
+        _check_length(model.config, inputs["input_ids"].shape[1], args.max_new_tokens, "the --prompt")
     steps = _bar(3, "verifying")
     expected = _greedy(model, inputs, args.max_new_tokens)
     steps.update()
@@ -532,6 +615,8 @@ def _meta_model(args):
 
     if args.config is not None:
         path = Path(args.config)
+        if path.is_dir():
+            raise CliError(f"--config takes a config.json file; {path} is a folder (use --model {path})")
         if not path.is_file():
             raise CliError(f"config file not found: {path}")
         try:
@@ -559,25 +644,44 @@ def _meta_model(args):
 
 
 def _default_seq_len(config) -> int:
-    for name in ("max_target_positions", "n_positions", "max_position_embeddings"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return 512
+    limit = _position_limit(config)
+    return 512 if limit is None else limit[1]
 
 
 def cmd_memory(args) -> int:
     from .memory import cache_report
 
+    if args.plot:
+        _check_plot_target(Path(args.plot))  # before any work: the table would be printed, then the plot fail
     model = _meta_model(args)
+    if args.encoder_len is not None and not model.config.is_encoder_decoder:
+        raise CliError(f"--encoder-len is for encoder-decoder models (Whisper, T5); {model.config.model_type} has none")
     seq_len = _default_seq_len(model.config) if args.seq_len is None else args.seq_len
-    if seq_len < 1 or args.batch < 1:
-        raise CliError("--seq-len and --batch must be positive")
+    limit = _position_limit(model.config)
+    if limit is not None and seq_len > limit[1]:
+        _note(f"{model.config.model_type} has {limit[1]} positions ({limit[0]}): it cannot run {seq_len} tokens")
     report = cache_report(model, args.batch, seq_len, encoder_len=args.encoder_len, verbose=False)
     print(report)
     if args.plot:
         _plot(model, report, args.batch, seq_len, args.encoder_len, Path(args.plot))
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _check_plot_target(path: Path) -> None:
+    """``--plot`` needs matplotlib (an optional extra) and a file type it writes (without a suffix, matplotlib would
+    write ``path.png`` and the reported path would not exist)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as error:
+        raise CliError(
+            '--plot needs matplotlib, which is not installed: pip install "hf-slim[plot]" (or pip install matplotlib)'
+        ) from error
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().removeprefix(".") not in formats:
+        raise CliError(
+            f"--plot {path}: name a .png, .svg or .pdf file (matplotlib writes {', '.join(sorted(formats))})"
+        )
 
 
 def _plot(model, report, batch: int, seq_len: int, encoder_len: int | None, path: Path) -> None:
@@ -630,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", type=_dtype, default="float32", help="fp32 (default), fp16 or bf16")
         sub.add_argument("--mode", choices=MODES, default=None,
                          help="slim mode (default: the checkpoint's recorded mode, else auto)")  # fmt: skip
-        sub.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        sub.add_argument("--device", type=_device, default=None,
+                         help="torch device (default: cuda if available, else cpu)")  # fmt: skip
 
     sub = add("transcribe", "transcribe audio with a slim Whisper",
               "Transcribe WAV files with a slim Whisper model (30 s windows for longer audio).")  # fmt: skip
@@ -643,7 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("generate", "continue a text prompt with a slim model", "Greedy text generation with a slim model.")
     sub.add_argument("prompt", metavar="PROMPT", help="text to continue (decoder-only) or to transform (T5)")
     model_options(sub, required=True, bundled=False)
-    sub.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    sub.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, metavar="N", help="tokens to generate (default 32)"
+    )
     sub.add_argument("--compare", action="store_true", help="also run the unpatched model and compare")
     sub.set_defaults(run=cmd_generate)
 
@@ -659,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(sub)
     sub.add_argument("--prompt", default=DEFAULT_PROMPT, help="sample text input (text models)")
     sub.add_argument("--audio", default=None, metavar="WAV", help="sample audio (Whisper; default: shipped sample)")
-    sub.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="greedy tokens to compare")
+    sub.add_argument("--max-new-tokens", type=_positive_int, default=24, metavar="N", help="greedy tokens to compare")
     sub.set_defaults(run=cmd_verify)
 
     sub = add("memory", "cache memory report, vanilla vs slim",
@@ -667,9 +774,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = sub.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="DIR", help="checkpoint folder (only config.json is read)")
     source.add_argument("--config", metavar="JSON", help="a config.json file")
-    sub.add_argument("--seq-len", type=int, default=None, metavar="N", help="decoder tokens (default: model maximum)")
-    sub.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
-    sub.add_argument("--encoder-len", type=int, default=None, metavar="N",
+    sub.add_argument(
+        "--seq-len", type=_positive_int, default=None, metavar="N", help="decoder tokens (default: model maximum)"
+    )
+    sub.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (default 1)")
+    sub.add_argument("--encoder-len", type=_positive_int, default=None, metavar="N",
                      help="encoder frames/tokens (encoder-decoders; default: Whisper 1500, else seq-len)")  # fmt: skip
     sub.add_argument("--dtype", type=_dtype, default="float32", help="cache dtype: fp32 (default), fp16 or bf16")
     sub.add_argument("--plot", metavar="PNG", default=None, help="also plot memory against context length")
@@ -696,9 +805,11 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("ignore", category=FutureWarning)
             return args.run(args)
     except KeyboardInterrupt:
+        _close_bars()
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
     except Exception as error:  # one line, no traceback (HF_SLIM_DEBUG=1 shows it)
+        _close_bars()
         if os.environ.get("HF_SLIM_DEBUG") == "1":
             raise
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__

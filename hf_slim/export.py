@@ -50,6 +50,8 @@ SIDECAR = "hf_slim.safetensors"
 #: meaningful amount (fine-tuning, another model's sidecar, edits) leaves 1e-4 or more.
 W_KV_RTOL = 1e-6
 _LAYER_MODES = ("input", "k", "encoder")
+#: Numeric fields of one layer's calibration record (see ``hf_slim.api``); each is optional in a checkpoint.
+_CALIBRATION_NUMBERS = ("cond_w_k", "k_error", "vanilla_error")
 
 
 class SlimCheckpointError(ValueError):
@@ -225,10 +227,38 @@ def _validate_settings(settings, path: Path) -> None:
     bad = {name: mode for name, mode in layer_modes.items() if mode not in _LAYER_MODES}
     if bad:
         raise SlimCheckpointError(f"{where}: unknown layer modes {bad} (known: {_LAYER_MODES})")
-    if not isinstance(settings.get("calibration", {}), dict):
-        raise SlimCheckpointError(f"{where}: calibration must be an object")
+    _validate_calibration(settings.get("calibration", {}), f"{where}['calibration']")
     if any(mode == "k" for mode in layer_modes.values()) and settings.get("sidecar") != SIDECAR:
         raise SlimCheckpointError(f"{where}: K-mode layers need sidecar {SIDECAR!r}, got {settings.get('sidecar')!r}")
+
+
+def _validate_calibration(calibration, where: str) -> None:
+    """Check the shape of the recorded K-mode calibration numbers before anything reads them.
+
+    Why: load_slim compares each layer's ``dtype`` with the loaded model and copies the numbers into the slim record;
+    a hand-edited entry of the wrong type would otherwise fail there with an AttributeError or TypeError that names
+    neither the file nor the key.
+    """
+    fix = "re-export it with hf_slim, or load it with from_pretrained and call hf_slim.slimify(model)"
+    if not isinstance(calibration, dict):
+        raise SlimCheckpointError(
+            f"{where} must be an object mapping layer names to their numbers, got {type(calibration).__name__}; {fix}"
+        )
+    for name, numbers in calibration.items():
+        key = f"{where}[{name!r}]"
+        if not isinstance(numbers, dict):
+            raise SlimCheckpointError(
+                f'{key} must be an object such as {{"cond_w_k": 12.5, "dtype": "torch.float32"}}, got '
+                f"{type(numbers).__name__}; {fix}"
+            )
+        for field in _CALIBRATION_NUMBERS:
+            value = numbers.get(field, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SlimCheckpointError(f"{key}[{field!r}] must be a number, got {value!r}; {fix}")
+        dtype = numbers.get("dtype", "torch.float32")
+        known = isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype)
+        if not (known and dtype.startswith("torch.")):
+            raise SlimCheckpointError(f"{key}['dtype'] must name a torch dtype such as 'torch.float32', got {dtype!r}")
 
 
 def _model_class(path: Path):

@@ -7,6 +7,7 @@ cache objects generate() returns; tests check that the two agree.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -107,8 +108,19 @@ def cache_report(
         encoder frames/tokens for encoder-decoder models (defaults to Whisper's 1500 frames or ``seq_len``).
     verbose:
         print the table.
+
+    Raises
+    ------
+    ValueError
+        a batch size or length below 1 (the table would show zero or negative bytes), an ``encoder_len`` for a model
+        without an encoder, or a model with no supported attention layers.
     """
     model_type = model.config.model_type
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("encoder_len", encoder_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"cache_report: {name} must be a positive integer, got {value!r}")
+    if encoder_len is not None and not model.config.is_encoder_decoder:
+        raise ValueError(f"cache_report: encoder_len is for encoder-decoder models; {model_type} has no encoder")
     sites = SUPPORTED[model_type].load().attention_sites(model) if model_type in SUPPORTED else []
     if not sites:
         raise ValueError(f"no supported attention layers in {type(model).__name__} ({model_type!r})")

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 from test_export import one_thread, tiny_t5  # noqa: F401 (autouse fixture)
+from test_input_errors import BAD_WAV
 from tiny_models import tiny_gpt2, tiny_t5_tokenizer, tiny_tokenizer
-from transformers import BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, GPT2LMHeadModel
 
 from hf_slim import is_slim, load_slim, slim_record
 from hf_slim.cli import main
@@ -103,6 +104,25 @@ def long_wav(tmp_path_factory) -> Path:
         out.setframerate(16_000)
         out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
     return path
+
+
+@pytest.fixture(scope="module")
+def plain_env() -> dict:
+    """Subprocess environment for commands that never reach the bundled Whisper (no conversion needed)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def terminal_lines(stream: str) -> list[str]:
+    """The non-empty lines a terminal shows for ``stream``: a carriage return (how progress bars redraw and erase
+    themselves) moves back to the start of the line, and what follows overwrites what was there."""
+    shown = []
+    for line in stream.split("\n"):
+        screen = ""
+        for segment in line.split("\r"):
+            screen = segment + screen[len(segment) :]
+        if screen.strip():
+            shown.append(screen.rstrip())
+    return shown
 
 
 def cache_numbers(stdout: str) -> tuple[int, int, float]:
@@ -243,6 +263,17 @@ def bert_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def bad_calibration_dir(tmp_path_factory, gpt2_dir) -> Path:
+    """A slim GPT-2 checkpoint whose config.json calibration entry was hand-edited into a string."""
+    folder = tmp_path_factory.mktemp("bad-calibration")
+    assert main(["export", "--model", str(gpt2_dir), "--out", str(folder), "--mode", "input"]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    config[CONFIG_KEY]["calibration"] = "cond 12.5"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 BAD_INPUT = {
     "missing audio": (lambda d: ["transcribe", "nowhere.wav"], "audio file not found: nowhere.wav"),
     "audio not a wav": (lambda d: ["transcribe", str(d["gpt2"] / "config.json")], "not a readable PCM WAV file"),
@@ -250,8 +281,39 @@ BAD_INPUT = {
     "unsupported model": (lambda d: ["export", "--model", str(d["bert"]), "--out", "x"], "cannot patch 'bert'"),
     "not a checkpoint": (lambda d: ["verify", "--model", str(DATA)], "has no config.json"),
     "export onto itself": (lambda d: ["export", "--model", str(d["gpt2"]), "--out", str(d["gpt2"])], "--out must"),
+    "config folder instead of file": (
+        lambda d: ["memory", "--config", str(d["gpt2"])], "--config takes a config.json file; "
+    ),
     "missing config json": (lambda d: ["memory", "--config", "nowhere.json"], "config file not found: nowhere.json"),
-    "bad sequence length": (lambda d: ["memory", "--model", str(d["gpt2"]), "--seq-len", "0"], "must be positive"),
+    "encoder length of a decoder-only model": (
+        lambda d: ["memory", "--model", str(d["gpt2"]), "--encoder-len", "30"],
+        "--encoder-len is for encoder-decoder models (Whisper, T5); gpt2 has none",
+    ),
+    "plot file without a type": (
+        lambda d: ["memory", "--model", str(d["gpt2"]), "--plot", "memory"],
+        "--plot memory: name a .png, .svg or .pdf file",
+    ),
+    "prompt plus new tokens beyond the positions": (
+        lambda d: ["generate", "--model", str(d["gpt2"]), "the quick brown fox", "--max-new-tokens", "300"],
+        "plus --max-new-tokens 300 needs",
+    ),
+    "verify prompt beyond the positions": (
+        lambda d: ["verify", "--model", str(d["gpt2"]), "--prompt", " ".join(["the quick brown fox"] * 100)],
+        "the --prompt is",
+    ),
+    "hub id instead of a folder": (
+        lambda d: ["generate", "--model", "openai/whisper-tiny", "hi"],
+        "download it first with: hf download openai/whisper-tiny --local-dir DIR",
+    ),
+    "audio folder": (lambda d: ["transcribe", str(DATA)], f"{DATA} is a folder: give the WAV files themselves"),
+    "verify audio of a text model": (
+        lambda d: ["verify", "--model", str(d["gpt2"]), "--audio", str(DATA / "finish_report.wav")],
+        "--audio is for Whisper models; gpt2 takes text (use --prompt)",
+    ),
+    "malformed calibration in a slim checkpoint": (
+        lambda d: ["generate", "--model", str(d["bad calibration"]), "hi"],
+        "config.json['hf_slim']['calibration'] must be an object mapping layer names to their numbers, got str",
+    ),
     "generate unsupported": (lambda d: ["generate", "--model", str(d["bert"]), "hi"], "cannot patch 'bert'"),
     "generate whisper": (lambda d: ["generate", "--model", str(d["whisper"]), "hi"], "use hf-slim transcribe"),
 }  # fmt: skip
@@ -261,13 +323,21 @@ USAGE_ERRORS = {
     "no command": ([], "choose a command"),
     "missing prompt": (["generate", "--model", "x"], "the following arguments are required: PROMPT"),
     "memory without source": (["memory"], "one of the arguments --model --config is required"),
-}
+    "zero sequence length": (["memory", "--config", "c", "--seq-len", "0"], "--seq-len: must be at least 1, got 0"),
+    "negative encoder length": (["memory", "--config", "c", "--encoder-len", "-5"], "--encoder-len: must be at least"),
+    "zero batch": (["memory", "--config", "c", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    "zero new tokens": (["generate", "--model", "x", "hi", "--max-new-tokens", "0"], "--max-new-tokens: must be at"),
+    "new tokens not a number": (["verify", "--max-new-tokens", "ten"], "expected a positive whole number, got 'ten'"),
+    "unknown device": (["transcribe", "--device", "gpu"], "--device: unknown device 'gpu' (use cpu, cuda, cuda:N or"),
+    "device not on this machine": (["export", "--out", "x", "--device", "cuda:99"], "argument --device: 'cuda:99': "),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_one_clear_line(case, gpt2_dir, bert_dir, tiny_whisper_dir, capsys):
+def test_bad_input_is_one_clear_line(case, gpt2_dir, bert_dir, tiny_whisper_dir, bad_calibration_dir, capsys):
     arguments, message = BAD_INPUT[case]
-    assert main(arguments({"gpt2": gpt2_dir, "bert": bert_dir, "whisper": tiny_whisper_dir})) == 1
+    folders = {"gpt2": gpt2_dir, "bert": bert_dir, "whisper": tiny_whisper_dir, "bad calibration": bad_calibration_dir}
+    assert main(arguments(folders)) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], err
@@ -291,3 +361,88 @@ def test_tokenizer_missing_is_one_line(gpt2_dir, tmp_path, capsys):
         (folder / name).unlink()
     assert main(["generate", "--model", str(folder), "hi"]) == 1
     assert "has no usable tokenizer files" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- errors a new user runs into, one per item
+
+
+def test_prompt_longer_than_the_model_positions_is_one_line(plain_env, gpt2_dir):
+    """Was ``IndexError: index out of range in self`` from the position embedding, after loading the model."""
+    prompt = " ".join(["the quick brown fox"] * 100)
+    tokens = len(AutoTokenizer.from_pretrained(gpt2_dir)(prompt)["input_ids"])
+    assert tokens > 256
+    result = hf_slim("generate", "--model", gpt2_dir, prompt, env=plain_env, check=False)
+    assert result.returncode == 1
+    assert terminal_lines(result.stderr) == [
+        f"hf-slim generate: error: the prompt is {tokens} tokens, but this gpt2 model has 256 positions "
+        "(n_positions): shorten it to fewer than 256 tokens"
+    ], result.stderr
+
+
+def test_empty_wav_is_one_line_not_a_transcript(plain_env, tmp_path):
+    """Was transcribed as "you" with exit status 0 (Whisper hears the padding silence)."""
+    path = BAD_WAV["empty"][0](tmp_path / "empty.wav")
+    result = hf_slim("transcribe", path, env=plain_env, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert terminal_lines(result.stderr) == [
+        f"hf-slim transcribe: error: {path}: the WAV file holds no audio samples (empty, or truncated after its "
+        "header); record or export it again"
+    ], result.stderr
+
+
+@pytest.mark.parametrize("case", list(BAD_WAV))
+def test_bad_wav_is_one_clear_line(case, tmp_path, capsys):
+    write, message = BAD_WAV[case]
+    assert main(["transcribe", str(write(tmp_path / "audio.wav"))]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and re.fullmatch(
+        rf"hf-slim transcribe: error: \S+audio.wav: .*{message}.*\n", captured.err
+    )
+
+
+def test_plot_without_matplotlib_says_what_to_install(gpt2_dir, tmp_path, monkeypatch, capsys):
+    """Was ``No module named 'matplotlib'`` after printing the table. None in sys.modules makes an import fail (for
+    the submodules too: an earlier test may have imported them)."""
+    for name in ["matplotlib", *(name for name in sys.modules if name.startswith("matplotlib."))]:
+        monkeypatch.setitem(sys.modules, name, None)
+    plot = tmp_path / "memory.png"
+    assert main(["memory", "--model", str(gpt2_dir), "--plot", str(plot)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        'hf-slim memory: error: --plot needs matplotlib, which is not installed: pip install "hf-slim[plot]" '
+        "(or pip install matplotlib)\n"
+    )
+    assert captured.out == "" and not plot.exists(), "nothing is computed or written before the check"
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_error_under_a_progress_bar_starts_on_a_clean_line(command, interruption, gpt2_dir, monkeypatch, capsys):
+    """A failure (or Ctrl-C) while a progress bar is drawn: the bar is erased, and the message alone is left on the
+    terminal instead of being appended to the bar."""
+    original, calls = GPT2LMHeadModel.forward, []
+
+    def forward_failing_at_the_third_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise interruption("stopped in the middle of generation")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", forward_failing_at_the_third_step)
+    arguments = {"generate": ["the quick brown fox"], "verify": []}[command]
+    status = main([command, "--model", str(gpt2_dir), *arguments])
+    err = capsys.readouterr().err
+    assert {"generate": "generating:", "verify": "verifying:"}[command] in err, "the bar was drawn"
+    if interruption is KeyboardInterrupt:
+        assert status == 130 and terminal_lines(err) == [f"hf-slim {command}: interrupted"], repr(err)
+    else:
+        message = f"hf-slim {command}: error: RuntimeError: stopped in the middle of generation"
+        assert status == 1 and terminal_lines(err) == [message], repr(err)
+
+
+def test_memory_beyond_the_model_positions_is_noted(gpt2_dir, capsys):
+    """The arithmetic is still shown (what-if sizes), with a note that this model cannot run that context."""
+    assert main(["memory", "--model", str(gpt2_dir), "--seq-len", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert "gpt2: batch 1, 1000 tokens" in captured.out
+    assert captured.err == "note: gpt2 has 256 positions (n_positions): it cannot run 1000 tokens\n"

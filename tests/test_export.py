@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from hf_slim import SlimCheckpointError, is_slim, load_slim, slim_record, slimify, unslimify
-from hf_slim.export import CONFIG_KEY, FORMAT_VERSION, SIDECAR
+from hf_slim.export import CONFIG_KEY, FORMAT_VERSION, SIDECAR, read_slim_settings
 
 GENERATE = dict(max_new_tokens=16, do_sample=False, return_dict_in_generate=True, output_scores=True)
 
@@ -262,6 +262,27 @@ def _drop_settings(folder) -> None:
 
 
 LAYER = "GPT2Attention[self 1]"
+CALIBRATION_KEY = r"config.json\['hf_slim'\]\['calibration'\]"
+CALIBRATION_TAMPERING = {
+    # case: (change to config.json["hf_slim"], message naming the key)
+    "not an object": (
+        lambda s: s.update(calibration=[1.5, 2.5]),
+        rf"{CALIBRATION_KEY} must be an object mapping layer names to their numbers, got list; re-export",
+    ),
+    "layer entry not an object": (
+        lambda s: s["calibration"].update({LAYER: 12.5}),
+        rf"{CALIBRATION_KEY}\['GPT2Attention\[self 1\]'\] must be an object .*got float",
+    ),
+    "number is a string": (
+        lambda s: s["calibration"][LAYER].update(cond_w_k="large"),
+        rf"{CALIBRATION_KEY}\['GPT2Attention\[self 1\]'\]\['cond_w_k'\] must be a number, got 'large'",
+    ),
+    "dtype unknown": (
+        lambda s: s["calibration"][LAYER].update(dtype="float32"),
+        rf"{CALIBRATION_KEY}\['GPT2Attention\[self 1\]'\]\['dtype'\] must name a torch dtype such as "
+        r"'torch.float32', got 'float32'",
+    ),
+}
 TAMPERING = {
     "w_kv perturbed": (
         lambda f: edit_sidecar(f, lambda t: t[f"{LAYER}.w_kv"].mul_(1 + 1e-4)),
@@ -310,6 +331,10 @@ TAMPERING = {
         _drop_settings,
         r"not an hf_slim checkpoint .*call hf_slim.slimify",
     ),
+    **{
+        f"calibration: {case}": (lambda f, change=change: edit_settings(f, change), message)
+        for case, (change, message) in CALIBRATION_TAMPERING.items()
+    },
 }
 
 
@@ -319,6 +344,15 @@ def test_tampered_checkpoint_is_a_clear_error(k_checkpoint, case):
     tamper(k_checkpoint)
     with pytest.raises(SlimCheckpointError, match=message):
         load_slim(k_checkpoint)
+
+
+@pytest.mark.parametrize("case", list(CALIBRATION_TAMPERING))
+def test_malformed_calibration_is_refused_before_loading_weights(k_checkpoint, case):
+    """read_slim_settings (which hf-slim and load_slim call first) names the key instead of a later TypeError."""
+    change, message = CALIBRATION_TAMPERING[case]
+    edit_settings(k_checkpoint, change)
+    with pytest.raises(SlimCheckpointError, match=message):
+        read_slim_settings(k_checkpoint)
 
 
 def test_weights_changed_after_export_are_detected(saved, k_checkpoint):
