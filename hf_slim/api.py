@@ -297,7 +297,9 @@ def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
                 weights[name] = solve_layer_k_mode(site)
             except ValueError as error:
                 raise ValueError(f"layer_modes[{name!r}] = 'k': {error}") from error
-    return {site.name: layer_modes[site.name] for site in sites}, {}, weights
+    # K layers record the dtype they are set up in, as a calibration would: load_slim checks it
+    calibration = {name: {"dtype": str(by_name[name].projections(by_name[name].module).w_k.dtype)} for name in weights}
+    return {site.name: layer_modes[site.name] for site in sites}, calibration, weights
 
 
 def _check_calibration_inputs(calibration_inputs) -> None:

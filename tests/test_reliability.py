@@ -356,3 +356,12 @@ def test_a_decoder_bert_is_not_told_it_is_encoder_only():
         slimify(BertLMHeadModel(config))
     with pytest.raises(UnsupportedModelError, match="encoder-only"):
         slimify(BertLMHeadModel(BertConfig(**{**config.to_dict(), "is_decoder": False})))
+
+
+def test_forced_k_layers_record_their_dtype_and_load_slim_refuses_another(tmp_path):
+    model = tiny_gpt2()
+    slimify(model, "k", layer_modes=all_k(model))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(SlimCheckpointError, match="calibrated in torch.float32"):
+        load_slim(tmp_path, dtype=torch.bfloat16)
+    assert is_slim(load_slim(tmp_path))
