@@ -44,6 +44,21 @@ SUPPORTED: dict[str, Architecture] = {
     "t5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "mt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "umt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
+    # BART family: one patch module for the nine copies of BartAttention (learned or sinusoidal absolute positions)
+    **{
+        model_type: Architecture("hf_slim.patches.bart", positions="absolute")
+        for model_type in (
+            "bart",
+            "mbart",
+            "marian",
+            "m2m_100",
+            "pegasus",
+            "pegasus_x",
+            "blenderbot",
+            "blenderbot-small",
+            "plbart",
+        )
+    },
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.
@@ -58,7 +73,6 @@ UNSUPPORTED: dict[str, str] = {
     "gpt_neox": "RoPE on part of each head: the input cache cannot apply and the RoPE K cache is not implemented",
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
-    "bart": "not implemented yet (learned positions and MHA would allow the input and encoder caches)",
 }
 
 
