@@ -28,7 +28,8 @@ class Architecture:
         import path of the module in ``patches/`` that knows where its attention layers and weights are.
     positions:
         how positions enter attention: ``"absolute"`` (added to embeddings), ``"relative_bias"`` (T5),
-        ``"rope"`` (rotates q and k: rules out the input cache).
+        ``"rope"`` (rotates q and k: rules out the input cache), ``"decoder"`` (composites: those of the decoder
+        named by ``config.decoder``, resolved by :func:`architecture_for`).
     """
 
     patch_module: str
@@ -59,6 +60,10 @@ SUPPORTED: dict[str, Architecture] = {
             "plbart",
         )
     },
+    "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
+    # composites: whatever encoder, with a supported decoder (config.decoder.model_type)
+    "vision-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
+    "speech-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.
@@ -95,6 +100,15 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
     """
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(supported_model_types())
+    if model_type in SUPPORTED and SUPPORTED[model_type].positions == "decoder":
+        decoder = getattr(config, "decoder", None)
+        if decoder is None:
+            raise UnsupportedModelError(f"{model_type!r} config has no decoder config")
+        try:
+            inner = architecture_for(decoder, mode)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"{model_type!r} with a {decoder.model_type!r} decoder: {error}") from error
+        return Architecture(SUPPORTED[model_type].patch_module, positions=inner.positions)
     heads, kv_heads = _gqa_ratio(config)
     if heads is not None and kv_heads is not None and kv_heads < heads:
         raise UnsupportedModelError(

@@ -1,0 +1,210 @@
+"""Composites: VisionEncoderDecoderModel and SpeechEncoderDecoderModel with every supported decoder kind (TrOCR, the
+mBART/BART ``*ForCausalLM`` decoders Donut/Nougat use, GPT-2 with cross-attention): slim vs unpatched logits over
+prefill and 20+ decode steps, greedy / beams / seeded sampling tokens, one encoder copy per input under beams,
+static cache, refusal of unsupported decoders, undo."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
+from tiny_encdec import VOCAB, tiny_config
+from tiny_models import randomize_biases
+from transformers import (
+    BartForCausalLM,
+    DynamicCache,
+    EncoderDecoderCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    MBartForCausalLM,
+    SpeechEncoderDecoderConfig,
+    SpeechEncoderDecoderModel,
+    TrOCRConfig,
+    TrOCRForCausalLM,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    Wav2Vec2Config,
+)
+
+from hf_slim import SlimCache, UnsupportedModelError, is_slim, slim_record, slimify, unslimify
+
+GENERATE = dict(
+    max_new_tokens=24, min_new_tokens=24, no_repeat_ngram_size=2, return_dict_in_generate=True, output_scores=True
+)
+ENCODER_WIDTH = 32  # the decoders are 64 wide: cross-attention maps the narrower encoder output (or VED projects it)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _decoder(kind: str):
+    """A 2-layer decoder with cross-attention, d=64, 4 heads, 96 tokens: (model class, config)."""
+    if kind == "trocr":
+        config = TrOCRConfig(
+            vocab_size=VOCAB, d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128,
+            max_position_embeddings=128, cross_attention_hidden_size=ENCODER_WIDTH, init_std=0.1, pad_token_id=1,
+            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, layernorm_embedding=True, dropout=0.0,
+            attention_dropout=0.0, use_learned_position_embeddings=True,
+        )  # fmt: skip
+        return TrOCRForCausalLM, config
+    if kind == "gpt2":
+        config = GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.1,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        )  # fmt: skip
+        return GPT2LMHeadModel, config
+    # unscaled token embeddings: scaled by sqrt(64) they drown the cross-attention signal of a random encoder
+    return {"mbart": MBartForCausalLM, "bart": BartForCausalLM}[kind], tiny_config(kind, scale_embedding=False)
+
+
+def tiny_composite(encoder: str, decoder: str, attn: str = "eager", seed: int = 0):
+    """A ViT (16x16 images) or wav2vec2 encoder, 32 wide, with a tiny ``decoder``; random biases and norms."""
+    if encoder == "vision":
+        encoder_config = ViTConfig(
+            image_size=16, patch_size=4, num_channels=3, hidden_size=ENCODER_WIDTH, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64,
+        )  # fmt: skip
+        composite_config, composite = VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    else:
+        encoder_config = Wav2Vec2Config(
+            hidden_size=ENCODER_WIDTH, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8,
+            num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True,
+        )  # fmt: skip
+        composite_config, composite = SpeechEncoderDecoderConfig, SpeechEncoderDecoderModel
+    decoder_class, decoder_config = _decoder(decoder)
+    decoder_config.is_decoder, decoder_config.add_cross_attention = True, True
+    decoder_config.is_encoder_decoder = False
+    config = composite_config.from_encoder_decoder_configs(encoder_config, decoder_config)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 1, 2
+    torch.manual_seed(seed)
+    model = composite(config=config)
+    model.config._attn_implementation = attn
+    model.config.decoder._attn_implementation = attn
+    model.config.encoder._attn_implementation = attn
+    model.generation_config.decoder_start_token_id, model.generation_config.pad_token_id = 2, 1
+    if hasattr(model, "enc_to_dec_proj"):  # the 32 -> 64 projection VED adds: initialised small, it hides the images
+        with torch.no_grad():
+            model.enc_to_dec_proj.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(seed + 1))
+    return randomize_biases(model).eval()
+
+
+def encoder_inputs(encoder: str, batch: int = 3) -> dict:
+    """3 random images, or 3 waveforms of 1600 samples with rows 1 and 2 padded (encoder padding)."""
+    generator = torch.Generator().manual_seed(5)
+    if encoder == "vision":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=generator)}
+    values = torch.randn(batch, 1600, generator=generator)
+    mask = torch.ones(batch, 1600, dtype=torch.long)
+    mask[1, 1200:] = 0
+    mask[2, 800:] = 0
+    return {"input_values": values * mask, "attention_mask": mask}
+
+
+CASES = [("vision", "trocr"), ("vision", "mbart"), ("vision", "gpt2"), ("speech", "bart"), ("speech", "gpt2")]
+
+
+def pair(encoder: str, decoder: str, **kwargs):
+    vanilla = tiny_composite(encoder, decoder, **kwargs)
+    return vanilla, slimify(copy.deepcopy(vanilla))
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), CASES)
+def test_sites_are_the_decoders(encoder, decoder):
+    _, slim = pair(encoder, decoder)
+    modes = slim_record(slim).layer_modes
+    assert sorted(modes.values()) == ["encoder", "encoder", "input", "input"], modes
+    for name, module in slim.encoder.named_modules():
+        assert "hf_slim" not in vars(module), f"encoder {name} was patched"
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), CASES)
+def test_prefill_and_24_decode_steps_match_logits(encoder, decoder):
+    vanilla, slim = pair(encoder, decoder)
+    inputs = encoder_inputs(encoder)
+    ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(6))
+    caches = {"vanilla": EncoderDecoderCache(DynamicCache(), DynamicCache()), "slim": None}
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        encoder_outputs = vanilla.encoder(**inputs)
+        mask = inputs.get("attention_mask")
+        for step in range(25):
+            outs = {}
+            for name, model in (("vanilla", vanilla), ("slim", slim)):
+                outs[name] = model(
+                    encoder_outputs=encoder_outputs,
+                    attention_mask=mask,
+                    decoder_input_ids=ids,
+                    past_key_values=caches[name],
+                    use_cache=True,
+                )
+                caches[name] = outs[name].past_key_values
+            rtol = LOGITS_RTOL[torch.float32]
+            assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, rtol, f"step {step}")
+            ids = torch.randint(3, VOCAB, (3, 1), generator=generator)
+    assert isinstance(caches["slim"].self_attention_cache, SlimCache)
+    assert caches["slim"].cross_attention_cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), CASES)
+def test_greedy_beams_and_sampling_identical_with_one_encoder_copy(encoder, decoder):
+    vanilla, slim = pair(encoder, decoder)
+    inputs = encoder_inputs(encoder)
+    rows = []
+    cross = slim.decoder.get_decoder() if decoder != "gpt2" else slim.decoder.transformer
+    layer = cross.layers[0] if decoder != "gpt2" else cross.h[0]
+    module = layer.encoder_attn if decoder != "gpt2" else layer.crossattention
+    key = "encoder_hidden_states" if decoder == "gpt2" else "key_value_states"
+    handle = module.register_forward_pre_hook(lambda m, a, k: rows.append(k[key].shape[0]), with_kwargs=True)
+    try:
+        cases = (dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, num_return_sequences=2))
+        for kwargs in cases:
+            torch.manual_seed(0)
+            expected = vanilla.generate(**inputs, **GENERATE, **kwargs)
+            torch.manual_seed(0)
+            actual = slim.generate(**inputs, **GENERATE, **kwargs)
+            assert_same_tokens(actual.sequences, expected.sequences, f"{encoder}+{decoder} {kwargs}")
+            assert len(set(map(tuple, expected.sequences.tolist()))) > 1, "every row generated the same tokens"
+    finally:
+        handle.remove()
+    assert set(rows) == {3}, f"slim cross-attention saw encoder outputs with rows {set(rows)}, want one per input"
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), [("vision", "trocr"), ("vision", "mbart")])
+def test_static_cache_generate_identical(encoder, decoder):
+    vanilla, slim = pair(encoder, decoder)
+    inputs = encoder_inputs(encoder)
+    common = dict(max_new_tokens=12, min_new_tokens=12, cache_implementation="static")
+    assert_same_tokens(slim.generate(**inputs, **common), vanilla.generate(**inputs, **common), "static")
+
+
+def test_unsupported_decoder_is_refused_with_its_reason_and_untouched():
+    model = tiny_composite("vision", "trocr")
+    llama = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1)
+    model.config.decoder = llama
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match="'vision-encoder-decoder' with a 'llama' decoder.*RoPE"):
+        slimify(model)
+    assert_unchanged(model, before)
+
+
+def test_unslimify_restores_exactly():
+    vanilla = tiny_composite("vision", "mbart")
+    model = copy.deepcopy(vanilla)
+    before = snapshot(model)
+    slimify(model)
+    model.generate(**encoder_inputs("vision"), max_new_tokens=4, num_beams=2)
+    unslimify(model)
+    assert not is_slim(model)
+    assert_unchanged(model, before)
+    expected = vanilla.generate(**encoder_inputs("vision"), **GENERATE).sequences
+    assert_same_tokens(model.generate(**encoder_inputs("vision"), **GENERATE).sequences, expected)
