@@ -570,9 +570,9 @@ def cmd_memory(args) -> int:
 
     model = _meta_model(args)
     seq_len = _default_seq_len(model.config) if args.seq_len is None else args.seq_len
-    if seq_len < 1 or args.batch < 1:
-        raise CliError("--seq-len and --batch must be positive")
-    report = cache_report(model, args.batch, seq_len, encoder_len=args.encoder_len, verbose=False)
+    if seq_len < 1 or args.batch < 1 or args.beams < 1:
+        raise CliError("--seq-len, --batch and --beams must be positive")
+    report = cache_report(model, args.batch, seq_len, encoder_len=args.encoder_len, num_beams=args.beams, verbose=False)
     print(report)
     if args.plot:
         _plot(model, report, args.batch, seq_len, args.encoder_len, Path(args.plot))
@@ -671,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
     sub.add_argument("--encoder-len", type=int, default=None, metavar="N",
                      help="encoder frames/tokens (encoder-decoders; default: Whisper 1500, else seq-len)")  # fmt: skip
+    sub.add_argument("--beams", type=int, default=1, metavar="N",
+                     help="beams per sequence (encoder-decoders: slim keeps one encoder output per input)")  # fmt: skip
     sub.add_argument("--dtype", type=_dtype, default="float32", help="cache dtype: fp32 (default), fp16 or bf16")
     sub.add_argument("--plot", metavar="PNG", default=None, help="also plot memory against context length")
     sub.set_defaults(run=cmd_memory)
