@@ -55,12 +55,15 @@ SUPPORTED: dict[str, Architecture] = {
             "m2m_100",
             "pegasus",
             "pegasus_x",
+            "bigbird_pegasus",
             "blenderbot",
             "blenderbot-small",
             "plbart",
         )
     },
     "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
+    # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
+    "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
     # composites: whatever encoder, with a supported decoder (config.decoder.model_type)
     "vision-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
     "speech-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
@@ -78,6 +81,8 @@ UNSUPPORTED: dict[str, str] = {
     "gpt_neox": "RoPE on part of each head: the input cache cannot apply and the RoPE K cache is not implemented",
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
+    "nllb-moe": "not implemented yet: its attention is M2M100's (the input and encoder caches would apply), but its "
+    "decoder layers name and route differently (mixture of experts); dense NLLB checkpoints (m2m_100) are supported",
 }
 
 

@@ -1,21 +1,23 @@
-"""BART family: BART, mBART (mBART-50), Marian (opus-mt), M2M100 (NLLB-200 dense), Pegasus, PEGASUS-X, Blenderbot,
-Blenderbot-small and PLBart.
+"""BART family: BART, mBART (mBART-50), Marian (opus-mt), M2M100 (NLLB-200 dense), Pegasus, PEGASUS-X,
+BigBird-Pegasus, Blenderbot, Blenderbot-small and PLBart; also Florence-2, whose language model is a BART.
 
 transformers 5.23.0 gives each of these its own attention class, and every one is a verbatim copy of
 ``BartAttention`` (``# Copied from transformers.models.bart.modeling_bart.BartAttention``; checked against the
-source: identical ``forward`` bodies), so one forward and one site list serve all nine model types.
+source: identical ``forward`` bodies; BigBird-Pegasus's decoder uses ``BigBirdPegasusDecoderAttention``, also a copy),
+so one forward and one site list serve all ten model types.
 
 Where things are: each decoder layer has ``self_attn`` (causal self-attention: slim input or K cache) and
 ``encoder_attn`` (cross-attention over the encoder output E: no cache at all, E is what generate() holds). The
-encoder's self-attention keeps no cache and stays untouched (PEGASUS-X's global-local encoder attention included).
-``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are ``nn.Linear`` with biases (``bias=False`` nowhere in this
-family); the query is not pre-scaled, the attention call scales by ``head_dim ** -0.5``.
+encoder's self-attention keeps no cache and stays untouched (PEGASUS-X's global-local and BigBird-Pegasus's
+block-sparse encoder attention included). ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are ``nn.Linear`` with
+biases (``bias=False`` nowhere in this family); the query is not pre-scaled, the attention call scales by
+``head_dim ** -0.5``.
 
-Positions enter before attention: learned absolute embeddings (BART, mBART, Blenderbot, Blenderbot-small, PLBart)
-or sinusoidal ones (Marian, M2M100, Pegasus, PEGASUS-X) added to the token embeddings, indexed by the cache length
-the decoder reads from ``past_key_values.get_seq_length()``; a SlimCache reports the same length, so the decoder
-computes the same positions. Nothing positional sits between the projections and the dot product: the input cache
-and the encoder cache apply exactly.
+Positions enter before attention: learned absolute embeddings (BART, mBART, BigBird-Pegasus, Blenderbot,
+Blenderbot-small, PLBart) or sinusoidal ones (Marian, M2M100, Pegasus, PEGASUS-X) added to the token embeddings,
+indexed by the cache length the decoder reads from ``past_key_values.get_seq_length()``; a SlimCache reports the same
+length, so the decoder computes the same positions. Nothing positional sits between the projections and the dot
+product: the input cache and the encoder cache apply exactly.
 
 Model classes: ``*ForConditionalGeneration`` / ``MarianMTModel`` (generate, beams with one encoder copy per input),
 ``*Model``, and the decoder-only ``*ForCausalLM`` (also the decoder of a VisionEncoderDecoder/SpeechEncoderDecoder
@@ -27,6 +29,10 @@ from __future__ import annotations
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bart.modeling_bart import BartAttention, BartDecoder, eager_attention_forward
+from transformers.models.bigbird_pegasus.modeling_bigbird_pegasus import (
+    BigBirdPegasusDecoder,
+    BigBirdPegasusDecoderAttention,
+)
 from transformers.models.blenderbot.modeling_blenderbot import BlenderbotAttention, BlenderbotDecoder
 from transformers.models.blenderbot_small.modeling_blenderbot_small import (
     BlenderbotSmallAttention,
@@ -53,6 +59,7 @@ DECODERS = (
     M2M100Decoder,
     PegasusDecoder,
     PegasusXDecoder,
+    BigBirdPegasusDecoder,
     BlenderbotDecoder,
     BlenderbotSmallDecoder,
     PLBartDecoder,
@@ -64,6 +71,7 @@ ATTENTIONS = (
     M2M100Attention,
     PegasusAttention,
     PegasusXAttention,
+    BigBirdPegasusDecoderAttention,
     BlenderbotAttention,
     BlenderbotSmallAttention,
     PLBartAttention,
@@ -78,8 +86,9 @@ def _projections(module: BartAttention) -> Projections:
 
 
 # Adapted from transformers 5.23.0, models/bart/modeling_bart.py, BartAttention.forward (the MBart, Marian, M2M100,
-# Pegasus, PegasusX, Blenderbot, BlenderbotSmall and PLBart attention classes are copies of it): the cache handling
-# and the attention call change; the projections, the scaling and the output projection are the model's own.
+# Pegasus, PegasusX, BigBirdPegasusDecoder, Blenderbot, BlenderbotSmall and PLBart attention classes are copies of
+# it): the cache handling and the attention call change; the projections, the scaling and the output projection are
+# the model's own.
 def slim_bart_attention_forward(
     self: BartAttention,
     hidden_states: torch.Tensor,

@@ -1,8 +1,8 @@
-"""BART family (bart, mbart, marian, m2m_100, pegasus, pegasus_x, blenderbot, blenderbot-small, plbart): slim vs
-unpatched on random tiny configs with random biases and norms: logits over prefill and 24 decode steps (sdpa and
-eager, encoder and decoder padding), chunked prefill, greedy / beams / seeded sampling with padded sources, one
-encoder copy per input under beams (bytes measured), static cache, bf16, the decoder-only ``*ForCausalLM``, K mode,
-deepcopy/pickle, undo."""
+"""BART family (bart, mbart, marian, m2m_100, pegasus, pegasus_x, bigbird_pegasus, blenderbot, blenderbot-small,
+plbart): slim vs unpatched on random tiny configs with random biases and norms: logits over prefill and 24 decode
+steps (sdpa and eager, encoder and decoder padding), chunked prefill, greedy / beams / seeded sampling with padded
+sources, one encoder copy per input under beams (bytes measured), static cache, bf16, the decoder-only
+``*ForCausalLM``, K mode, deepcopy/pickle, undo."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ from hf_slim import (
 from hf_slim.cache import StaticSlimLayer
 
 MODEL_TYPES = list(BART_FAMILY)
-#: PEGASUS-X has no SDPA path in transformers 5.23 (its constructor refuses it): eager only.
-ATTN_CASES = [(t, a) for t in MODEL_TYPES for a in ("sdpa", "eager") if (t, a) != ("pegasus_x", "sdpa")]
+#: PEGASUS-X and BigBird-Pegasus have no SDPA path in transformers 5.23 (their constructors refuse it): eager only.
+EAGER_ONLY = ("pegasus_x", "bigbird_pegasus")
+ATTN_CASES = [(t, a) for t in MODEL_TYPES for a in ("sdpa", "eager") if not (t in EAGER_ONLY and a == "sdpa")]
 CAUSAL_TYPES = [t for t, (_, _, causal, _) in BART_FAMILY.items() if causal is not None]
 #: min_new_tokens and no_repeat_ngram_size keep random tiny models on long varied paths.
 GENERATE = dict(
@@ -39,7 +40,7 @@ GENERATE = dict(
 
 
 def attn_for(model_type: str) -> str:
-    return "eager" if model_type == "pegasus_x" else "sdpa"
+    return "eager" if model_type in EAGER_ONLY else "sdpa"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -248,7 +249,7 @@ def test_bf16_greedy_identical_up_to_ties_and_as_accurate(model_type):
 @pytest.mark.parametrize("model_type", CAUSAL_TYPES)
 def test_decoder_only_causal_lm_logits_and_generate(model_type):
     """``*ForCausalLM`` (no encoder): left-padded prompts, 20 decode steps' logits, greedy and beams."""
-    vanilla = tiny_bart(model_type, causal_lm=True)
+    vanilla = tiny_bart(model_type, attn_for(model_type), causal_lm=True)
     slim = slimify(copy.deepcopy(vanilla))
     assert not slim_record(slim).is_encoder_decoder
     prompt = source_batch(3, length=8, padding_side="left")

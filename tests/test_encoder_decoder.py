@@ -1,7 +1,7 @@
 """Composites: VisionEncoderDecoderModel and SpeechEncoderDecoderModel with every supported decoder kind (TrOCR, the
-mBART/BART ``*ForCausalLM`` decoders Donut/Nougat use, GPT-2 with cross-attention): slim vs unpatched logits over
-prefill and 20+ decode steps, greedy / beams / seeded sampling tokens, one encoder copy per input under beams,
-static cache, refusal of unsupported decoders, undo."""
+mBART/BART ``*ForCausalLM`` decoders Donut/Nougat use, GPT-2 with cross-attention), and Florence-2: slim vs unpatched
+logits over prefill and 24 decode steps, greedy / beams / seeded sampling tokens, one encoder copy per input under
+beams, static cache, refusal of unsupported decoders, undo."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from transformers import (
     BartForCausalLM,
     DynamicCache,
     EncoderDecoderCache,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2VisionConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -29,6 +32,7 @@ from transformers import (
     ViTConfig,
     Wav2Vec2Config,
 )
+from transformers.modeling_outputs import BaseModelOutput
 
 from hf_slim import SlimCache, UnsupportedModelError, is_slim, slim_record, slimify, unslimify
 
@@ -208,3 +212,78 @@ def test_unslimify_restores_exactly():
     assert_unchanged(model, before)
     expected = vanilla.generate(**encoder_inputs("vision"), **GENERATE).sequences
     assert_same_tokens(model.generate(**encoder_inputs("vision"), **GENERATE).sequences, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Florence-2: DaViT image features scattered into a BART encoder-decoder's input; the BART decoder is patched
+
+
+def tiny_florence2(attn: str = "sdpa", seed: int = 0):
+    """Two DaViT stages (16, 32 wide) on 32x32 images (17 image tokens of width 64) and a 2+2-layer BART."""
+    vision = Florence2VisionConfig(
+        depths=(1, 1), embed_dim=(16, 32), num_heads=(2, 4), num_groups=(2, 4), patch_size=(7, 3), patch_stride=(4, 2),
+        patch_padding=(3, 1), patch_prenorm=(False, True), window_size=2, projection_dim=64,
+        max_position_embeddings=16, max_temporal_embeddings=4,
+    )  # fmt: skip
+    config = Florence2Config(vision_config=vision, text_config=tiny_config("bart", scale_embedding=False))
+    config.image_token_id = VOCAB - 1
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return randomize_biases(Florence2ForConditionalGeneration(config)).eval()
+
+
+def florence2_inputs(batch: int = 3) -> dict:
+    """Images and a prompt of 17 image tokens then 6 text tokens (row 1's text left-padded by 2)."""
+    generator = torch.Generator().manual_seed(5)
+    text = torch.randint(3, VOCAB - 1, (batch, 6), generator=generator)
+    ids = torch.cat([torch.full((batch, 17), VOCAB - 1), text], dim=1)
+    mask = torch.ones_like(ids)
+    mask[1, 17:19] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator),
+    }
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_florence2_logits_and_generation_identical_with_one_encoder_copy(attn):
+    vanilla = tiny_florence2(attn)
+    slim = slimify(copy.deepcopy(vanilla))
+    assert sorted(slim_record(slim).layer_modes.values()) == ["encoder", "encoder", "input", "input"]
+    inputs = florence2_inputs()
+    with torch.no_grad():  # prefill + 24 decode steps, teacher-forced
+        ids = torch.randint(3, VOCAB, (3, 25), generator=torch.Generator().manual_seed(6))
+        caches = {"vanilla": EncoderDecoderCache(DynamicCache(), DynamicCache()), "slim": None}
+        encoder_outputs = None
+        for step in range(25):
+            outs = {}
+            for name, model in (("vanilla", vanilla), ("slim", slim)):
+                source = {"encoder_outputs": encoder_outputs} if encoder_outputs else dict(inputs)
+                source["attention_mask"] = inputs["attention_mask"]
+                outs[name] = model(
+                    **source,
+                    decoder_input_ids=ids[:, step : step + 1],
+                    past_key_values=caches[name],
+                    use_cache=True,
+                )
+                caches[name] = outs[name].past_key_values
+            encoder_outputs = BaseModelOutput(last_hidden_state=outs["vanilla"].encoder_last_hidden_state)
+            assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, LOGITS_RTOL[torch.float32], f"{step}")
+    rows = []
+    cross = slim.model.language_model.decoder.layers[0].encoder_attn
+    handle = cross.register_forward_pre_hook(
+        lambda m, a, k: rows.append(k["key_value_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        for kwargs in (dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True)):
+            torch.manual_seed(0)
+            expected = vanilla.generate(**inputs, **GENERATE, **kwargs)
+            torch.manual_seed(0)
+            actual = slim.generate(**inputs, **GENERATE, **kwargs)
+            assert_same_tokens(actual.sequences, expected.sequences, f"florence2 {kwargs}")
+            assert len(set(map(tuple, expected.sequences.tolist()))) > 1, "every row generated the same tokens"
+    finally:
+        handle.remove()
+    assert set(rows) == {3}, f"slim cross-attention saw encoder outputs with rows {set(rows)}, want one per input"

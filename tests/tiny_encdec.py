@@ -8,6 +8,9 @@ from transformers import (
     BartConfig,
     BartForCausalLM,
     BartForConditionalGeneration,
+    BigBirdPegasusConfig,
+    BigBirdPegasusForCausalLM,
+    BigBirdPegasusForConditionalGeneration,
     BlenderbotConfig,
     BlenderbotForCausalLM,
     BlenderbotForConditionalGeneration,
@@ -35,7 +38,7 @@ from transformers import (
 #: model_type -> (config class, seq2seq class, decoder-only class or None, config settings that differ per family).
 #: The settings cover what distinguishes the families around attention: pre-norm (mBART, M2M100, Pegasus,
 #: Blenderbot) vs post-norm, scaled embeddings, sinusoidal vs learned positions (fixed by the class), PEGASUS-X's
-#: block-local encoder.
+#: block-local encoder, BigBird-Pegasus's full-attention encoder setting.
 BART_FAMILY = {
     "bart": (BartConfig, BartForConditionalGeneration, BartForCausalLM, {}),
     "mbart": (MBartConfig, MBartForConditionalGeneration, MBartForCausalLM, dict(scale_embedding=True)),
@@ -43,6 +46,12 @@ BART_FAMILY = {
     "m2m_100": (M2M100Config, M2M100ForConditionalGeneration, None, dict(scale_embedding=True)),
     "pegasus": (PegasusConfig, PegasusForConditionalGeneration, PegasusForCausalLM, dict(scale_embedding=True)),
     "pegasus_x": (PegasusXConfig, PegasusXForConditionalGeneration, None, dict(block_size=4, num_global_tokens=4)),
+    "bigbird_pegasus": (
+        BigBirdPegasusConfig,
+        BigBirdPegasusForConditionalGeneration,
+        BigBirdPegasusForCausalLM,
+        dict(attention_type="original_full", scale_embedding=True),  # block-sparse needs long inputs; encoder only
+    ),
     "blenderbot": (BlenderbotConfig, BlenderbotForConditionalGeneration, BlenderbotForCausalLM, {}),
     "blenderbot-small": (
         BlenderbotSmallConfig,
