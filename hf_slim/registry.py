@@ -64,6 +64,9 @@ SUPPORTED: dict[str, Architecture] = {
     "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
     # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
     "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
+    # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)
+    "musicgen_decoder": Architecture("hf_slim.patches.bart", positions="absolute"),
+    "musicgen": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
     # composites: whatever encoder, with a supported decoder (config.decoder.model_type)
     "vision-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
     "speech-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),

@@ -1,5 +1,6 @@
 """BART family: BART, mBART (mBART-50), Marian (opus-mt), M2M100 (NLLB-200 dense), Pegasus, PEGASUS-X,
-BigBird-Pegasus, Blenderbot, Blenderbot-small and PLBart; also Florence-2, whose language model is a BART.
+BigBird-Pegasus, Blenderbot, Blenderbot-small and PLBart; also Florence-2, whose language model is a BART, and the
+MusicGen decoder (``MusicgenAttention`` is the same attention with ``bias=False``).
 
 transformers 5.23.0 gives each of these its own attention class, and every one is a verbatim copy of
 ``BartAttention`` (``# Copied from transformers.models.bart.modeling_bart.BartAttention``; checked against the
@@ -9,15 +10,15 @@ so one forward and one site list serve all ten model types.
 Where things are: each decoder layer has ``self_attn`` (causal self-attention: slim input or K cache) and
 ``encoder_attn`` (cross-attention over the encoder output E: no cache at all, E is what generate() holds). The
 encoder's self-attention keeps no cache and stays untouched (PEGASUS-X's global-local and BigBird-Pegasus's
-block-sparse encoder attention included). ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are ``nn.Linear`` with
-biases (``bias=False`` nowhere in this family); the query is not pre-scaled, the attention call scales by
-``head_dim ** -0.5``.
+block-sparse encoder attention included). ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are ``nn.Linear``
+with biases (none in MusicGen: ``Projections`` then carries ``None``); the query is not pre-scaled, the attention
+call scales by ``head_dim ** -0.5``.
 
 Positions enter before attention: learned absolute embeddings (BART, mBART, BigBird-Pegasus, Blenderbot,
-Blenderbot-small, PLBart) or sinusoidal ones (Marian, M2M100, Pegasus, PEGASUS-X) added to the token embeddings,
-indexed by the cache length the decoder reads from ``past_key_values.get_seq_length()``; a SlimCache reports the same
-length, so the decoder computes the same positions. Nothing positional sits between the projections and the dot
-product: the input cache and the encoder cache apply exactly.
+Blenderbot-small, PLBart) or sinusoidal ones (Marian, M2M100, Pegasus, PEGASUS-X, MusicGen) added to the token
+embeddings, indexed by the cache length the decoder reads from ``past_key_values.get_seq_length()``; a SlimCache
+reports the same length, so the decoder computes the same positions. Nothing positional sits between the
+projections and the dot product: the input cache and the encoder cache apply exactly.
 
 Model classes: ``*ForConditionalGeneration`` / ``MarianMTModel`` (generate, beams with one encoder copy per input),
 ``*Model``, and the decoder-only ``*ForCausalLM`` (also the decoder of a VisionEncoderDecoder/SpeechEncoderDecoder
@@ -41,6 +42,7 @@ from transformers.models.blenderbot_small.modeling_blenderbot_small import (
 from transformers.models.m2m_100.modeling_m2m_100 import M2M100Attention, M2M100Decoder
 from transformers.models.marian.modeling_marian import MarianAttention, MarianDecoder
 from transformers.models.mbart.modeling_mbart import MBartAttention, MBartDecoder
+from transformers.models.musicgen.modeling_musicgen import MusicgenAttention, MusicgenDecoder
 from transformers.models.pegasus.modeling_pegasus import PegasusAttention, PegasusDecoder
 from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, PegasusXDecoder
 from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
@@ -63,6 +65,7 @@ DECODERS = (
     BlenderbotDecoder,
     BlenderbotSmallDecoder,
     PLBartDecoder,
+    MusicgenDecoder,
 )
 ATTENTIONS = (
     BartAttention,
@@ -75,6 +78,7 @@ ATTENTIONS = (
     BlenderbotAttention,
     BlenderbotSmallAttention,
     PLBartAttention,
+    MusicgenAttention,
 )
 
 

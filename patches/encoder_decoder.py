@@ -12,14 +12,14 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from transformers import SpeechEncoderDecoderModel, VisionEncoderDecoderModel
+from transformers import MusicgenForConditionalGeneration, SpeechEncoderDecoderModel, VisionEncoderDecoderModel
 
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.patching import InstancePatch
 from hf_slim.registry import SUPPORTED, UnsupportedModelError
 from hf_slim.sites import AttentionSite
 
-COMPOSITES = (VisionEncoderDecoderModel, SpeechEncoderDecoderModel)
+COMPOSITES = (VisionEncoderDecoderModel, SpeechEncoderDecoderModel, MusicgenForConditionalGeneration)
 
 
 def _decoder_patch(model: torch.nn.Module) -> ModuleType:

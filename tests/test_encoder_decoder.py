@@ -1,7 +1,7 @@
 """Composites: VisionEncoderDecoderModel and SpeechEncoderDecoderModel with every supported decoder kind (TrOCR, the
-mBART/BART ``*ForCausalLM`` decoders Donut/Nougat use, GPT-2 with cross-attention), and Florence-2: slim vs unpatched
-logits over prefill and 24 decode steps, greedy / beams / seeded sampling tokens, one encoder copy per input under
-beams, static cache, refusal of unsupported decoders, undo."""
+mBART/BART ``*ForCausalLM`` decoders Donut/Nougat use, GPT-2 with cross-attention), Florence-2 and MusicGen: slim vs
+unpatched logits over prefill and 24 decode steps, greedy / beams / seeded sampling tokens, one encoder copy per input
+under beams, static cache, refusal of unsupported decoders, undo."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tiny_models import randomize_biases
 from transformers import (
     BartForCausalLM,
     DynamicCache,
+    EncodecConfig,
     EncoderDecoderCache,
     Florence2Config,
     Florence2ForConditionalGeneration,
@@ -23,8 +24,12 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     MBartForCausalLM,
+    MusicgenConfig,
+    MusicgenDecoderConfig,
+    MusicgenForConditionalGeneration,
     SpeechEncoderDecoderConfig,
     SpeechEncoderDecoderModel,
+    T5Config,
     TrOCRConfig,
     TrOCRForCausalLM,
     VisionEncoderDecoderConfig,
@@ -287,3 +292,70 @@ def test_florence2_logits_and_generation_identical_with_one_encoder_copy(attn):
     finally:
         handle.remove()
     assert set(rows) == {3}, f"slim cross-attention saw encoder outputs with rows {set(rows)}, want one per input"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MusicGen: T5 text encoder, EnCodec audio codec, a decoder over 2 codebooks whose attention is BART's
+
+
+def tiny_musicgen(attn: str = "sdpa", seed: int = 0):
+    """1-layer T5 text encoder (32 wide), a 2-quantizer EnCodec at 8 kHz, a 2-layer decoder (64 wide, 2 codebooks).
+
+    ``initializer_factor`` 0.2: larger weights make this decoder ill-conditioned at some steps (measured at 1.0: the
+    unpatched fp32 model itself is 2-5e-5 away from float64 there, above the 1e-5 bar; at 0.2: 8e-7).
+    """
+    text = T5Config(vocab_size=96, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1, num_decoder_layers=1)
+    audio = EncodecConfig(
+        hidden_size=16, num_filters=4, upsampling_ratios=(2, 2), codebook_size=64, num_lstm_layers=1,
+        target_bandwidths=[24.0], sampling_rate=8000, compress=2, kernel_size=3, last_kernel_size=3,
+        residual_kernel_size=3,
+    )  # fmt: skip
+    decoder = MusicgenDecoderConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, num_codebooks=2,
+        max_position_embeddings=128, pad_token_id=64, bos_token_id=64, audio_channels=1, initializer_factor=0.2,
+    )  # fmt: skip
+    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
+    torch.manual_seed(seed)
+    model = MusicgenForConditionalGeneration(config)
+    for sub in (model.config, model.config.decoder, model.decoder.config):
+        sub._attn_implementation = attn
+    return randomize_biases(model).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_musicgen_logits_of_every_step_and_audio_identical(attn):
+    """Greedy, classifier-free guidance (decoder batch doubled over zeroed text states) and seeded sampling from a
+    padded text batch: decoder logits within 1e-5 at each of 25 steps (prefill and 24 decode steps), identical
+    audio. (MusicGen's generate supports neither beam search nor num_return_sequences.)"""
+    vanilla = tiny_musicgen(attn)
+    slim = slimify(copy.deepcopy(vanilla))
+    assert slim_record(slim).layer_modes == {
+        f"MusicgenAttention[{kind} {i}]": mode
+        for i in range(2)
+        for kind, mode in (("self", "input"), ("cross", "encoder"))
+    }
+    ids = torch.randint(2, 90, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    logits = {}
+    hooks = [
+        model.decoder.register_forward_hook(
+            lambda module, args, output, name=name: logits.setdefault(name, []).append(output.logits)
+        )
+        for name, model in (("vanilla", vanilla), ("slim", slim))
+    ]
+    try:
+        for kwargs in (dict(do_sample=False), dict(do_sample=False, guidance_scale=3.0), dict(do_sample=True)):
+            logits.clear()
+            outputs = []
+            for model in (vanilla, slim):
+                torch.manual_seed(0)
+                outputs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, **kwargs))
+            assert len(logits["slim"]) == len(logits["vanilla"]) == 25
+            for step, (a, e) in enumerate(zip(logits["slim"], logits["vanilla"], strict=True)):
+                assert_close_relative(a, e, LOGITS_RTOL[torch.float32], f"{kwargs} step {step}")
+            assert torch.equal(outputs[1], outputs[0]), f"{kwargs}: audio differs"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len({tuple(row.tolist()) for row in logits["vanilla"][-1].argmax(-1)}) > 1, "rows generated the same codes"
