@@ -45,7 +45,7 @@ SUPPORTED: dict[str, Architecture] = {
     "t5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "mt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "umt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
-    # BART family: one patch module for the nine copies of BartAttention (learned or sinusoidal absolute positions)
+    # BART family: one patch module for the ten copies of BartAttention (learned or sinusoidal absolute positions)
     **{
         model_type: Architecture("hf_slim.patches.bart", positions="absolute")
         for model_type in (

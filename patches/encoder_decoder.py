@@ -1,7 +1,8 @@
-"""Composites: ``VisionEncoderDecoderModel`` (TrOCR, Donut, Nougat, ViT+GPT-2 captioners) and
-``SpeechEncoderDecoderModel`` (wav2vec2/HuBERT + BART/mBART/GPT-2 decoders).
+"""Composites: ``VisionEncoderDecoderModel`` (TrOCR, Donut, Nougat, ViT+GPT-2 captioners),
+``SpeechEncoderDecoderModel`` (wav2vec2/HuBERT + BART/mBART/GPT-2 decoders) and ``MusicgenForConditionalGeneration``
+(T5 text encoder, EnCodec, MusicGen decoder).
 
-A composite pairs any encoder with a causal-LM decoder that has cross-attention. Only the decoder keeps a cache, so
+A composite pairs an encoder with a causal-LM decoder that has cross-attention. Only the decoder keeps a cache, so
 this module is a thin delegation: the sites and cache owners are those of the decoder's own patch module (chosen by
 ``config.decoder.model_type`` through the registry, which also gives the decoder's refusal reason), and the composite
 itself gets the generate() override that keeps one encoder output per input under beam search.
@@ -56,6 +57,11 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     Returns ``{"pixel_values": (1, channels, size, size)}`` or ``{"input_values": (1, samples)}``, plus
     ``"decoder_input_ids": (1, 32)``, on the model's device.
     """
+    if isinstance(model, MusicgenForConditionalGeneration):
+        raise ValueError(
+            "MusicGen has no default K-mode calibration batch: pass calibration_inputs with text input_ids and "
+            "decoder_input_ids of shape (batch * num_codebooks, tokens), or use mode='input'"
+        )
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     decoder_ids = torch.randint(0, model.config.decoder.vocab_size, (1, 32), generator=generator)

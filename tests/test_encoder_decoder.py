@@ -6,6 +6,7 @@ under beams, static cache, refusal of unsupported decoders, undo."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-from hf_slim import SlimCache, UnsupportedModelError, is_slim, slim_record, slimify, unslimify
+from hf_slim import SlimCache, SlimFallbackWarning, UnsupportedModelError, is_slim, slim_record, slimify, unslimify
 
 GENERATE = dict(
     max_new_tokens=24, min_new_tokens=24, no_repeat_ngram_size=2, return_dict_in_generate=True, output_scores=True
@@ -194,6 +195,52 @@ def test_static_cache_generate_identical(encoder, decoder):
     inputs = encoder_inputs(encoder)
     common = dict(max_new_tokens=12, min_new_tokens=12, cache_implementation="static")
     assert_same_tokens(slim.generate(**inputs, **common), vanilla.generate(**inputs, **common), "static")
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), [("vision", "trocr"), ("speech", "bart")])
+def test_k_mode_with_the_default_calibration_batch(encoder, decoder):
+    """No calibration_inputs: a random image or the bundled speech sample and random decoder ids calibrate every
+    self-attention layer; whatever each layer gets, generation matches the unpatched model."""
+    vanilla = tiny_composite(encoder, decoder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlimFallbackWarning)
+        slim = slimify(copy.deepcopy(vanilla), "k")
+    record = slim_record(slim)
+    self_sites = [name for name, mode in record.layer_modes.items() if mode != "encoder"]
+    assert len(self_sites) == 2 and set(record.calibration) == set(self_sites)
+    assert all(0 <= numbers["k_error"] < 1 for numbers in record.calibration.values()), record.calibration
+    inputs = encoder_inputs(encoder)
+    expected = vanilla.generate(**inputs, **GENERATE, num_beams=2)
+    assert_same_tokens(slim.generate(**inputs, **GENERATE, num_beams=2).sequences, expected.sequences, "k mode")
+
+
+def test_trocr_alone_as_a_causal_lm():
+    """TrOCRForCausalLM without an encoder (its cross-attention unused): logits over 21 steps, greedy and beams."""
+    decoder_class, config = _decoder("trocr")
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    vanilla = randomize_biases(decoder_class(config)).eval()
+    slim = slimify(copy.deepcopy(vanilla))
+    ids = torch.randint(3, VOCAB, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        caches = {"vanilla": DynamicCache(), "slim": None}
+        step_ids, step_mask = ids, mask
+        generator = torch.Generator().manual_seed(3)
+        for step in range(21):
+            outs = {}
+            for name, model in (("vanilla", vanilla), ("slim", slim)):
+                outs[name] = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=caches[name])
+                caches[name] = outs[name].past_key_values
+            assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, LOGITS_RTOL[torch.float32], f"{step}")
+            step_ids = torch.randint(3, VOCAB, (3, 1), generator=generator)
+            step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=1)
+    assert isinstance(caches["slim"], SlimCache)
+    for kwargs in (dict(), dict(num_beams=3, num_return_sequences=2)):
+        expected = vanilla.generate(input_ids=ids, attention_mask=mask, **GENERATE, **kwargs)
+        actual = slim.generate(input_ids=ids, attention_mask=mask, **GENERATE, **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"trocr causal lm {kwargs}")
 
 
 def test_unsupported_decoder_is_refused_with_its_reason_and_untouched():
@@ -358,4 +405,6 @@ def test_musicgen_logits_of_every_step_and_audio_identical(attn):
     finally:
         for hook in hooks:
             hook.remove()
+    with pytest.raises(ValueError, match="MusicGen has no default K-mode calibration batch"):
+        slimify(copy.deepcopy(vanilla), "k")
     assert len({tuple(row.tolist()) for row in logits["vanilla"][-1].argmax(-1)}) > 1, "rows generated the same codes"
