@@ -660,7 +660,7 @@ def cmd_memory(args) -> int:
     limit = _position_limit(model.config)
     if limit is not None and seq_len > limit[1]:
         _note(f"{model.config.model_type} has {limit[1]} positions ({limit[0]}): it cannot run {seq_len} tokens")
-    report = cache_report(model, args.batch, seq_len, encoder_len=args.encoder_len, verbose=False)
+    report = cache_report(model, args.batch, seq_len, encoder_len=args.encoder_len, num_beams=args.beams, verbose=False)
     print(report)
     if args.plot:
         _plot(model, report, args.batch, seq_len, args.encoder_len, Path(args.plot))
@@ -780,6 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (default 1)")
     sub.add_argument("--encoder-len", type=_positive_int, default=None, metavar="N",
                      help="encoder frames/tokens (encoder-decoders; default: Whisper 1500, else seq-len)")  # fmt: skip
+    sub.add_argument("--beams", type=_positive_int, default=1, metavar="N",
+                     help="beams per sequence (encoder-decoders: slim keeps one encoder output per input)")  # fmt: skip
     sub.add_argument("--dtype", type=_dtype, default="float32", help="cache dtype: fp32 (default), fp16 or bf16")
     sub.add_argument("--plot", metavar="PNG", default=None, help="also plot memory against context length")
     sub.set_defaults(run=cmd_memory)

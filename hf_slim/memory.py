@@ -28,10 +28,11 @@ class LayerBytes:
 
 @dataclass
 class CacheReport:
-    """Vanilla vs slim cache bytes for ``batch_size`` sequences of ``seq_len`` tokens.
+    """Vanilla vs slim cache bytes for ``batch_size`` sequences of ``seq_len`` tokens (``num_beams`` each).
 
-    ``encoder_bytes`` is the encoder output (``batch, encoder_len, d_model``) that encoder-decoder generation holds
-    in both cases; ``*_with_encoder`` totals count it on both sides.
+    ``encoder_bytes`` is the encoder output (``batch * num_beams, encoder_len, d_model``) that encoder-decoder
+    generation holds next to the vanilla cache (transformers repeats it per beam); the slim model keeps one copy per
+    input (``slim_encoder_bytes``). ``*_with_encoder`` totals count each side's own.
     """
 
     model_type: str
@@ -41,6 +42,11 @@ class CacheReport:
     dtype: torch.dtype
     layers: list[LayerBytes] = field(default_factory=list)
     encoder_bytes: int = 0
+    num_beams: int = 1
+
+    @property
+    def slim_encoder_bytes(self) -> int:
+        return self.encoder_bytes // self.num_beams
 
     @property
     def vanilla_bytes(self) -> int:
@@ -56,11 +62,12 @@ class CacheReport:
 
     @property
     def ratio_with_encoder(self) -> float:
-        return (self.vanilla_bytes + self.encoder_bytes) / max(self.slim_bytes + self.encoder_bytes, 1)
+        return (self.vanilla_bytes + self.encoder_bytes) / max(self.slim_bytes + self.slim_encoder_bytes, 1)
 
     def __str__(self) -> str:
         lines = [
             f"{self.model_type}: batch {self.batch_size}, {self.seq_len} tokens"
+            + (f", {self.num_beams} beams" if self.num_beams > 1 else "")
             + (f", {self.encoder_len} encoder frames" if self.encoder_len else "")
             + f", {str(self.dtype).removeprefix('torch.')}",
             f"{'layer':<34} {'mode':<8} {'vanilla':>12} {'slim':>12}",
@@ -71,7 +78,7 @@ class CacheReport:
         if self.encoder_bytes:
             lines.append(
                 f"{'total incl. encoder output':<43} {size(self.vanilla_bytes + self.encoder_bytes):>12} "
-                f"{size(self.slim_bytes + self.encoder_bytes):>12}  {self.ratio_with_encoder:.2f}x"
+                f"{size(self.slim_bytes + self.slim_encoder_bytes):>12}  {self.ratio_with_encoder:.2f}x"
             )
         return "\n".join(lines)
 
@@ -92,6 +99,7 @@ def cache_report(
     dtype: torch.dtype | None = None,
     *,
     encoder_len: int | None = None,
+    num_beams: int = 1,
     verbose: bool = True,
 ) -> CacheReport:
     """Bytes a vanilla cache and the slim cache need for ``batch_size`` x ``seq_len`` tokens, per layer and total.
@@ -106,6 +114,10 @@ def cache_report(
         cache dtype; defaults to the model's parameter dtype.
     encoder_len:
         encoder frames/tokens for encoder-decoder models (defaults to Whisper's 1500 frames or ``seq_len``).
+    num_beams:
+        beams per sequence: every cache row is repeated per beam; the encoder output is too for the vanilla model,
+        while the slim model keeps one copy per input
+        (:func:`hf_slim.generation.expand_inputs_keeping_encoder_output`).
     verbose:
         print the table.
 
@@ -116,7 +128,12 @@ def cache_report(
         without an encoder, or a model with no supported attention layers.
     """
     model_type = model.config.model_type
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("encoder_len", encoder_len)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("encoder_len", encoder_len),
+        ("num_beams", num_beams),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"cache_report: {name} must be a positive integer, got {value!r}")
     if encoder_len is not None and not model.config.is_encoder_decoder:
@@ -129,7 +146,8 @@ def cache_report(
     if encoder_len is None:
         encoder_len = getattr(model.config, "max_source_positions", seq_len) if model.config.is_encoder_decoder else 0
     modes = slim_record(model).layer_modes if is_slim(model) else {}
-    report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype)
+    report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype, num_beams=num_beams)
+    rows = batch_size * num_beams
     d_model = None
     for site in sites:
         projections = site.projections(site.module)
@@ -137,13 +155,13 @@ def cache_report(
         d_model = d_in
         mode = modes.get(site.name, "encoder" if site.kind == "cross" else "input")
         if site.kind == "cross":
-            vanilla, slim = 2 * batch_size * encoder_len * inner, 0
+            vanilla, slim = 2 * rows * encoder_len * inner, 0
         else:
-            vanilla = 2 * batch_size * seq_len * inner
-            slim = batch_size * seq_len * (inner if mode == "k" else d_in)
+            vanilla = 2 * rows * seq_len * inner
+            slim = rows * seq_len * (inner if mode == "k" else d_in)
         report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
     if model.config.is_encoder_decoder:
-        report.encoder_bytes = batch_size * encoder_len * d_model * size
+        report.encoder_bytes = rows * encoder_len * d_model * size
     if verbose:
         print(report)
     return report

@@ -28,7 +28,8 @@ class Architecture:
         import path of the module in ``patches/`` that knows where its attention layers and weights are.
     positions:
         how positions enter attention: ``"absolute"`` (added to embeddings), ``"relative_bias"`` (T5),
-        ``"rope"`` (rotates q and k: rules out the input cache).
+        ``"rope"`` (rotates q and k: rules out the input cache), ``"decoder"`` (composites: those of the decoder
+        named by ``config.decoder``, resolved by :func:`architecture_for`).
     """
 
     patch_module: str
@@ -44,6 +45,31 @@ SUPPORTED: dict[str, Architecture] = {
     "t5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "mt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "umt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
+    # BART family: one patch module for the ten copies of BartAttention (learned or sinusoidal absolute positions)
+    **{
+        model_type: Architecture("hf_slim.patches.bart", positions="absolute")
+        for model_type in (
+            "bart",
+            "mbart",
+            "marian",
+            "m2m_100",
+            "pegasus",
+            "pegasus_x",
+            "bigbird_pegasus",
+            "blenderbot",
+            "blenderbot-small",
+            "plbart",
+        )
+    },
+    "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
+    # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
+    "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
+    # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)
+    "musicgen_decoder": Architecture("hf_slim.patches.bart", positions="absolute"),
+    "musicgen": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
+    # composites: whatever encoder, with a supported decoder (config.decoder.model_type)
+    "vision-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
+    "speech-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.
@@ -58,7 +84,8 @@ UNSUPPORTED: dict[str, str] = {
     "gpt_neox": "RoPE on part of each head: the input cache cannot apply and the RoPE K cache is not implemented",
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
-    "bart": "not implemented yet (learned positions and MHA would allow the input and encoder caches)",
+    "nllb-moe": "not implemented yet: its attention is M2M100's (the input and encoder caches would apply), but its "
+    "decoder layers name and route differently (mixture of experts); dense NLLB checkpoints (m2m_100) are supported",
 }
 
 
@@ -85,6 +112,15 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
     """
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(supported_model_types())
+    if model_type in SUPPORTED and SUPPORTED[model_type].positions == "decoder":
+        decoder = getattr(config, "decoder", None)
+        if decoder is None:
+            raise UnsupportedModelError(f"{model_type!r} config has no decoder config")
+        try:
+            inner = architecture_for(decoder, mode)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"{model_type!r} with a {decoder.model_type!r} decoder: {error}") from error
+        return Architecture(SUPPORTED[model_type].patch_module, positions=inner.positions)
     heads, kv_heads = _gqa_ratio(config)
     if heads is not None and kv_heads is not None and kv_heads < heads:
         raise UnsupportedModelError(

@@ -1,0 +1,191 @@
+"""BART family: BART, mBART (mBART-50), Marian (opus-mt), M2M100 (NLLB-200 dense), Pegasus, PEGASUS-X,
+BigBird-Pegasus, Blenderbot, Blenderbot-small and PLBart; also Florence-2, whose language model is a BART, and the
+MusicGen decoder (``MusicgenAttention`` is the same attention with ``bias=False``).
+
+transformers 5.23.0 gives each of these its own attention class, and every one is a verbatim copy of
+``BartAttention`` (``# Copied from transformers.models.bart.modeling_bart.BartAttention``; checked against the
+source: identical ``forward`` bodies; BigBird-Pegasus's decoder uses ``BigBirdPegasusDecoderAttention``, also a copy),
+so one forward and one site list serve all ten model types.
+
+Where things are: each decoder layer has ``self_attn`` (causal self-attention: slim input or K cache) and
+``encoder_attn`` (cross-attention over the encoder output E: no cache at all, E is what generate() holds). The
+encoder's self-attention keeps no cache and stays untouched (PEGASUS-X's global-local and BigBird-Pegasus's
+block-sparse encoder attention included). ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are ``nn.Linear``
+with biases (none in MusicGen: ``Projections`` then carries ``None``); the query is not pre-scaled, the attention
+call scales by ``head_dim ** -0.5``.
+
+Positions enter before attention: learned absolute embeddings (BART, mBART, BigBird-Pegasus, Blenderbot,
+Blenderbot-small, PLBart) or sinusoidal ones (Marian, M2M100, Pegasus, PEGASUS-X, MusicGen) added to the token
+embeddings, indexed by the cache length the decoder reads from ``past_key_values.get_seq_length()``; a SlimCache
+reports the same length, so the decoder computes the same positions. Nothing positional sits between the
+projections and the dot product: the input cache and the encoder cache apply exactly.
+
+Model classes: ``*ForConditionalGeneration`` / ``MarianMTModel`` (generate, beams with one encoder copy per input),
+``*Model``, and the decoder-only ``*ForCausalLM`` (also the decoder of a VisionEncoderDecoder/SpeechEncoderDecoder
+composite, e.g. Donut's and Nougat's mBART decoder).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bart.modeling_bart import BartAttention, BartDecoder, eager_attention_forward
+from transformers.models.bigbird_pegasus.modeling_bigbird_pegasus import (
+    BigBirdPegasusDecoder,
+    BigBirdPegasusDecoderAttention,
+)
+from transformers.models.blenderbot.modeling_blenderbot import BlenderbotAttention, BlenderbotDecoder
+from transformers.models.blenderbot_small.modeling_blenderbot_small import (
+    BlenderbotSmallAttention,
+    BlenderbotSmallDecoder,
+)
+from transformers.models.m2m_100.modeling_m2m_100 import M2M100Attention, M2M100Decoder
+from transformers.models.marian.modeling_marian import MarianAttention, MarianDecoder
+from transformers.models.mbart.modeling_mbart import MBartAttention, MBartDecoder
+from transformers.models.musicgen.modeling_musicgen import MusicgenAttention, MusicgenDecoder
+from transformers.models.pegasus.modeling_pegasus import PegasusAttention, PegasusDecoder
+from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, PegasusXDecoder
+from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
+
+from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
+from hf_slim.generation import keep_one_encoder_output_per_input
+from hf_slim.patching import InstancePatch
+from hf_slim.registry import UnsupportedModelError
+from hf_slim.sites import AttentionSite
+
+#: The decoders (they create the cache when none is given) and their attention classes, all copies of BartAttention.
+DECODERS = (
+    BartDecoder,
+    MBartDecoder,
+    MarianDecoder,
+    M2M100Decoder,
+    PegasusDecoder,
+    PegasusXDecoder,
+    BigBirdPegasusDecoder,
+    BlenderbotDecoder,
+    BlenderbotSmallDecoder,
+    PLBartDecoder,
+    MusicgenDecoder,
+)
+ATTENTIONS = (
+    BartAttention,
+    MBartAttention,
+    MarianAttention,
+    M2M100Attention,
+    PegasusAttention,
+    PegasusXAttention,
+    BigBirdPegasusDecoderAttention,
+    BlenderbotAttention,
+    BlenderbotSmallAttention,
+    PLBartAttention,
+    MusicgenAttention,
+)
+
+
+def _projections(module: BartAttention) -> Projections:
+    """``K = X @ W_K + b_K``, ``V = X @ W_V + b_V``; nn.Linear stores ``(out, in)`` so the views are transposed."""
+    return Projections.of(module.k_proj, module.v_proj)
+
+
+# Adapted from transformers 5.23.0, models/bart/modeling_bart.py, BartAttention.forward (the MBart, Marian, M2M100,
+# Pegasus, PegasusX, BigBirdPegasusDecoder, Blenderbot, BlenderbotSmall and PLBart attention classes are copies of
+# it): the cache handling and the attention call change; the projections, the scaling and the output projection are
+# the model's own.
+def slim_bart_attention_forward(
+    self: BartAttention,
+    hidden_states: torch.Tensor,
+    key_value_states: torch.Tensor | None = None,
+    past_key_values=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoder self-attention over a slim cache, or cross-attention over the encoder output with no cache.
+
+    ``hidden_states: (batch, new, d_model)``; ``key_value_states``: the encoder output ``(inputs, frames, d_model)``
+    for cross-attention, where ``batch % inputs == 0`` (one copy of E per input, shared by its beams).
+    Returns the attention output ``(batch, new, d_model)`` and the weights ``(batch, heads, new, keys)`` (eager) or
+    None.
+    """
+    implementation = self.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    dropout = 0.0 if not self.training else self.dropout
+
+    def run_attention(query, key, value, mask):
+        return interface(self, query, key, value, mask, dropout=dropout, scaling=self.scaling, **kwargs)
+
+    want_weights = implementation == "eager"
+    query = split_heads(self.q_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
+    if key_value_states is not None:
+        if dropout > 0.0:  # attention dropout needs the probabilities over K/V: compute them (training only)
+            key = split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            value = split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            attn_output, attn_weights = run_attention(query, key, value, attention_mask)
+        else:
+            attn_output, attn_weights = encoder_cross_attention(
+                self, query, key_value_states, attention_mask, self.scaling, run_attention, want_weights=want_weights
+            )
+    else:
+        key = split_heads(self.k_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
+        value = split_heads(self.v_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
+        attn_output, attn_weights = slim_self_attention(
+            self,
+            hidden_states,
+            query,
+            key,
+            value,
+            past_key_values,
+            attention_mask,
+            self.scaling,
+            run_attention,
+            want_weights=want_weights,
+        )
+    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
+    return self.out_proj(attn_output), attn_weights
+
+
+def _decoders(model: torch.nn.Module) -> list[torch.nn.Module]:
+    decoders = [module for module in model.modules() if isinstance(module, DECODERS)]
+    if not decoders:
+        raise UnsupportedModelError(
+            f"hf_slim cannot patch {type(model).__name__}: it has no decoder (encoder-only models keep no KV cache, "
+            "so there is nothing to slim); slimify the *ForConditionalGeneration, *Model or *ForCausalLM model"
+        )
+    return decoders
+
+
+def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+    """Each decoder layer's self-attention (slim cache) and cross-attention (encoder output, no cache)."""
+    sites = []
+    for decoder in _decoders(model):
+        for layer in decoder.layers:
+            for kind, module in (("self", layer.self_attn), ("cross", layer.encoder_attn)):
+                if not isinstance(module, ATTENTIONS):
+                    raise UnsupportedModelError(
+                        f"{type(layer).__name__}.{'self_attn' if kind == 'self' else 'encoder_attn'} is a "
+                        f"{type(module).__name__}, not the BART attention this patch was written for"
+                    )
+                sites.append(AttentionSite.of(module, kind, _projections, slim_bart_attention_forward))
+    return sites
+
+
+def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's forward creates ``EncoderDecoderCache(DynamicCache, DynamicCache)`` when none is given."""
+    return _decoders(model)
+
+
+def default_calibration_inputs(model: torch.nn.Module) -> dict:
+    """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator).to(model.device)
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return {"input_ids": decoder_input_ids}
+    input_ids = torch.randint(0, vocab, (2, 64), generator=generator).to(model.device)
+    return {"input_ids": input_ids, "decoder_input_ids": decoder_input_ids}
+
+
+def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
+    """Beam search keeps one encoder output per input (cross-attention folds the beams onto it)."""
+    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "_expand_inputs_for_generation"):
+        return []
+    return [keep_one_encoder_output_per_input(model)]

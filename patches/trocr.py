@@ -1,0 +1,116 @@
+"""TrOCR: the text decoder of TrOCR checkpoints (``TrOCRForCausalLM``, usually inside a VisionEncoderDecoderModel).
+
+Where things are: each decoder layer has ``self_attn`` (causal self-attention: slim input or K cache) and, when the
+config is a decoder, ``encoder_attn`` (cross-attention over the image encoder's output E, whose width
+``cross_attention_hidden_size`` may differ from ``hidden_size``: ``k_proj``/``v_proj`` map it to ``hidden_size``; the
+absorbed query lives in that encoder width). Projections are ``nn.Linear`` with biases.
+
+TrOCR specifics (transformers 5.23.0): its attention is written out by hand (``torch.bmm``, additive float mask,
+softmax in the input dtype), with the query multiplied by ``head_dim ** -0.5`` before the dot product; the model has
+no SDPA path. Positions are learned or sinusoidal absolute embeddings added to the token embeddings, indexed by the
+cache length (which a SlimCache reports the same way): the input and encoder caches apply exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRDecoder
+
+from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
+from hf_slim.sites import AttentionSite
+
+
+def _projections(module: TrOCRAttention) -> Projections:
+    """``K = X @ W_K + b_K``, ``V = X @ W_V + b_V``, ``W: (kdim, hidden_size)``; nn.Linear stores the transpose."""
+    return Projections.of(module.k_proj, module.v_proj)
+
+
+def _trocr_attention(module: TrOCRAttention, query, key, value, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """TrOCR's own attention arithmetic on ``(b, h, t|s, dk)`` tensors, query already scaled.
+
+    Returns ``(b, t, h, dk)`` and the probabilities ``(b, h, t, s)``, as the transformers attention interfaces do.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2))  # (b, h, t, s)
+    if mask is not None:
+        scores = scores + mask
+    probabilities = torch.nn.functional.softmax(scores, dim=-1)
+    dropped = torch.nn.functional.dropout(probabilities, p=module.dropout, training=module.training)
+    return torch.matmul(dropped, value).transpose(1, 2), probabilities  # (b, t, h, dk)
+
+
+# Adapted from transformers 5.23.0, models/trocr/modeling_trocr.py, TrOCRAttention.forward: the cache handling
+# changes and the attention arithmetic moves to _trocr_attention; the scaled query, the projections and the output
+# projection are the model's own.
+def slim_trocr_attention_forward(
+    self: TrOCRAttention,
+    hidden_states: torch.Tensor,
+    key_value_states: torch.Tensor | None = None,
+    past_key_values=None,
+    attention_mask: torch.Tensor | None = None,
+    output_attentions: bool | None = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoder self-attention over a slim cache, or cross-attention over the encoder output with no cache.
+
+    ``hidden_states: (batch, new, hidden_size)``; ``key_value_states``: the encoder output
+    ``(inputs, frames, cross_attention_hidden_size)``, ``batch % inputs == 0``. Returns ``(batch, new, hidden_size)``
+    and the weights ``(batch, heads, new, keys)`` when ``output_attentions``, else None.
+    """
+
+    def run_attention(query, key, value, mask):
+        return _trocr_attention(self, query, key, value, mask)
+
+    query = split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim)  # (b, h, t, dk)
+    if key_value_states is not None:
+        if self.training and self.dropout > 0.0:  # dropout needs the probabilities over K/V (training only)
+            key = split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            value = split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
+            attn_output, attn_weights = run_attention(query, key, value, attention_mask)
+        else:
+            attn_output, attn_weights = encoder_cross_attention(
+                self, query, key_value_states, attention_mask, 1.0, run_attention, want_weights=bool(output_attentions)
+            )
+    else:
+        key = split_heads(self.k_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
+        value = split_heads(self.v_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
+        attn_output, attn_weights = slim_self_attention(
+            self,
+            hidden_states,
+            query,
+            key,
+            value,
+            past_key_values,
+            attention_mask,
+            1.0,
+            run_attention,
+            want_weights=bool(output_attentions),
+        )
+    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
+    return self.out_proj(attn_output), attn_weights if output_attentions else None
+
+
+def _decoders(model: torch.nn.Module) -> list[TrOCRDecoder]:
+    return [module for module in model.modules() if isinstance(module, TrOCRDecoder)]
+
+
+def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+    """Each decoder layer's self-attention (slim cache) and cross-attention if it has one (encoder output)."""
+    sites = []
+    for decoder in _decoders(model):
+        for layer in decoder.layers:
+            sites.append(AttentionSite.of(layer.self_attn, "self", _projections, slim_trocr_attention_forward))
+            if hasattr(layer, "encoder_attn"):
+                sites.append(AttentionSite.of(layer.encoder_attn, "cross", _projections, slim_trocr_attention_forward))
+    return sites
+
+
+def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """TrOCRDecoder.forward creates the cache when none is given."""
+    return _decoders(model)
+
+
+def default_calibration_inputs(model: torch.nn.Module) -> dict:
+    """Token ids for the K-mode calibration of a bare TrOCRForCausalLM (real text calibrates better)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
+    return {"input_ids": input_ids.to(model.device)}

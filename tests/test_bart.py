@@ -1,0 +1,345 @@
+"""BART family (bart, mbart, marian, m2m_100, pegasus, pegasus_x, bigbird_pegasus, blenderbot, blenderbot-small,
+plbart): slim vs unpatched on random tiny configs with random biases and norms: logits over prefill and 24 decode
+steps (sdpa and eager, encoder and decoder padding), chunked prefill, greedy / beams / seeded sampling with padded
+sources, one encoder copy per input under beams (bytes measured), static cache, bf16, the decoder-only
+``*ForCausalLM``, K mode, deepcopy/pickle, undo."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
+from tiny_encdec import BART_FAMILY, VOCAB, source_batch, tiny_bart
+from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+
+from hf_slim import (
+    SlimCache,
+    UnsupportedModelError,
+    cache_nbytes,
+    cache_report,
+    is_slim,
+    slim_record,
+    slimify,
+    unslimify,
+)
+from hf_slim.cache import StaticSlimLayer
+
+MODEL_TYPES = list(BART_FAMILY)
+#: PEGASUS-X and BigBird-Pegasus have no SDPA path in transformers 5.23 (their constructors refuse it): eager only.
+EAGER_ONLY = ("pegasus_x", "bigbird_pegasus")
+ATTN_CASES = [(t, a) for t in MODEL_TYPES for a in ("sdpa", "eager") if not (t in EAGER_ONLY and a == "sdpa")]
+CAUSAL_TYPES = [t for t, (_, _, causal, _) in BART_FAMILY.items() if causal is not None]
+#: min_new_tokens and no_repeat_ngram_size keep random tiny models on long varied paths.
+GENERATE = dict(
+    max_new_tokens=24, min_new_tokens=24, no_repeat_ngram_size=2, return_dict_in_generate=True, output_scores=True
+)
+
+
+def attn_for(model_type: str) -> str:
+    return "eager" if model_type in EAGER_ONLY else "sdpa"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads on a shared CPU; restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pair(model_type: str, attn: str | None = None, mode: str = "input", **overrides):
+    """(unpatched, slim) copies of the same random model."""
+    vanilla = tiny_bart(model_type, attn or attn_for(model_type), **overrides)
+    calibration = None
+    if mode == "k":
+        calibration = {**source_batch(2), "decoder_input_ids": torch.randint(3, VOCAB, (2, 12))}
+    return vanilla, slimify(copy.deepcopy(vanilla), mode, calibration_inputs=calibration)
+
+
+def new_caches():
+    return EncoderDecoderCache(DynamicCache(), DynamicCache()), EncoderDecoderCache(SlimCache(), SlimCache(0))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_sites_are_decoder_self_and_cross_attention_only(model_type):
+    model = slimify(tiny_bart(model_type, attn_for(model_type)))
+    attention = type(model.get_decoder().layers[0].self_attn).__name__
+    assert slim_record(model).layer_modes == {
+        f"{attention}[{kind} {i}]": mode for i in range(2) for kind, mode in (("self", "input"), ("cross", "encoder"))
+    }
+    for name, module in model.get_encoder().named_modules():
+        assert "hf_slim" not in vars(module) and "forward" not in vars(module), f"encoder {name} was patched"
+
+
+@pytest.mark.parametrize(("model_type", "attn"), ATTN_CASES)
+def test_prefill_and_24_decode_steps_match_logits(model_type, attn):
+    """3 padded sources, a left-padded decoder prompt of 6 tokens, then 24 single-token steps."""
+    vanilla, slim = pair(model_type, attn)
+    source = source_batch(3)
+    ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in decoder row 1
+    caches = dict(zip(("vanilla", "slim"), new_caches(), strict=True))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        encoder_outputs = vanilla.get_encoder()(**source)
+        for step in range(25):
+            outs = {
+                name: model(
+                    encoder_outputs=encoder_outputs,
+                    attention_mask=source["attention_mask"],
+                    decoder_input_ids=ids,
+                    decoder_attention_mask=mask,
+                    past_key_values=caches[name],
+                    use_cache=True,
+                )
+                for name, model in (("vanilla", vanilla), ("slim", slim))
+            }
+            rtol = LOGITS_RTOL[torch.float32]
+            assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, rtol, f"step {step}")
+            ids = torch.randint(3, VOCAB, (3, 1), generator=generator)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    assert caches["slim"].get_seq_length() == caches["vanilla"].get_seq_length() == 6 + 24
+    assert caches["slim"].cross_attention_cache.get_seq_length() == 0, "cross-attention must not be cached"
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_chunked_prefill_matches_full_forward(model_type):
+    """5 tokens, then a chunk of 40 (> head_dim: K/V rebuilt from the slim cache), then a chunk of 3 (absorbed)."""
+    vanilla, slim = pair(model_type)
+    source = source_batch(2)
+    ids = torch.randint(3, VOCAB, (2, 48), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = vanilla(**source, decoder_input_ids=ids, use_cache=False).logits
+        cache, logits = None, []
+        for start, stop in ((0, 5), (5, 45), (45, 48)):
+            out = slim(**source, decoder_input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits)
+    assert isinstance(cache.self_attention_cache, SlimCache)
+    assert_close_relative(torch.cat(logits, dim=1), expected, LOGITS_RTOL[torch.float32], "chunked prefill")
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_greedy_beams_and_sampling_identical(model_type, padding_side):
+    """Padded source batches: greedy, 3 beams returning 2 sequences each, and seeded sampling."""
+    vanilla, slim = pair(model_type)
+    source = source_batch(3, padding_side=padding_side)
+    cases = (dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=20, num_return_sequences=2))
+    for kwargs in cases:
+        torch.manual_seed(0)
+        expected = vanilla.generate(**source, **GENERATE, **kwargs)
+        torch.manual_seed(0)
+        actual = slim.generate(**source, **GENERATE, **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"{model_type} {kwargs}")
+        assert len(set(map(tuple, expected.sequences.tolist()))) > 1, "every row generated the same tokens"
+        if "num_beams" in kwargs:
+            difference = float((actual.sequences_scores - expected.sequences_scores).abs().max())
+            assert difference <= 1e-5, f"beam scores differ by {difference:.3e}"
+        else:
+            assert isinstance(actual.past_key_values.self_attention_cache, SlimCache)
+
+
+def _record_generate(model) -> tuple[list[int], list[int], list]:
+    """Hooks recording the rows of E reaching the cross-attention and the peak cache bytes during generate()."""
+    rows, peak = [], [0]
+    decoder = model.get_decoder()
+
+    def on_cross(module, args, kwargs):
+        rows.append(kwargs["key_value_states"].shape[0])
+
+    def on_decoder(module, args, kwargs, output):
+        peak[0] = max(peak[0], cache_nbytes(output.past_key_values))
+
+    handles = [
+        decoder.layers[0].encoder_attn.register_forward_pre_hook(on_cross, with_kwargs=True),
+        decoder.register_forward_hook(on_decoder, with_kwargs=True),
+    ]
+    return rows, peak, handles
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_beams_share_one_encoder_copy_and_no_cross_cache(model_type, num_beams):
+    """Measured bytes: vanilla holds self K+V and cross K+V per beam; slim holds X per beam and no cross cache, and
+    its cross-attention sees one encoder row per input; cache_report gives the same numbers from shapes."""
+    vanilla, slim = pair(model_type)
+    source = source_batch(2, length=10)
+    peaks, rows = {}, {}
+    for name, model in (("vanilla", vanilla), ("slim", slim)):
+        rows[name], peak, handles = _record_generate(model)
+        try:
+            out = model.generate(**source, num_beams=num_beams, max_new_tokens=6, min_new_tokens=6)
+        finally:
+            for handle in handles:
+                handle.remove()
+        peaks[name] = peak[0]
+    assert set(rows["slim"]) == {2}, f"slim cross-attention saw E with rows {set(rows['slim'])}, want one per input"
+    assert set(rows["vanilla"]) == {2 * num_beams}
+    d, layers, tokens, frames, rows_total = 64, 2, out.shape[1] - 1, 10, 2 * num_beams
+    assert peaks["slim"] == layers * rows_total * tokens * d * 4
+    assert peaks["vanilla"] == layers * rows_total * 2 * (tokens + frames) * d * 4
+    report = cache_report(slim, batch_size=rows_total, seq_len=tokens, encoder_len=frames, verbose=False)
+    assert (report.vanilla_bytes, report.slim_bytes) == (peaks["vanilla"], peaks["slim"])
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_static_cache_generate_identical(model_type):
+    vanilla, slim = pair(model_type)
+    source = source_batch(3, padding_side="left")
+    common = dict(max_new_tokens=12, min_new_tokens=12, cache_implementation="static", return_dict_in_generate=True)
+    for kwargs in (dict(), dict(num_beams=2)):
+        expected = vanilla.generate(**source, **common, **kwargs)
+        actual = slim.generate(**source, **common, **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"static {kwargs}")
+        assert isinstance(expected.past_key_values.self_attention_cache, StaticCache)
+        layers = actual.past_key_values.self_attention_cache.layers
+        assert all(isinstance(layer, StaticSlimLayer) for layer in layers)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_bf16_greedy_identical_up_to_ties_and_as_accurate(model_type):
+    """bf16 greedy tokens equal the unpatched bf16 model's, except where the unpatched model itself sits on a tie, and
+    teacher-forced decode logits are as close to the float32 model as the unpatched bf16 model's are.
+
+    Why ties: the two bf16 models round at different places (K = X W_K in bf16 vs scores from X accumulated in
+    float32), so their logits differ by about as much as each differs from float32 (measured: 0.023-0.037 absolute on
+    logits of 3-6 here, both ways). Random tiny models have flat output distributions: on a 24-token greedy path the
+    top two logits often sit within one bf16 step (2**-7 relative), where any rounding picks either. A difference is
+    accepted only at such a tie of the unpatched model's own logits; everything before it must be identical.
+    """
+    reference = tiny_bart(model_type, attn_for(model_type))
+    vanilla = copy.deepcopy(reference).to(torch.bfloat16)
+    slim = slimify(copy.deepcopy(vanilla))
+    source = source_batch(3, padding_side="left")
+    greedy = dict(GENERATE, output_logits=True)
+    expected, actual = vanilla.generate(**source, **greedy), slim.generate(**source, **greedy)
+    if not torch.equal(actual.sequences, expected.sequences):
+        row, position = (actual.sequences != expected.sequences).nonzero()[0].tolist()
+        logits = expected.logits[position - 1][row].float()  # the unpatched model's view of that step
+        ours, theirs = logits[actual.sequences[row, position]], logits[expected.sequences[row, position]]
+        step = 2.0**-7 * float(theirs.abs())
+        assert float(theirs - ours) <= step, (
+            f"bf16 greedy differs at row {row} position {position} without a tie: unpatched logits there: its token "
+            f"{theirs:.4f}, slim's token {ours:.4f} (one bf16 step {step:.4f})"
+        )
+
+    ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
+    ids[:, 0] = reference.config.decoder_start_token_id
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("reference", reference), ("vanilla", vanilla), ("slim", slim)):
+            cache, steps = None, []
+            for position in range(ids.shape[1]):
+                out = model(**source, decoder_input_ids=ids[:, position : position + 1], past_key_values=cache)
+                cache = out.past_key_values
+                steps.append(out.logits.double())
+            logits[name] = torch.cat(steps, dim=1)
+    vanilla_error = float((logits["vanilla"] - logits["reference"]).abs().max())
+    slim_error = float((logits["slim"] - logits["reference"]).abs().max())
+    assert slim_error <= 1.5 * vanilla_error, f"bf16: slim error {slim_error:.3g} vs unpatched {vanilla_error:.3g}"
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_TYPES)
+def test_decoder_only_causal_lm_logits_and_generate(model_type):
+    """``*ForCausalLM`` (no encoder): left-padded prompts, 20 decode steps' logits, greedy and beams."""
+    vanilla = tiny_bart(model_type, attn_for(model_type), causal_lm=True)
+    slim = slimify(copy.deepcopy(vanilla))
+    assert not slim_record(slim).is_encoder_decoder
+    prompt = source_batch(3, length=8, padding_side="left")
+    with torch.no_grad():
+        caches = {"vanilla": DynamicCache(), "slim": None}
+        ids, mask = prompt["input_ids"], prompt["attention_mask"]
+        generator = torch.Generator().manual_seed(3)
+        for step in range(21):
+            outs = {}
+            for name, model in (("vanilla", vanilla), ("slim", slim)):
+                outs[name] = model(input_ids=ids, attention_mask=mask, past_key_values=caches[name], use_cache=True)
+                caches[name] = outs[name].past_key_values
+            assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, LOGITS_RTOL[torch.float32], f"{step}")
+            ids = torch.randint(3, VOCAB, (3, 1), generator=generator)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    assert isinstance(caches["slim"], SlimCache)
+    for kwargs in (dict(), dict(num_beams=3, num_return_sequences=2)):
+        expected = vanilla.generate(**prompt, **GENERATE, **kwargs)
+        actual = slim.generate(**prompt, **GENERATE, **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"causal lm {kwargs}")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_output_attentions_match(attn):
+    """Eager returns the probabilities from the absorbed paths (self and cross); SDPA returns none, like vanilla."""
+    vanilla, slim = pair("bart", attn)
+    source = source_batch(2)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(10))
+    outs = {}
+    with torch.no_grad():
+        for name, model, cache in zip(("vanilla", "slim"), (vanilla, slim), new_caches(), strict=True):
+            first = model(**source, decoder_input_ids=ids, past_key_values=cache, use_cache=True)
+            outs[name] = model(
+                encoder_outputs=(first.encoder_last_hidden_state,),
+                attention_mask=source["attention_mask"],
+                decoder_input_ids=ids[:, :1],
+                past_key_values=first.past_key_values,
+                output_attentions=True,
+            )
+    for kind in ("decoder_attentions", "cross_attentions"):
+        expected, actual = getattr(outs["vanilla"], kind), getattr(outs["slim"], kind)
+        if attn == "eager":
+            assert len(actual) == len(expected) == 2
+            for layer, (a, e) in enumerate(zip(actual, expected, strict=True)):
+                assert_close_relative(a, e, 1e-5, f"{kind} layer {layer}")
+        else:
+            assert not actual and not expected
+
+
+def test_k_mode_matches_and_keeps_keys():
+    vanilla, slim = pair("mbart", mode="k", well_conditioned_keys=True)
+    assert set(slim_record(slim).layer_modes.values()) == {"k", "encoder"}
+    source = source_batch(3, padding_side="left")
+    expected = vanilla.generate(**source, **GENERATE, num_beams=2)
+    actual = slim.generate(**source, **GENERATE, num_beams=2)
+    assert_same_tokens(actual.sequences, expected.sequences, "k mode")
+
+
+def test_deepcopy_and_pickle_of_a_slim_model_act_on_the_copy():
+    vanilla, slim = pair("marian")
+    source = source_batch(2)
+    expected = vanilla.generate(**source, **GENERATE).sequences
+    buffer = io.BytesIO()
+    torch.save(slim, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(slim), pickle.loads(pickle.dumps(slim)), torch.load(buffer, weights_only=False)]
+    for clone in copies:
+        assert is_slim(clone)
+        assert_same_tokens(clone.generate(**source, **GENERATE).sequences, expected, "copy")
+        with torch.no_grad():  # the copy's slim forwards read the copy's weights
+            clone.get_decoder().layers[0].self_attn.v_proj.bias.add_(1.0)
+        assert not torch.equal(clone.generate(**source, **GENERATE).sequences, expected)
+    assert_same_tokens(slim.generate(**source, **GENERATE).sequences, expected, "original after copies changed")
+
+
+def test_unslimify_restores_exactly():
+    vanilla = tiny_bart("bart")
+    model = copy.deepcopy(vanilla)
+    before = snapshot(model)
+    slimify(model)
+    model.generate(**source_batch(2), max_new_tokens=4, num_beams=2)
+    unslimify(model)
+    assert not is_slim(model)
+    assert_unchanged(model, before)
+    actual = model.generate(**source_batch(2), **GENERATE)
+    assert_same_tokens(actual.sequences, vanilla.generate(**source_batch(2), **GENERATE).sequences)
+    assert type(actual.past_key_values.self_attention_cache) is DynamicCache
+
+
+def test_encoder_only_parts_are_refused():
+    model = tiny_bart("bart")
+    with pytest.raises(UnsupportedModelError, match="no decoder"):
+        slimify(model.get_encoder())
