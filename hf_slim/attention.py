@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
-from .cache import slim_cache_for
+from .cache import SlimCache, slim_cache_for
 
 # run_attention(query, key, value, mask) -> (output (b, t, h, dk), weights or None): the model's own attention call.
 RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
@@ -32,14 +33,39 @@ RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor 
 class Projections:
     """The key and value projections of one attention layer, as ``K = X @ w_k + b_k`` and ``V = X @ w_v + b_v``.
 
-    Tensors are views of the live module parameters (never copies), read at every call, so device moves, dtype
-    casts and accelerate offload hooks are followed. Shapes: ``w_k, w_v: (d_in, heads * head_dim)``.
+    Tensors are read from the live module parameters at every call (views where the layout allows; fused projections
+    whose rows interleave heads are gathered, see :func:`interleaved_qkv_projections`), so device moves, dtype casts
+    and accelerate offload hooks are followed. Shapes: ``w_k, w_v: (d_in, heads * head_dim)``, columns head-major.
     """
 
     w_k: torch.Tensor
     w_v: torch.Tensor
     b_k: torch.Tensor | None = None
     b_v: torch.Tensor | None = None
+
+
+def linear_projections(k_proj: torch.nn.Linear, v_proj: torch.nn.Linear) -> Projections:
+    """Separate ``nn.Linear`` key/value projections (``K = X @ k_proj.weight.T + k_proj.bias``): views, no copies."""
+    return Projections(w_k=k_proj.weight.t(), w_v=v_proj.weight.t(), b_k=k_proj.bias, b_v=v_proj.bias)
+
+
+def interleaved_qkv_projections(fused: torch.nn.Linear, num_heads: int, head_dim: int) -> Projections:
+    """Key/value projections of a fused ``query_key_value`` linear whose output is laid out per head as
+    ``(heads, 3, head_dim)`` (BLOOM, Falcon-RW): head ``i``'s query, key and value rows are adjacent.
+
+    Why a gather: the absorbed path and the K-mode solve take ``w_k``/``w_v`` with head-major columns
+    ``(d_in, heads * head_dim)``; the key rows of head ``i`` sit at ``3 * i * head_dim + head_dim`` in the fused weight,
+    so they are copied out (``2 * d_in * heads * head_dim`` numbers per call, what one decode step of the layer reads
+    anyway). The module's weight itself is never changed.
+    """
+    weight = fused.weight.view(num_heads, 3, head_dim, -1)  # (h, 3, dk, d)
+    d_in = weight.shape[-1]
+    w_k = weight[:, 1].reshape(num_heads * head_dim, d_in).t()  # (d, e)
+    w_v = weight[:, 2].reshape(num_heads * head_dim, d_in).t()  # (d, e)
+    if fused.bias is None:
+        return Projections(w_k=w_k, w_v=w_v)
+    bias = fused.bias.view(num_heads, 3, head_dim)  # (h, 3, dk)
+    return Projections(w_k=w_k, w_v=w_v, b_k=bias[:, 1].reshape(-1), b_v=bias[:, 2].reshape(-1))
 
 
 @dataclass
@@ -180,7 +206,7 @@ def slim_self_attention(
     run_attention: RunAttention,
     *,
     want_weights: bool = False,
-    position_bias: torch.Tensor | None = None,
+    position_bias: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One self-attention step with a slim cache.
 
@@ -204,8 +230,10 @@ def slim_self_attention(
     want_weights:
         return attention probabilities from the absorbed path (eager ``output_attentions``).
     position_bias:
-        additive score bias ``(1|b, h, new, seq)`` (T5 relative positions), applied on both paths by the caller's
-        ``run_attention`` and here on the absorbed path.
+        additive score bias ``(1|b, 1|h, new|1, seq)`` (T5 relative positions, ALiBi, windowed masks), applied on
+        both paths by the caller's ``run_attention`` and here on the absorbed path; or a function of the key length
+        ``seq`` (the cached tokens a step attends over, ``max_cache_len`` for a static cache) returning that bias, for
+        biases the model slices by key length.
 
     Returns
     -------
@@ -243,6 +271,8 @@ def slim_self_attention(
             bias = bias + additive_bias(attention_mask[..., : states.shape[1]])
     else:
         bias = _bias_for_decode(attention_mask, num_queries, states.shape[1], states.device)
+    if callable(position_bias):
+        position_bias = position_bias(states.shape[1])
     if position_bias is not None:
         bias = position_bias.float() if bias is None else bias + position_bias.float()
     if state.mode == "k":
@@ -250,6 +280,15 @@ def slim_self_attention(
     else:
         out, weights = _decode_input_mode(state, state.projections(), query, states, bias, scale, want_weights)
     return out.to(query.dtype).transpose(1, 2), weights
+
+
+def is_static_slim_cache(past_key_values, layer_idx: int) -> bool:
+    """Whether ``past_key_values`` holds a preallocated (static) slim layer at ``layer_idx``."""
+    cache = past_key_values
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    layers = getattr(cache, "layers", [])
+    return isinstance(cache, SlimCache) and layer_idx < len(layers) and layers[layer_idx].is_compileable
 
 
 def encoder_cross_attention(
