@@ -7,6 +7,7 @@ compares the slim model with an unpatched copy of the same weights.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, rela
 from tiny_models import DECODER_CONFIGS, tiny_decoder, tiny_tokenizer
 from transformers import DynamicCache
 
-from hf_slim import SlimCache, cache_nbytes, cache_report, slim_record, slimify, unslimify
+from hf_slim import SlimCache, SlimFallbackWarning, cache_nbytes, cache_report, slim_record, slimify, unslimify
 from hf_slim.cache import StaticSlimLayer
 
 #: attention implementations each family supports in transformers 5.23.0 (the others refuse sdpa at load time)
@@ -40,11 +41,14 @@ DECODE_STEPS = 24
 
 
 def pair(name: str, mode: str = "input", attn: str = "eager", **kwargs):
-    """(unpatched, slim) copies of the same random model; the K mode must have been accepted on every layer."""
+    """(unpatched, slim) copies of the same random model. The K mode may keep the input cache on layers whose
+    calibration refuses it (a random W_K can be ill-conditioned) but must hold on at least one layer."""
     vanilla = tiny_decoder(name, attn=attn, **kwargs)
-    slim = slimify(copy.deepcopy(vanilla), mode)
-    modes = set(slim_record(slim).layer_modes.values())
-    assert modes == {mode}, f"layer modes {slim_record(slim).layer_modes}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlimFallbackWarning)
+        slim = slimify(copy.deepcopy(vanilla), mode)
+    modes = slim_record(slim).layer_modes.values()
+    assert mode in modes and set(modes) <= {mode, "input"}, f"layer modes {slim_record(slim).layer_modes}"
     return vanilla, slim
 
 
@@ -111,7 +115,8 @@ def test_generate_identical_tokens(name, attn, kind):
     vanilla, slim = pair(name, attn=attn)
     expected, actual = _generate(vanilla, **GENERATIONS[kind]), _generate(slim, **GENERATIONS[kind])
     assert_same_tokens(actual.sequences, expected.sequences, kind)
-    assert isinstance(actual.past_key_values, SlimCache)
+    if expected.past_key_values is not None:  # MPT's generate returns no cache
+        assert isinstance(actual.past_key_values, SlimCache)
     if kind == "beams":
         assert_close_relative(actual.sequences_scores, expected.sequences_scores, 1e-5, "beam scores")
 
@@ -144,12 +149,41 @@ def test_bf16_greedy_identical(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_bf16_logit_error_is_the_unpatched_models_own(name):
+    """bf16 decode along the fp32 greedy path: the slim model's logit error against the fp32 model is at most twice
+    the unpatched bf16 model's own (the absorbed path accumulates in fp32, so it is usually smaller)."""
+    reference, vanilla = tiny_decoder(name), tiny_decoder(name, dtype=torch.bfloat16)
+    slim = slimify(copy.deepcopy(vanilla), "input")
+    batch = padded_batch()
+    with torch.no_grad():
+        sequence = reference.generate(**batch, max_new_tokens=20, do_sample=False)
+    prompt = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(sequence[:, prompt:])], dim=1)
+    errors = {"vanilla": [], "slim": []}
+    caches = [DynamicCache(), DynamicCache(), SlimCache()]
+    with torch.no_grad():
+        for step in range(sequence.shape[1] - prompt):
+            piece = slice(0, prompt) if step == 0 else slice(prompt + step - 1, prompt + step)
+            logits = [
+                model(input_ids=sequence[:, piece], attention_mask=mask[:, : piece.stop], past_key_values=cache)
+                .logits[:, -1]
+                .float()
+                for model, cache in zip((reference, vanilla, slim), caches, strict=True)
+            ]
+            errors["vanilla"].append(relative_difference(logits[1], logits[0]))
+            errors["slim"].append(relative_difference(logits[2], logits[0]))
+    assert max(errors["slim"]) <= 2 * max(errors["vanilla"]), f"bf16 relative errors vs fp32: {errors}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_cache_bytes_half_and_report_agrees(name):
     vanilla, slim = pair(name)
-    expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
-    vanilla_bytes, slim_bytes = cache_nbytes(expected.past_key_values), cache_nbytes(actual.past_key_values)
+    with torch.no_grad():
+        expected, actual = (model(**padded_batch(), use_cache=True).past_key_values for model in (vanilla, slim))
+    assert isinstance(actual, SlimCache)
+    vanilla_bytes, slim_bytes = cache_nbytes(expected), cache_nbytes(actual)
     assert vanilla_bytes == 2 * slim_bytes, f"vanilla {vanilla_bytes} B, slim {slim_bytes} B"
-    tokens = actual.past_key_values.get_seq_length()
+    tokens = actual.get_seq_length()
     report = cache_report(slim, batch_size=len(PROMPTS), seq_len=tokens, verbose=False)
     assert (report.vanilla_bytes, report.slim_bytes) == (vanilla_bytes, slim_bytes)
 
@@ -160,7 +194,7 @@ def test_unslimify_restores_original_generation(name):
     unslimify(slim)
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
     assert_same_tokens(actual.sequences, expected.sequences)
-    assert type(actual.past_key_values) is DynamicCache
+    assert type(actual.past_key_values) is type(expected.past_key_values)
 
 
 def _first_decode_step_difference(name: str) -> float:
