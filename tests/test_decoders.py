@@ -222,3 +222,46 @@ def test_a_dropped_value_bias_is_caught(name, monkeypatch):
     project_heads = attention.project_heads
     monkeypatch.setattr(attention, "project_heads", lambda mixed, w_v, b_v=None: project_heads(mixed, w_v))
     assert _first_decode_step_difference(name) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gpt_neo", "bloom", "mpt", "falcon"])
+def test_a_dropped_position_term_is_caught(name, monkeypatch):
+    """The equivalence check can fail: without its position term on the absorbed path (GPT-Neo's local window,
+    BLOOM/MPT ALiBi, Falcon eager's second ALiBi copy) the first decode step is far off."""
+    import importlib
+
+    patch_module = importlib.import_module(f"hf_slim.patches.{name}")
+    original = patch_module.slim_self_attention
+
+    def without_position_bias(*args, position_bias=None, **kwargs):
+        assert position_bias is not None, "test setup: this family passes a position term"
+        return original(*args, **kwargs)
+
+    assert _first_decode_step_difference(name) <= LOGITS_RTOL[torch.float32]
+    monkeypatch.setattr(patch_module, "slim_self_attention", without_position_bias)
+    assert _first_decode_step_difference(name) > 1e-3
+
+
+REFUSED_CONFIGS = {
+    "mpt clip_qkv": ("mpt", dict(attn_config=dict(clip_qkv=6.0)), "clip_qkv clamps"),
+    "falcon multi-query": ("falcon", dict(multi_query=True), "multi_query=True"),
+    "falcon RoPE": ("falcon", dict(alibi=False), "alibi=False means RoPE"),
+    "falcon new architecture": (
+        "falcon", dict(new_decoder_architecture=True, num_kv_heads=2), "new_decoder_architecture=True"
+    ),
+    "xglm as a cross-attention decoder": ("xglm", dict(add_cross_attention=True), "add_cross_attention"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CONFIGS))
+def test_refused_configs_name_the_reason_and_leave_the_model_untouched(case):
+    from helpers import assert_unchanged, snapshot
+
+    from hf_slim import UnsupportedModelError
+
+    name, overrides, reason = REFUSED_CONFIGS[case]
+    model = tiny_decoder(name, **overrides)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=reason):
+        slimify(model)
+    assert_unchanged(model, before)
