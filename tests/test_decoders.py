@@ -115,8 +115,7 @@ def test_generate_identical_tokens(name, attn, kind):
     vanilla, slim = pair(name, attn=attn)
     expected, actual = _generate(vanilla, **GENERATIONS[kind]), _generate(slim, **GENERATIONS[kind])
     assert_same_tokens(actual.sequences, expected.sequences, kind)
-    if expected.past_key_values is not None:  # MPT's generate returns no cache
-        assert isinstance(actual.past_key_values, SlimCache)
+    assert isinstance(actual.past_key_values, SlimCache)
     if kind == "beams":
         assert_close_relative(actual.sequences_scores, expected.sequences_scores, 1e-5, "beam scores")
 
@@ -129,8 +128,7 @@ def test_static_cache_generate_matches_vanilla(name):
         expected = vanilla.generate(**padded_batch(), **common, **kwargs)
         actual = slim.generate(**padded_batch(), **common, **kwargs)
         assert_same_tokens(actual.sequences, expected.sequences, f"static cache {kwargs}")
-        if getattr(vanilla, "_supports_static_cache", True) and name != "mpt":
-            assert all(isinstance(layer, StaticSlimLayer) for layer in actual.past_key_values.layers)
+        assert all(isinstance(layer, StaticSlimLayer) for layer in actual.past_key_values.layers)
 
 
 @pytest.mark.parametrize("name", sorted({DECODER_CONFIGS[name][0] for name in NAMES} & NO_STATIC))

@@ -140,7 +140,8 @@ DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
     "bloom": ("bloom", dict(hidden_size=64, n_head=4, n_layer=2, initializer_range=0.1)),
     # 6 heads: not a power of two, so the ALiBi slopes take their interleaved second series
     "bloom-6-heads": ("bloom", dict(hidden_size=96, n_head=6, n_layer=2, initializer_range=0.1)),
-    "mpt": ("mpt", dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, initializer_range=0.1)),
+    # MptConfig defaults to use_cache=False (generate would then run without any cache): switch it on
+    "mpt": ("mpt", dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, initializer_range=0.1, use_cache=True)),
     # Falcon-RW layout: MHA with ALiBi, sequential attention/MLP, biases
     "falcon": (
         "falcon", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, alibi=True, multi_query=False,
