@@ -263,3 +263,27 @@ def test_refused_configs_name_the_reason_and_leave_the_model_untouched(case):
     with pytest.raises(UnsupportedModelError, match=reason):
         slimify(model)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_slim_model_survives_deepcopy_and_pickle(name):
+    """Everything slimify installs is plain data or a PatchedMethod: a deep copy and a pickled copy are slim models
+    that act on their own weights."""
+    import io
+
+    vanilla, slim = pair(name)
+    buffer = io.BytesIO()
+    torch.save(slim, buffer)
+    buffer.seek(0)
+    copies = {"deepcopy": copy.deepcopy(slim), "pickle": torch.load(buffer, weights_only=False)}
+    expected = _generate(vanilla, do_sample=False)
+    for how, model in copies.items():
+        attention = model.get_submodule(_first_attention(model))
+        assert attention.forward.owner is attention, f"{how}: the patched forward acts on the original"
+        actual = _generate(model, do_sample=False)
+        assert_same_tokens(actual.sequences, expected.sequences, how)
+        assert isinstance(actual.past_key_values, SlimCache), how
+
+
+def _first_attention(model) -> str:
+    return next(name for name, module in model.named_modules() if "hf_slim" in vars(module))
