@@ -16,6 +16,8 @@ outside attention: the cached tensor is whatever the attention module receives.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +46,7 @@ class Family:
     """
 
     query_prescaled: bool
-    eager: object | None
+    eager: Callable | None
 
 
 FAMILY: dict[type, Family] = {
@@ -80,7 +82,7 @@ def _attention_runner(module: nn.Module, scale: float, kwargs: dict):
     """The model's own attention call for this class, as its forward makes it."""
     family = FAMILY[type(module)]
     if family.eager is None:
-        return lambda query, key, value, mask: _xglm_eager_attention(module, query, key, value, mask)
+        return functools.partial(_xglm_eager_attention, module)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, family.eager)
     dropout = module.dropout if module.training else 0.0
 
