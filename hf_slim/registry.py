@@ -76,8 +76,8 @@ CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]]
     "falcon": [
         (
             lambda c: c.new_decoder_architecture,
-            "new_decoder_architecture=True (Falcon-40B/180B layout) is grouped-query attention with RoPE: slim "
-            "attention needs MHA",
+            "new_decoder_architecture=True (Falcon-40B/180B layout) groups key/value heads (num_kv_heads) and uses "
+            "RoPE unless alibi=True: slim attention needs MHA without RoPE, and this fused layout is not patched",
         ),
         (
             lambda c: c.multi_query,
