@@ -76,10 +76,10 @@ def test_prefill_and_decode_steps_match_logits(name, attn, mode):
     assert caches["slim"].get_seq_length() == batch["input_ids"].shape[1] + DECODE_STEPS
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_chunked_prefill_matches(name):
+@pytest.mark.parametrize(("name", "attn"), CASES)
+def test_chunked_prefill_matches(name, attn):
     """Chunks larger than head_dim rebuild K/V from the slim tensor; small chunks use the absorbed path."""
-    vanilla, slim = pair(name)
+    vanilla, slim = pair(name, attn=attn)
     head_dim = 16
     ids = torch.randint(0, vanilla.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
