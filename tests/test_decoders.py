@@ -93,6 +93,20 @@ def test_chunked_prefill_matches(name, attn):
     assert_close_relative(torch.cat(pieces, dim=1), full, LOGITS_RTOL[torch.float32], "chunked prefill")
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_without_attention_mask(name):
+    """No mask at all (the model builds causal masks and ALiBi from cache lengths): prefill, two single steps, a
+    chunk."""
+    vanilla, slim = pair(name)
+    ids = torch.randint(0, vanilla.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    caches = {"vanilla": DynamicCache(), "slim": SlimCache()}
+    with torch.no_grad():
+        for start, stop in ((0, 12), (12, 13), (13, 14), (14, 30)):
+            expected = vanilla(input_ids=ids[:, start:stop], past_key_values=caches["vanilla"]).logits
+            actual = slim(input_ids=ids[:, start:stop], past_key_values=caches["slim"]).logits
+            assert_close_relative(actual, expected, LOGITS_RTOL[torch.float32], f"tokens {start}:{stop}")
+
+
 GENERATIONS = {
     "greedy": dict(do_sample=False),
     "beams": dict(do_sample=False, num_beams=3, num_return_sequences=2),
