@@ -301,3 +301,15 @@ def test_slim_model_survives_deepcopy_and_pickle(name):
 
 def _first_attention(model) -> str:
     return next(name for name, module in model.named_modules() if "hf_slim" in vars(module))
+
+
+@pytest.mark.parametrize("name", ["opt", "gpt_neo", "bloom", "mpt", "falcon"])
+def test_text_generation_pipeline_identical(name):
+    from transformers import pipeline
+
+    vanilla, slim = pair(name)
+    texts = {}
+    for label, model in (("vanilla", vanilla), ("slim", slim)):
+        generator = pipeline("text-generation", model=model, tokenizer=tiny_tokenizer(), device="cpu")
+        texts[label] = generator(PROMPTS, max_new_tokens=12, do_sample=False, batch_size=3)
+    assert texts["slim"] == texts["vanilla"]
