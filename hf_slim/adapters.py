@@ -38,7 +38,7 @@ class LowRank:
     up: torch.Tensor
     scale: float
 
-    def columns(self, columns: slice) -> LowRank:
+    def columns(self, columns: slice | torch.Tensor) -> LowRank:
         """The update restricted to some output columns (one part of a fused projection such as GPT-2's c_attn)."""
         return LowRank(self.down, self.up[:, columns], self.scale)
 
@@ -81,8 +81,8 @@ def _low_rank_terms(layer: torch.nn.Module, where: str) -> tuple[LowRank, ...]:
 
 
 def projection_weights(
-    layer: torch.nn.Module, columns: slice = slice(None), *, where: str = "projection"
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[LowRank, ...]]:
+    layer: torch.nn.Module, columns: slice | torch.Tensor = slice(None), *, where: str = "projection"
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[LowRank, ...], tuple[torch.Tensor, ...]]:
     """The live ``(weight, bias, low-rank updates)`` of a linear projection, as ``y = x @ weight + bias + updates``.
 
     Parameters
@@ -91,13 +91,15 @@ def projection_weights(
         an ``nn.Linear`` (weight ``(out, in)``), a transformers ``Conv1D`` (weight ``(in, out)``), or a PEFT LoRA
         layer wrapping one of them.
     columns:
-        the output columns to keep (one of q/k/v in a fused projection).
+        the output columns to keep (one of q/k/v in a fused projection): a slice (views), or an index tensor for
+        layouts that interleave heads (a gathered copy).
     where:
         name used in error messages.
 
     Returns
     -------
-    ``weight: (d_in, out)`` view, ``bias: (out,)`` view or None, and the active LoRA updates restricted to ``columns``.
+    ``weight: (d_in, out)``, ``bias: (out,)`` or None, the active LoRA updates restricted to ``columns``, and the
+    parameters they were read from (what a K-mode stamp watches: a gathered copy is new at every call).
     """
     terms: tuple[LowRank, ...] = ()
     if _is_peft_layer(layer):
@@ -113,7 +115,8 @@ def projection_weights(
             "adapted layers need their weights merged or dequantized first)"
         )
     bias = None if layer.bias is None else layer.bias[columns]
-    return weight, bias, terms
+    sources = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
+    return weight, bias, terms, sources
 
 
 def apply_low_rank(states: torch.Tensor, terms: tuple[LowRank, ...]) -> torch.Tensor | None:

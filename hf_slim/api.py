@@ -61,6 +61,8 @@ class SlimRecord:
     version: str = __version__
     patches: list = field(default_factory=list, repr=False)
     owner: CacheOwner = field(default_factory=CacheOwner, repr=False)
+    #: why this architecture cannot use a static cache (its patch module's ``STATIC_CACHE_REFUSAL``), or None
+    static_cache_refusal: str | None = None
 
     def new_cache(self, max_cache_len: int | None = None) -> SlimCache | EncoderDecoderCache:
         """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache);
@@ -185,6 +187,7 @@ def slimify(
         calibration=calibration,
         num_cache_layers=1 + max((site.layer_idx for site in self_sites), default=-1),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        static_cache_refusal=getattr(patch_module, "STATIC_CACHE_REFUSAL", None),
     )
     patches = _site_patches(sites, layer_modes, calibration, k_weights, record.owner)
     for owner in patch_module.cache_owners(model):
@@ -443,6 +446,8 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
             f"hf_slim does not support cache_implementation={generation_config.cache_implementation!r}; use "
             "the default (dynamic) or 'static', which hf_slim replaces by the matching slim cache"
         )
+    if generation_config.cache_implementation == "static" and record.static_cache_refusal:
+        raise NotImplementedError(f"cache_implementation='static': {record.static_cache_refusal}")
     original(self, generation_config, model_kwargs, *args, **kwargs)
     cache = model_kwargs.get("past_key_values")
     if cache is None:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .adapters import LowRank, apply_low_rank, projection_weights
-from .cache import SlimLayout, slim_cache_for
+from .cache import SlimCache, SlimLayout, slim_cache_for
 
 if TYPE_CHECKING:
     from .kmode import KSourceStamp
@@ -37,9 +38,10 @@ RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor 
 class Projections:
     """The key and value projections of one attention layer, as ``K = X @ w_k + b_k (+ LoRA)`` and likewise V.
 
-    Tensors are views of the live module parameters (never copies), read at every call, so device moves, dtype
-    casts, weight edits, PEFT adapters and accelerate offload hooks are followed. Shapes:
-    ``w_k, w_v: (d_in, heads * head_dim)``; ``k_low_rank`` / ``v_low_rank``: the active LoRA updates
+    Tensors are read from the live module parameters at every call (views where the layout allows; fused projections
+    whose rows interleave heads are gathered, see :func:`interleaved_qkv_projections`), so device moves, dtype casts,
+    weight edits, PEFT adapters and accelerate offload hooks are followed. Shapes: ``w_k, w_v: (d_in, heads *
+    head_dim)``, columns head-major; ``k_low_rank`` / ``v_low_rank``: the active LoRA updates
     (:class:`~hf_slim.adapters.LowRank`), empty without adapters.
     """
 
@@ -49,20 +51,36 @@ class Projections:
     b_v: torch.Tensor | None = None
     k_low_rank: tuple[LowRank, ...] = ()
     v_low_rank: tuple[LowRank, ...] = ()
+    #: the parameters these were read from (K-mode stamps watch them); empty: the four tensors above
+    sources: tuple[torch.Tensor, ...] = ()
 
     @classmethod
     def of(
         cls,
         k_layer: torch.nn.Module,
         v_layer: torch.nn.Module,
-        k_columns: slice = slice(None),
-        v_columns: slice = slice(None),
+        k_columns: slice | torch.Tensor = slice(None),
+        v_columns: slice | torch.Tensor = slice(None),
     ) -> Projections:
         """Read the live projections from the model's key and value layers (the same fused layer with two column
-        ranges for a fused ``qkv``), including active PEFT LoRA adapters on them."""
-        w_k, b_k, k_low_rank = projection_weights(k_layer, k_columns, where="the key projection")
-        w_v, b_v, v_low_rank = projection_weights(v_layer, v_columns, where="the value projection")
-        return cls(w_k=w_k, w_v=w_v, b_k=b_k, b_v=b_v, k_low_rank=k_low_rank, v_low_rank=v_low_rank)
+        ranges, or index tensors, for a fused ``qkv``), including active PEFT LoRA adapters on them."""
+        w_k, b_k, k_low_rank, k_sources = projection_weights(k_layer, k_columns, where="the key projection")
+        w_v, b_v, v_low_rank, v_sources = projection_weights(v_layer, v_columns, where="the value projection")
+        sources = k_sources + tuple(t for t in v_sources if all(t is not s for s in k_sources))
+        return cls(w_k, w_v, b_k, b_v, k_low_rank, v_low_rank, sources)
+
+
+def interleaved_qkv_projections(fused: torch.nn.Linear, num_heads: int, head_dim: int) -> Projections:
+    """Key/value projections of a fused ``query_key_value`` linear whose output is laid out per head as
+    ``(heads, 3, head_dim)`` (BLOOM, Falcon-RW): head ``i``'s query, key and value rows are adjacent.
+
+    Why a gather: the absorbed path and the K-mode solve take ``w_k``/``w_v`` with head-major columns
+    ``(d_in, heads * head_dim)``; the key rows of head ``i`` sit at ``3 * i * head_dim + head_dim`` in the fused weight,
+    so they are copied out (``2 * d_in * heads * head_dim`` numbers per call, what one decode step of the layer reads
+    anyway). The module's weight itself is never changed.
+    """
+    rows = torch.arange(3 * num_heads * head_dim, device=fused.weight.device).view(num_heads, 3, head_dim)
+    return Projections.of(fused, fused, rows[:, 1].reshape(-1), rows[:, 2].reshape(-1))  # (d, e) each, head-major
 
 
 @dataclass
@@ -226,7 +244,7 @@ def slim_self_attention(
     run_attention: RunAttention,
     *,
     want_weights: bool = False,
-    position_bias: torch.Tensor | None = None,
+    position_bias: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One self-attention step with a slim cache.
 
@@ -250,8 +268,10 @@ def slim_self_attention(
     want_weights:
         return attention probabilities from the absorbed path (eager ``output_attentions``).
     position_bias:
-        additive score bias ``(1|b, h, new, seq)`` (T5 relative positions), applied on both paths by the caller's
-        ``run_attention`` and here on the absorbed path.
+        additive score bias ``(1|b, 1|h, new|1, seq)`` (T5 relative positions, ALiBi, windowed masks), applied on
+        both paths by the caller's ``run_attention`` and here on the absorbed path; or a function of the key length
+        ``seq`` (the cached tokens a step attends over, ``max_cache_len`` for a static cache) returning that bias, for
+        biases the model slices by key length.
 
     Returns
     -------
@@ -290,6 +310,8 @@ def slim_self_attention(
             bias = bias + additive_bias(attention_mask[..., : states.shape[1]])
     else:
         bias = _bias_for_decode(attention_mask, num_queries, states.shape[1], states.device)
+    if callable(position_bias):
+        position_bias = position_bias(states.shape[1])
     if position_bias is not None:
         bias = position_bias.float() if bias is None else bias + position_bias.float()
     if state.mode == "k":
@@ -297,6 +319,15 @@ def slim_self_attention(
     else:
         out, weights = _decode_input_mode(state, projections, query, states, bias, scale, want_weights)
     return out.to(query.dtype).transpose(1, 2), weights
+
+
+def is_static_slim_cache(past_key_values, layer_idx: int) -> bool:
+    """Whether ``past_key_values`` holds a preallocated (static) slim layer at ``layer_idx``."""
+    cache = past_key_values
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    layers = getattr(cache, "layers", [])
+    return isinstance(cache, SlimCache) and layer_idx < len(layers) and layers[layer_idx].is_compileable
 
 
 def encoder_cross_attention(

@@ -163,7 +163,7 @@ def _sketch(tensor: torch.Tensor | None) -> torch.Tensor | None:
 def _versions(projections: Projections) -> tuple[tuple[int, int], ...]:
     """``(version counter, data pointer)`` of each projection tensor: in-place edits bump the first, ``.data = ...``
     assignments and device moves change the second."""
-    parts = (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+    parts = projections.sources or (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
     return tuple((-1, 0) if t is None else (t._version, t.data_ptr()) for t in parts)
 
 

@@ -8,6 +8,7 @@ reason, so the error a user sees explains itself.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -28,8 +29,9 @@ class Architecture:
         import path of the module in ``patches/`` that knows where its attention layers and weights are.
     positions:
         how positions enter attention: ``"absolute"`` (added to embeddings), ``"relative_bias"`` (T5),
-        ``"rope"`` (rotates q and k: rules out the input cache), ``"decoder"`` (composites: those of the decoder
-        named by ``config.decoder``, resolved by :func:`architecture_for`).
+        ``"alibi"`` (a per-head linear score bias, BLOOM/MPT/Falcon-RW), ``"rope"`` (rotates q and k: rules out the
+        input cache), ``"decoder"`` (composites: those of the decoder named by ``config.decoder``, resolved by
+        :func:`architecture_for`).
     """
 
     patch_module: str
@@ -70,6 +72,14 @@ SUPPORTED: dict[str, Architecture] = {
     # composites: whatever encoder, with a supported decoder (config.decoder.model_type)
     "vision-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
     "speech-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
+    # decoder-only MHA families without RoPE (issue 11 part B)
+    "opt": Architecture("hf_slim.patches.opt", positions="absolute"),
+    "xglm": Architecture("hf_slim.patches.opt", positions="absolute"),
+    "biogpt": Architecture("hf_slim.patches.opt", positions="absolute"),
+    "gpt_neo": Architecture("hf_slim.patches.gpt_neo", positions="absolute"),
+    "bloom": Architecture("hf_slim.patches.bloom", positions="alibi"),
+    "mpt": Architecture("hf_slim.patches.mpt", positions="alibi"),
+    "falcon": Architecture("hf_slim.patches.falcon", positions="alibi"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.
@@ -79,7 +89,6 @@ UNSUPPORTED: dict[str, str] = {
     "mistral": "grouped-query attention (num_key_value_heads < num_attention_heads): slim attention needs MHA",
     "qwen2": "grouped-query attention (num_key_value_heads < num_attention_heads): slim attention needs MHA",
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
-    "falcon": "multi-query / grouped-query attention: slim attention needs MHA",
     "gpt_bigcode": "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache",
     "gpt_neox": "RoPE on part of each head: the input cache cannot apply and the RoPE K cache is not implemented",
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
@@ -91,6 +100,53 @@ UNSUPPORTED: dict[str, str] = {
 
 #: Encoder-only families whose configs can also build a causal decoder (``is_decoder=True``), refused differently.
 ENCODER_ONLY = ("bert", "roberta")
+#: Configurations of supported model types that are refused, with the reason: ``model_type -> [(test, reason)]``.
+CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]] = {
+    "falcon": [
+        (
+            lambda c: c.new_decoder_architecture,
+            "new_decoder_architecture=True (Falcon-40B/180B layout) groups key/value heads (num_kv_heads) and uses "
+            "RoPE unless alibi=True: slim attention needs MHA without RoPE, and this fused layout is not patched",
+        ),
+        (
+            lambda c: c.multi_query,
+            "multi_query=True (Falcon-7B layout) keeps one shared K/V head: its cache is already smaller than a slim "
+            "cache; only multi_query=False with alibi=True (Falcon-RW) is MHA without RoPE",
+        ),
+        (
+            lambda c: not c.alibi,
+            "alibi=False means RoPE, which rotates keys between projection and dot product, so the input cache cannot "
+            "apply (the RoPE K cache is not implemented yet); only alibi=True Falcon configs are supported",
+        ),
+        (
+            lambda c: c.num_kv_heads != c.num_attention_heads,
+            "num_kv_heads differs from num_attention_heads (grouped-query attention): slim attention needs MHA",
+        ),
+    ],
+    "mpt": [
+        (
+            lambda c: bool(c.attn_config.clip_qkv),
+            "attn_config.clip_qkv clamps the fused Q/K/V projection; the clamp is not linear, so neither the input "
+            "cache (keys recomputed from X) nor the K cache (V = K W_KV) reproduces it exactly. Use a config with "
+            "clip_qkv=None",
+        ),
+    ],
+    "xglm": [
+        (
+            lambda c: c.add_cross_attention,
+            "add_cross_attention=True (XGLM as the decoder of an encoder-decoder) is not implemented: only the "
+            "decoder-only XGLM is supported",
+        ),
+    ],
+}
+
+
+def config_refusal(config: PreTrainedConfig) -> str | None:
+    """The reason this configuration of a supported type is refused, or None."""
+    for refused, reason in CONFIG_REFUSALS.get(getattr(config, "model_type", None), []):
+        if refused(config):
+            return reason
+    return None
 
 
 def supported_model_types() -> list[str]:
@@ -147,6 +203,9 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
         raise UnsupportedModelError(
             f"hf_slim has no patch for model type {model_type!r}. Supported model types: {supported}."
         )
+    reason = config_refusal(config)
+    if reason is not None:
+        raise UnsupportedModelError(f"hf_slim cannot patch this {model_type!r} configuration: {reason}.")
     architecture = SUPPORTED[model_type]
     if mode == "input" and architecture.positions == "rope":
         raise UnsupportedModelError(

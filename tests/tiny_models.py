@@ -112,3 +112,61 @@ def tiny_t5_tokenizer() -> PreTrainedTokenizerFast:
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+#: tiny random configs of the decoder-only MHA families (2 layers, d=64, 4 heads), keyword arguments for the config
+#: class named by ``model_type``; ``*_init`` raises the init std so logits are peaked (see :func:`tiny_gpt2`).
+DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
+    "opt": ("opt", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=128, init_std=0.1)),
+    # OPT-350m layout: project_in/project_out (word_embed_proj_dim != hidden_size) and post-layer-norm. (With a
+    # 32-wide projection the tiny model's bf16 greedy path is decided by rounding ties even without hf_slim.)
+    "opt-350m": (
+        "opt",
+        dict(
+            hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=128, init_std=0.1,
+            word_embed_proj_dim=48, do_layer_norm_before=False,
+        ),
+    ),
+    "xglm": ("xglm", dict(d_model=64, attention_heads=4, num_layers=2, ffn_dim=128, init_std=0.1)),
+    "biogpt": (
+        "biogpt", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                       initializer_range=0.1),
+    ),
+    # one global and one local layer; a window of 8 is crossed by every prompt plus 20 decode steps
+    "gpt_neo": (
+        "gpt_neo", dict(hidden_size=64, num_heads=4, num_layers=2, attention_types=[[["global", "local"], 1]],
+                        window_size=8, initializer_range=0.1),
+    ),
+    "bloom": ("bloom", dict(hidden_size=64, n_head=4, n_layer=2, initializer_range=0.1)),
+    # 6 heads: not a power of two, so the ALiBi slopes take their interleaved second series
+    "bloom-6-heads": ("bloom", dict(hidden_size=96, n_head=6, n_layer=2, initializer_range=0.1)),
+    # MptConfig defaults to use_cache=False (generate would then run without any cache): switch it on
+    "mpt": ("mpt", dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, initializer_range=0.1, use_cache=True)),
+    # Falcon-RW layout: MHA with ALiBi, sequential attention/MLP, biases
+    "falcon": (
+        "falcon", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, alibi=True, multi_query=False,
+                       new_decoder_architecture=False, parallel_attn=False, bias=True, initializer_range=0.1),
+    ),
+}  # fmt: skip
+
+
+def tiny_decoder(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager", **overrides):
+    """A 2-layer causal LM of the family ``name`` (a key of :data:`DECODER_CONFIGS`) with random biases and norms,
+    whose vocabulary matches :func:`tiny_tokenizer` (pad = bos = eos)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    model_type, settings = DECODER_CONFIGS[name]
+    special = dict(
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **special, **{**settings, **overrides}
+    )
+    if model_type == "mpt":
+        config.max_seq_len = 256
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = randomize_biases(model).eval().to(dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,114 @@
+"""BLOOM: ALiBi positions and a fused, per-head-interleaved ``query_key_value`` linear.
+
+Why the input cache applies: ALiBi adds ``slope_h * key_position`` to the scores (a per-head additive bias that does
+not touch the keys), so ``scores_h = (q_h W_K,h^T) X^T * s + alibi_h`` holds exactly. BloomModel builds the ALiBi
+tensor ``(batch * heads, 1, keys)`` once per forward from the 2-D attention mask (positions count real tokens, so
+left padding is handled by the model) and hands it to every block; the absorbed decode adds the same rows.
+
+The fused projection's output rows are ordered ``(heads, 3, head_dim)``: see
+:func:`hf_slim.attention.interleaved_qkv_projections`. The attention residual (``dropout_add``) and the tensor-parallel
+``slow_but_exact`` output projection stay as in the model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.bloom.modeling_bloom import BloomAttention, BloomModel, dropout_add
+
+from hf_slim.attention import interleaved_qkv_projections, slim_self_attention
+from hf_slim.sites import AttentionSite, token_calibration_inputs
+
+
+def _projections(module: BloomAttention):
+    return interleaved_qkv_projections(module.query_key_value, module.num_heads, module.head_dim)
+
+
+# Adapted from transformers 5.23.0, models/bloom/modeling_bloom.py, BloomAttention.forward (scores to context).
+def _own_attention(module: BloomAttention, alibi: torch.Tensor, query, key, value, mask):
+    """BLOOM's attention: ``alibi + q k^T / sqrt(dk)`` (one baddbmm), additive mask, fp32 softmax.
+
+    ``query: (b, h, t, dk)``, ``key, value: (b, h, n, dk)``, ``alibi: (b * h, 1, n)``; returns ``(b, t, h, dk)`` and
+    the probabilities ``(b, h, t, n)``.
+    """
+    batch, heads, num_queries, head_dim = query.shape
+    alibi = alibi[..., : key.shape[-2]]  # a static cache's prefill attends over the new keys only
+    scores = alibi.baddbmm(
+        batch1=query.reshape(batch * heads, num_queries, head_dim),
+        batch2=key.reshape(batch * heads, -1, head_dim).transpose(-1, -2),
+        beta=module.beta,
+        alpha=module.inv_norm_factor,
+    ).view(batch, heads, num_queries, -1)  # (b, h, t, n)
+    if mask is not None:
+        scores = scores + mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    dropped = module.attention_dropout(probs)
+    return torch.matmul(dropped, value).transpose(1, 2), probs  # (b, t, h, dk)
+
+
+def _output_projection(module: BloomAttention, context: torch.Tensor) -> torch.Tensor:
+    """``dense``, or its tensor-parallel slices summed in order when ``slow_but_exact`` (as the model does)."""
+    if module.pretraining_tp > 1 and module.slow_but_exact:
+        slices = module.hidden_size / module.pretraining_tp
+        output = torch.zeros_like(context)
+        for i in range(module.pretraining_tp):
+            output = output + F.linear(
+                context[:, :, int(i * slices) : int((i + 1) * slices)],
+                module.dense.weight[:, int(i * slices) : int((i + 1) * slices)],
+            )
+        return output
+    return module.dense(context)
+
+
+# Adapted from transformers 5.23.0, models/bloom/modeling_bloom.py, BloomAttention.forward: the fused projection, the
+# output projection and the residual are the model's own; the cache handling and the attention call change.
+def slim_bloom_attention_forward(
+    self: BloomAttention,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    alibi: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer_past=None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    batch, num_queries, _ = hidden_states.shape
+    query, key, value = self._reshape(self.query_key_value(hidden_states))  # (b, h, t, dk) each
+    context, probs = slim_self_attention(
+        self,
+        hidden_states,
+        query,
+        key,
+        value,
+        layer_past,
+        attention_mask,
+        self.inv_norm_factor,
+        functools.partial(_own_attention, self, alibi),
+        want_weights=True,
+        position_bias=alibi.view(batch, self.num_heads, 1, -1),  # (b, h, 1, n): as long as the cache, static too
+    )
+    context = context.reshape(batch, num_queries, -1)  # (b, t, e)
+    output = dropout_add(_output_projection(self, context), residual, self.hidden_dropout, self.training)
+    return output, probs
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """The self-attention of every block."""
+    return [
+        AttentionSite.of(module, "self", _projections, slim_bloom_attention_forward)
+        for module in model.modules()
+        if isinstance(module, BloomAttention)
+    ]
+
+
+def cache_owners(model: nn.Module) -> list[nn.Module]:
+    """BloomModel.forward creates the cache when none is given."""
+    return [module for module in model.modules() if isinstance(module, BloomModel)]
+
+
+#: token ids for the K-mode calibration when the user gives none
+default_calibration_inputs = token_calibration_inputs

@@ -1,0 +1,102 @@
+"""MPT: ALiBi positions, a fused bias-free ``Wqkv`` linear laid out ``[Q | K | V]`` (like GPT-2's ``c_attn``).
+
+Why the input cache applies: ALiBi is an additive per-head score bias. MptModel builds one tensor
+``(heads, 1, max_seq_len)`` holding ``slope_h * (j - (max_seq_len - 1))`` and each attention call keeps its last
+``key_length`` columns, i.e. the bias is relative to the newest key (softmax is shift invariant per row); the absorbed
+decode adds the same columns (:func:`_alibi_bias`).
+
+``attn_config.clip_qkv`` clamps the fused projection, which is not linear: neither the input cache nor the K cache can
+reproduce clamped keys/values, so such configs are refused in :data:`hf_slim.registry.CONFIG_REFUSALS`.
+
+MPT's mask is boolean with True meaning *masked* (``create_causal_mask(...).to(torch.bool)`` of an additive mask); the
+shared slim steps take True as *visible*, so the forward inverts it once and :func:`_own_attention` inverts it back.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
+
+from hf_slim.attention import Projections, slim_self_attention, split_heads
+from hf_slim.sites import AttentionSite, token_calibration_inputs
+
+
+def _projections(module: MptAttention) -> Projections:
+    e = module.hidden_size
+    return Projections.of(module.Wqkv, module.Wqkv, slice(e, 2 * e), slice(2 * e, None))  # Wqkv rows [Q | K | V]
+
+
+def _alibi_bias(alibi: torch.Tensor, key_length: int) -> torch.Tensor:
+    """The last ``key_length`` ALiBi columns, ``(1, h, 1, key_length)``, as MptAttention.forward slices them."""
+    return alibi[None, :, :, max(0, alibi.shape[-1] - key_length) :]
+
+
+# Adapted from transformers 5.23.0, models/mpt/modeling_mpt.py, MptAttention.forward (scores to context).
+def _own_attention(module: MptAttention, alibi: torch.Tensor, query, key, value, visible):
+    """MPT's attention: ``q k^T * softmax_scale + alibi``, masked fill, fp32 softmax.
+
+    ``query: (b, h, t, dk)``, ``key, value: (b, h, n, dk)``, ``visible``: bool mask, True where attended;
+    returns ``(b, t, h, dk)`` and the probabilities ``(b, h, t, n)``.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * module.softmax_scale  # (b, h, t, n)
+    scores = scores + _alibi_bias(alibi, key.shape[-2])[0]
+    if visible is not None:
+        scores = scores.masked_fill(~visible, torch.finfo(query.dtype).min)
+    probs = nn.functional.softmax(scores.float(), dim=-1).to(value.dtype)
+    dropped = nn.functional.dropout(probs, p=module.attn_dropout_p, training=module.training)
+    return torch.matmul(dropped, value).transpose(1, 2), probs  # (b, t, h, dk)
+
+
+# Adapted from transformers 5.23.0, models/mpt/modeling_mpt.py, MptAttention.forward: the fused projection and the
+# output projection are the model's own; the cache handling and the attention call change.
+def slim_mpt_attention_forward(
+    self: MptAttention,
+    hidden_states: torch.Tensor,
+    position_bias: torch.Tensor,
+    past_key_values=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if self.clip_qkv:  # refused by the registry; a config edited after slimify must not run silently wrong
+        raise RuntimeError("clip_qkv was set after slimify: the slim cache cannot reproduce clamped keys/values")
+    query, key, value = self.Wqkv(hidden_states).chunk(3, dim=2)  # (b, t, e) each
+    query, key, value = (split_heads(x, self.head_dim) for x in (query, key, value))  # (b, h, t, dk)
+    visible = None if attention_mask is None else ~attention_mask
+    context, probs = slim_self_attention(
+        self,
+        hidden_states,
+        query,
+        key,
+        value,
+        past_key_values,
+        visible,
+        self.softmax_scale,
+        functools.partial(_own_attention, self, position_bias),
+        want_weights=True,
+        position_bias=functools.partial(_alibi_bias, position_bias),
+    )
+    context = context.reshape(*hidden_states.shape[:-1], -1)  # (b, t, e)
+    return self.out_proj(context), probs
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """The self-attention of every block."""
+    return [
+        AttentionSite.of(
+            module, "self", _projections, slim_mpt_attention_forward, num_heads=module.n_heads, head_dim=module.head_dim
+        )
+        for module in model.modules()
+        if isinstance(module, MptAttention)
+    ]
+
+
+def cache_owners(model: nn.Module) -> list[nn.Module]:
+    """MptModel.forward creates the cache when none is given."""
+    return [module for module in model.modules() if isinstance(module, MptModel)]
+
+
+#: token ids for the K-mode calibration when the user gives none
+default_calibration_inputs = token_calibration_inputs
