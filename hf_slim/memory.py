@@ -117,6 +117,7 @@ def cache_report(
     if encoder_len is None:
         encoder_len = getattr(model.config, "max_source_positions", seq_len) if model.config.is_encoder_decoder else 0
     modes = slim_record(model).layer_modes if is_slim(model) else {}
+    ranks = slim_record(model).residual_ranks if is_slim(model) else {}  # K+R layers cache e + r per token
     report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype)
     d_model = None
     for site in sites:
@@ -128,7 +129,7 @@ def cache_report(
             vanilla, slim = 2 * batch_size * encoder_len * inner, 0
         else:
             vanilla = 2 * batch_size * seq_len * inner
-            slim = batch_size * seq_len * (inner if mode == "k" else d_in)
+            slim = batch_size * seq_len * (inner + ranks.get(site.name, 0) if mode == "k" else d_in)
         report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
     if model.config.is_encoder_decoder:
         report.encoder_bytes = batch_size * encoder_len * d_model * size
