@@ -470,3 +470,24 @@ def test_saving_after_the_weights_changed_refuses_a_stale_z_proj(tmp_path):
         slim.transformer.h[0].attn.c_attn.weight[:, 64:128].mul_(1.01)  # W_K only: its SVD (and U_r) move
     with pytest.raises(RuntimeError, match=r"GPT2Attention\[self 0\]: the weights changed after slimify"):
         slim.save_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- accelerate offload
+
+
+def test_k_plus_r_on_a_disk_offloaded_model(tmp_path):
+    """slimify solves the SVD from the real weights of a layer that rests on the meta device; z_proj and W_KV are
+    buffers on the offloaded module and the outputs equal the in-memory K+R model's."""
+    from test_accelerate import dispatched
+
+    vanilla = tiny_gpt2()
+    vanilla.save_pretrained(tmp_path / "plain")
+    offloaded = k_plus_r(dispatched("gpt2", tmp_path / "plain", tmp_path), 32)
+    in_memory = k_plus_r(copy.deepcopy(vanilla), 32)
+    attention = offloaded.get_submodule("transformer.h.1.attn")
+    assert attention.c_attn.weight.is_meta, "the layer's weights must be back on meta at rest"
+    assert attention.hf_slim_z_proj.shape == (64, 32)
+    expected, actual = _generate("gpt2", in_memory), _generate("gpt2", offloaded)
+    assert_same_tokens(actual.sequences, expected.sequences, "offloaded K+R")
+    for step, (a, e) in enumerate(zip(actual.scores, expected.scores, strict=True)):
+        assert_close_relative(a, e, LOGITS_RTOL[torch.float32], f"step {step}")
