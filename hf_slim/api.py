@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from . import __version__
 from .attention import SlimAttentionState
 from .cache import SlimCache
-from .kmode import KModeWeights, SingularKeyProjection, choose_residual_rank, max_residual_rank, solve_layer_k_mode
+from .kmode import KModeWeights, SingularKeyProjection, choose_residual_rank, solve_layer_k_mode
 from .patching import (
     BufferPatch,
     InstancePatch,
@@ -125,10 +125,8 @@ def slimify(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if is_slim(model):
         record = slim_record(model)
-        if (
-            layer_modes is not None
-            and layer_modes != record.layer_modes
-            or (residual_ranks is not None and residual_ranks != record.residual_ranks)
+        if (layer_modes is not None and layer_modes != record.layer_modes) or (
+            residual_ranks is not None and residual_ranks != record.residual_ranks
         ):
             raise ValueError("model is already slimified with other layer modes; call hf_slim.unslimify(model) first")
         if record.requested_mode != mode:
@@ -236,8 +234,8 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
             k_weights[site.name] = choice.weights
         else:
             refused.append(
-                f"{site.name}: even with r = {numbers['residual_rank']} (cap d/2 = "
-                f"{max_residual_rank(projections.w_k.shape[0])}; cache ratio {numbers['cache_ratio']:.2f}x) V rebuilt "
+                f"{site.name}: even with r = {numbers['residual_rank']} (cap {choice.max_rank}; cache ratio "
+                f"{numbers['cache_ratio']:.2f}x) V rebuilt "
                 f"from {dtype} keys has relative error {numbers['k_error']:.2e} vs {numbers['vanilla_error']:.2e} for "
                 f"the unmodified model (cond(W_K) = {numbers['cond_w_k']:.2e})"
             )

@@ -252,7 +252,8 @@ class ValueErrorProbe:
 def value_errors(
     inputs: torch.Tensor, projections: Projections, weights: KModeWeights, dtype: torch.dtype
 ) -> tuple[float, float]:
-    """``(k_mode_error, vanilla_error)`` of V in ``dtype`` (see :class:`ValueErrorProbe`)."""
+    """``(k_mode_error, vanilla_error)`` of V in ``dtype`` for one set of weights (see :class:`ValueErrorProbe`, which
+    :func:`choose_residual_rank` uses to try many ranks on one reference)."""
     probe = ValueErrorProbe(inputs, projections, dtype)
     return probe.k_mode_error(weights), probe.vanilla_error
 
@@ -263,17 +264,19 @@ def k_mode_is_exact(k_error: float, vanilla_error: float) -> bool:
     return k_error <= max(K_MODE_ERROR_FACTOR * vanilla_error, K_MODE_ABSOLUTE_FLOOR)
 
 
-def cache_ratio(d_model: int, inner: int, residual_rank: int) -> float:
+def cache_ratio(inner: int, residual_rank: int) -> float:
     """How many times smaller a K+R layer's cache is than the model's own K and V: ``2 e / (e + r)``."""
     return 2 * inner / (inner + residual_rank)
 
 
 @dataclass(frozen=True)
 class KModeChoice:
-    """The outcome of calibrating one layer: its weights (None: it keeps the input cache) and the numbers."""
+    """The outcome of calibrating one layer: its weights (None: it keeps the input cache), the numbers, and the
+    largest rank that was allowed (:func:`max_residual_rank`)."""
 
     weights: KModeWeights | None
     numbers: dict
+    max_rank: int
 
 
 def choose_residual_rank(projections: Projections, inputs: torch.Tensor, dtype: torch.dtype) -> KModeChoice:
@@ -288,12 +291,13 @@ def choose_residual_rank(projections: Projections, inputs: torch.Tensor, dtype: 
     Raises
     ------
     SingularKeyProjection
-        when W_K is not square.
+        when W_K is not square, or singular to float64 precision in more than ``max_residual_rank`` directions.
     """
     svd = key_svd(projections)
     probe = ValueErrorProbe(inputs, projections, dtype)
     d_model, inner = projections.w_k.shape
     numbers: dict = {}
+    max_rank = max_residual_rank(d_model)
     for rank in residual_rank_grid(d_model):
         try:
             weights = svd.weights(rank, device=projections.w_k.device)
@@ -306,9 +310,14 @@ def choose_residual_rank(projections: Projections, inputs: torch.Tensor, dtype: 
             "vanilla_error": probe.vanilla_error,
             "cond_w_k": svd.cond,
             "kept_cond": weights.kept_cond,
-            "cache_ratio": cache_ratio(d_model, inner, rank),
+            "cache_ratio": cache_ratio(inner, rank),
             "dtype": str(dtype),
         }
         if k_mode_is_exact(k_error, probe.vanilla_error):
-            return KModeChoice(weights, numbers)
-    return KModeChoice(None, numbers)
+            return KModeChoice(weights, numbers, max_rank)
+    if not numbers:
+        raise SingularKeyProjection(
+            f"W_K is singular (cond {svd.cond:.3g}) in more than {max_rank} directions, the most a K+R cache may keep "
+            "beside K; use mode='input'"
+        )
+    return KModeChoice(None, numbers, max_rank)

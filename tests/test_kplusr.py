@@ -38,6 +38,7 @@ from hf_slim.attention import Projections
 from hf_slim.export import CONFIG_KEY, SIDECAR
 from hf_slim.kmode import (
     KModeWeights,
+    SingularKeyProjection,
     ValueErrorProbe,
     choose_residual_rank,
     k_mode_is_exact,
@@ -491,3 +492,21 @@ def test_k_plus_r_on_a_disk_offloaded_model(tmp_path):
     assert_same_tokens(actual.sequences, expected.sequences, "offloaded K+R")
     for step, (a, e) in enumerate(zip(actual.scores, expected.scores, strict=True)):
         assert_close_relative(a, e, LOGITS_RTOL[torch.float32], f"step {step}")
+
+
+def test_singular_key_projection_is_refused_only_beyond_the_cap():
+    """W_K with 8 exactly-zero singular values: the plain K cache cannot exist, K+R with r >= 8 is exact; with more
+    null directions than d/2 the layer cannot use K mode at all and the error says so."""
+    projections = ill_conditioned(tail=8)
+    u, s, vh = torch.linalg.svd(projections.w_k)
+    s[-8:] = 0
+    singular = Projections(u @ torch.diag(s) @ vh, projections.w_v, projections.b_k, projections.b_v)
+    with pytest.raises(SingularKeyProjection, match="singular in the directions the keys would carry"):
+        solve_k_mode(singular, 0)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    expected = x @ singular.w_v + singular.b_v
+    assert relative(rebuilt_values(x, singular, solve_k_mode(singular, 16)), expected) < 1e-10
+    s[-40:] = 0
+    rank_deficient = Projections(u @ torch.diag(s) @ vh, projections.w_v, projections.b_k, projections.b_v)
+    with pytest.raises(SingularKeyProjection, match="in more than 32 directions"):
+        choose_residual_rank(rank_deficient, x, torch.float64)
