@@ -98,8 +98,8 @@ def slimify(
         keys plus the ``r`` input directions W_K barely carries (K+R cache, width ``e + r``, see
         :mod:`hf_slim.kmode`) and rebuilds values from them, with per layer the smallest ``r`` for which a
         calibration in the model's dtype shows it is as exact as the unmodified model; layers that would need
-        ``r > d/2`` keep the input cache, with a :class:`SlimFallbackWarning` (float64 SVD of every W_K: for
-        d = 4096 about a minute per layer on a CPU core, with a progress bar). ``"auto"`` picks ``"input"``
+        ``r > d/2`` keep the input cache, with a :class:`SlimFallbackWarning` (float64 SVD of every W_K, 1-2
+        minutes per d = 4096 layer on one CPU core, with a progress bar). ``"auto"`` picks ``"input"``
         wherever the architecture allows it.
         Cross-attention always reads the encoder output directly (no cache) whatever the mode.
     calibration_inputs:
