@@ -6,7 +6,8 @@ it. What differs is the query each head scores with:
 * input cache / encoder cache (absorbed trick, ``head_slice=False``): the query is already absorbed into the input
   space, ``q_abs_i = q_i W_K,i^T`` of width ``d_model``, and scores are ``q_abs_i X^T``;
 * K cache (``head_slice=True``): the query keeps its ``head_dim`` width and head ``i`` scores against its own slice
-  ``K[..., i*d_k:(i+1)*d_k]`` of the cached keys.
+  ``K[..., i*d_k:(i+1)*d_k]`` of the cached keys. A K+R cache (:mod:`hf_slim.kmode`) has ``r`` more columns after
+  the ``heads * head_dim`` key columns; scores never read them.
 
 In both layouts the weighted sum ``softmax(scores) @ cache`` uses the whole cache width; the per-head value projection
 (``W_V,i`` or ``W_KV,i``) is applied afterwards by the caller, on ``(batch, heads, queries, width)`` rows, which is
@@ -62,15 +63,17 @@ def absorbed_attention(
     ----------
     query:
         ``(batch, heads, queries, width)`` when ``head_slice`` is False; ``(batch, heads, queries, head_dim)`` with
-        ``heads * head_dim == width`` when ``head_slice`` is True.
+        ``heads * head_dim <= width`` when ``head_slice`` is True (the columns after ``heads * head_dim`` are the
+        K+R residual: weighted, never scored).
     cache:
-        ``(batch, seq, width)``, the slim tensor (layer input X, encoder output E, or keys K).
+        ``(batch, seq, width)``, the slim tensor (layer input X, encoder output E, keys K, or K+R ``[K | Z]``).
     scale:
         multiplies the raw scores (``head_dim ** -0.5`` for most models, 1.0 for T5).
     bias:
         additive float bias broadcastable to ``(batch, heads, queries, seq)`` (masks, T5 position bias, ALiBi).
     head_slice:
-        score head ``i`` against its own ``head_dim`` slice of the cache (K cache layout).
+        score head ``i`` against its own ``head_dim`` slice of the first ``heads * head_dim`` cache columns (K and
+        K+R cache layouts).
     return_weights:
         also return the softmax probabilities (for ``output_attentions``).
 
@@ -86,9 +89,9 @@ def absorbed_attention(
     cache32 = cache.float()  # (b, n, w)
     if head_slice:
         head_dim = query.shape[-1]
-        if heads * head_dim != width:
-            raise ValueError(f"head_slice needs heads*head_dim == cache width, got {heads}*{head_dim} != {width}")
-        keys = cache32.view(batch, -1, heads, head_dim).transpose(1, 2)  # (b, h, n, dk)
+        if heads * head_dim > width:
+            raise ValueError(f"head_slice needs heads*head_dim <= cache width, got {heads}*{head_dim} > {width}")
+        keys = cache32[..., : heads * head_dim].unflatten(-1, (heads, head_dim)).transpose(1, 2)  # (b, h, n, dk)
         scores = torch.matmul(query.float(), keys.transpose(-1, -2))  # (b, h, t, n)
     else:
         if query.shape[-1] != width:

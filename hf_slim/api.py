@@ -20,15 +20,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from . import __version__
 from .attention import SlimAttentionState
 from .cache import CacheOwner, SlimCache, SlimLayout
-from .kmode import (
-    KModeWeights,
-    KSourceStamp,
-    SingularKeyProjection,
-    k_mode_is_exact,
-    solve_k_mode,
-    solve_layer_k_mode,
-    value_errors,
-)
+from .kmode import KModeWeights, KSourceStamp, SingularKeyProjection, choose_residual_rank, solve_layer_k_mode
 from .patching import (
     BufferPatch,
     InstancePatch,
@@ -46,7 +38,7 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 class SlimFallbackWarning(UserWarning):
-    """Some layers asked for the K cache keep the input cache because the K cache would not be exact there."""
+    """Some layers asked for the K cache keep the input cache because no K+R cache with ``r <= d/2`` is exact there."""
 
 
 @dataclass
@@ -59,6 +51,8 @@ class SlimRecord:
     num_cache_layers: int
     is_encoder_decoder: bool
     version: str = __version__
+    #: residual rank r of every K-mode layer (cache width e + r; 0 is the plain K cache), see hf_slim.kmode
+    residual_ranks: dict[str, int] = field(default_factory=dict)
     patches: list = field(default_factory=list, repr=False)
     owner: CacheOwner = field(default_factory=CacheOwner, repr=False)
     #: why this architecture cannot use a static cache (its patch module's ``STATIC_CACHE_REFUSAL``), or None
@@ -113,6 +107,7 @@ def slimify(
     *,
     calibration_inputs: dict | None = None,
     layer_modes: dict[str, str] | None = None,
+    residual_ranks: dict[str, int] | None = None,
     _k_weights: dict[str, KModeWeights] | None = None,
 ) -> torch.nn.Module:
     """Patch every supported attention layer of ``model`` in place to use a slim cache, and return the model.
@@ -125,9 +120,12 @@ def slimify(
         a transformers model of a supported architecture (see ``hf_slim.supported_model_types()``).
     mode:
         ``"input"`` caches each layer's attention input X (exact, no inverse; not with RoPE); ``"k"`` caches the
-        keys and rebuilds values through ``W_KV = W_K^-1 W_V``, per layer only where a calibration in the model's
-        dtype shows it is as exact as the unmodified model (other layers keep the input cache, with a
-        :class:`SlimFallbackWarning`); ``"auto"`` picks ``"input"`` wherever the architecture allows it.
+        keys plus the ``r`` input directions W_K barely carries (K+R cache, width ``e + r``, see
+        :mod:`hf_slim.kmode`) and rebuilds values from them, with per layer the smallest ``r`` for which a
+        calibration in the model's dtype shows it is as exact as the unmodified model; layers that would need
+        ``r > d/2`` keep the input cache, with a :class:`SlimFallbackWarning` (float64 SVD of every W_K, 1-2
+        minutes per d = 4096 layer on one CPU core, with a progress bar). ``"auto"`` picks ``"input"``
+        wherever the architecture allows it.
         Cross-attention always reads the encoder output directly (no cache) whatever the mode.
     calibration_inputs:
         keyword arguments for one forward pass of the unmodified model whose attention inputs calibrate the K mode
@@ -138,6 +136,9 @@ def slimify(
         of ``slim_record(model).layer_modes``), e.g. to reproduce an exported model: no calibration runs, K layers
         get ``W_KV`` solved from the live weights. Names or modes that do not fit the model raise ``ValueError``.
         (``_k_weights`` is for :func:`hf_slim.load_slim`: verified precomputed K-mode weights, skipping the solve.)
+    residual_ranks:
+        with ``layer_modes``: the residual rank ``r`` (``0 <= r <= d``) of each forced K layer (default 0, the plain
+        K cache), e.g. to reproduce an exported model or to test a given ``r``. No calibration checks it.
 
     Raises
     ------
@@ -150,7 +151,9 @@ def slimify(
     wrapper, model = model, _unwrapped(model)
     if is_slim(model):
         record = slim_record(model)
-        if layer_modes is not None and layer_modes != record.layer_modes:
+        if (layer_modes is not None and layer_modes != record.layer_modes) or (
+            residual_ranks is not None and residual_ranks != record.residual_ranks
+        ):
             raise ValueError("model is already slimified with other layer modes; call hf_slim.unslimify(model) first")
         if record.requested_mode != mode:
             raise ValueError(
@@ -174,8 +177,12 @@ def slimify(
         raise UnsupportedModelError(f"found no attention layers to patch in {type(model).__name__}")
     resolved = ("k" if architecture.positions == "rope" else "input") if mode == "auto" else mode
 
+    if residual_ranks is not None and layer_modes is None:
+        raise ValueError("residual_ranks forces the rank of forced K layers: pass layer_modes too")
     if layer_modes is not None:
-        layer_modes, calibration, k_weights = _forced_layer_modes(sites, architecture, layer_modes, _k_weights)
+        layer_modes, calibration, k_weights = _forced_layer_modes(
+            sites, architecture, layer_modes, residual_ranks or {}, _k_weights
+        )
     else:
         layer_modes, calibration, k_weights = _choose_layer_modes(
             model, patch_module, sites, resolved, calibration_inputs
@@ -188,6 +195,7 @@ def slimify(
         num_cache_layers=1 + max((site.layer_idx for site in self_sites), default=-1),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         static_cache_refusal=getattr(patch_module, "STATIC_CACHE_REFUSAL", None),
+        residual_ranks={name: weights.residual_rank for name, weights in k_weights.items()},
     )
     patches = _site_patches(sites, layer_modes, calibration, k_weights, record.owner)
     for owner in patch_module.cache_owners(model):
@@ -247,26 +255,26 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
     activations = _collect_attention_inputs(model, self_sites, calibration_inputs)
     dtype = next(model.parameters()).dtype
     refused = []
-    for site in self_sites:
+    for site in _progress(self_sites, "hf_slim: K+R calibration (float64 SVD per layer)"):
         with resident_weights(site.module):  # accelerate offload: solve from the real weights, on their device
             projections = site.projections(site.module)
             try:
-                weights = solve_k_mode(projections)
+                choice = choose_residual_rank(projections, activations[site.name], dtype)
             except SingularKeyProjection as error:
                 refused.append(f"{site.name}: {error}")
                 continue
             except ValueError as error:
                 raise ValueError(f"{site.name}: {error}") from error
-            k_error, vanilla_error = value_errors(activations[site.name], projections, weights, dtype)
-        numbers = {"k_error": k_error, "vanilla_error": vanilla_error, "cond_w_k": weights.cond, "dtype": str(dtype)}
-        calibration[site.name] = numbers
-        if k_mode_is_exact(k_error, vanilla_error):
+        numbers = calibration[site.name] = choice.numbers
+        if choice.weights is not None:
             layer_modes[site.name] = "k"
-            k_weights[site.name] = weights
+            k_weights[site.name] = choice.weights
         else:
             refused.append(
-                f"{site.name}: V rebuilt from {dtype} keys has relative error {k_error:.2e} vs {vanilla_error:.2e} "
-                f"for the unmodified model (cond(W_K) = {weights.cond:.2e})"
+                f"{site.name}: even with r = {numbers['residual_rank']} (cap {choice.max_rank}; cache ratio "
+                f"{numbers['cache_ratio']:.2f}x) V rebuilt "
+                f"from {dtype} keys has relative error {numbers['k_error']:.2e} vs {numbers['vanilla_error']:.2e} for "
+                f"the unmodified model (cond(W_K) = {numbers['cond_w_k']:.2e})"
             )
     if refused:
         warnings.warn(
@@ -277,8 +285,9 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
     return layer_modes, calibration, k_weights
 
 
-def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
-    """Check caller-given per-layer modes against the model's sites and get W_KV for the K layers (no calibration)."""
+def _forced_layer_modes(sites, architecture, layer_modes, residual_ranks, k_weights):
+    """Check caller-given per-layer modes (and K-layer ranks) against the model's sites and get W_KV for the K layers
+    (no calibration)."""
     by_name = {site.name: site for site in sites}
     unknown, missing = sorted(set(layer_modes) - set(by_name)), sorted(set(by_name) - set(layer_modes))
     if unknown or missing:
@@ -286,6 +295,9 @@ def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
             f"layer_modes do not match this model's attention layers (unknown: {unknown}, missing: {missing}); "
             f"its layers are {list(by_name)}"
         )
+    not_k = sorted(name for name in residual_ranks if layer_modes.get(name) != "k")
+    if not_k:
+        raise ValueError(f"residual_ranks names layers that are not forced to 'k': {not_k}")
     weights = {}
     for name, site in by_name.items():
         mode, allowed = layer_modes[name], (("encoder",) if site.kind == "cross" else ("input", "k"))
@@ -293,11 +305,14 @@ def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
             raise ValueError(f"layer_modes[{name!r}] = {mode!r}: a {site.kind}-attention layer takes one of {allowed}")
         if mode == "input" and architecture.positions == "rope":
             raise UnsupportedModelError(f"layer_modes[{name!r}] = 'input' cannot be used with RoPE; use 'k'")
+        rank = residual_ranks.get(name, 0)
         if mode == "k" and k_weights is not None and name in k_weights:
             weights[name] = k_weights[name]
+            if name in residual_ranks and rank != weights[name].residual_rank:
+                raise ValueError(f"{name}: residual rank {rank} != {weights[name].residual_rank} of its K weights")
         elif mode == "k":
             try:
-                weights[name] = solve_layer_k_mode(site)
+                weights[name] = solve_layer_k_mode(site, rank)
             except ValueError as error:
                 raise ValueError(f"layer_modes[{name!r}] = 'k': {error}") from error
     # K layers record the dtype they are set up in, as a calibration would: load_slim checks it
@@ -369,16 +384,26 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
             name=site.name,
             layout=SlimLayout(owner, mode) if site.kind == "self" else None,
             k_source=k_source,
+            residual_rank=k_weights[site.name].residual_rank if mode == "k" else 0,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
         if mode == "k":
             weights = k_weights[site.name]
             dtype = state.projections().w_v.dtype
-            patches.append(BufferPatch(module, "hf_slim_w_kv", weights.w_kv.to(dtype)))
-            patches.append(BufferPatch(module, "hf_slim_v_offset", weights.v_offset.to(dtype)))
+            patches.append(BufferPatch(module, "hf_slim_w_kv", weights.w_kv.to(dtype)))  # (e + r, e)
+            patches.append(BufferPatch(module, "hf_slim_v_offset", weights.v_offset.to(dtype)))  # (e,)
+            if weights.residual_rank:
+                patches.append(BufferPatch(module, "hf_slim_z_proj", weights.z_proj.to(dtype)))  # (d, r)
         forward = PatchedMethod(_run_resident, module, site.forward, signature_of=site.forward)
         patches.append(InstancePatch(module, forward_attribute(module), forward))
     return patches
+
+
+def _progress(items: list, desc: str):
+    """A progress bar over ``items`` on stderr (transformers' tqdm, so ``disable_progress_bar()`` silences it)."""
+    from transformers.utils.logging import tqdm
+
+    return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
 def _run_resident(module: torch.nn.Module, forward, *args, **kwargs):

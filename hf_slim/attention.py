@@ -107,6 +107,11 @@ class SlimAttentionState:
     k_source:
         for K-mode layers, the :class:`~hf_slim.kmode.KSourceStamp` of the weights ``W_KV`` was derived from,
         checked at every step.
+    residual_rank:
+        K mode only: ``r``, the input directions cached beside the keys (:mod:`hf_slim.kmode`). The cached tensor
+        is ``C = [K | Z]``, ``(batch, seq, e + r)``: scores read the first ``e`` columns (head ``i`` its slice of
+        K), the weighted sum reads all ``e + r``, then each head applies its slice of the stacked projection
+        ``module.hf_slim_w_kv: (e + r, e)``. ``0`` is the plain K cache.
     """
 
     mode: str
@@ -125,6 +130,8 @@ class SlimAttentionState:
         if self.k_source is not None:
             self.k_source.check(projections, self.name)
         return projections
+
+    residual_rank: int = 0
 
 
 def use_absorbed(num_queries: int, head_dim: int) -> bool:
@@ -199,6 +206,20 @@ def _decode_k_mode(module, query, states, bias, scale, want_weights):
     return project_heads(mixed, module.hf_slim_w_kv, module.hf_slim_v_offset), weights  # (b, h, t, dk)
 
 
+def k_cache_states(module: torch.nn.Module, hidden_states: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """What a K-mode layer caches for new tokens: ``C = [K | Z]``, ``(batch, new, e + r)``, with ``Z = X @ U_r``.
+
+    ``hidden_states: (batch, new, d)`` is the attention input X, ``key: (batch, heads, new, head_dim)`` the model's
+    own keys (bias included), so the cached keys are bit-identical to the ones the unmodified model attends over.
+    """
+    batch, _, new, _ = key.shape
+    keys = key.transpose(1, 2).reshape(batch, new, -1)  # (b, n, e)
+    if not module.hf_slim.residual_rank:
+        return keys
+    residual = torch.matmul(hidden_states, module.hf_slim_z_proj.to(hidden_states.dtype))  # (b, n, r)
+    return torch.cat([keys, residual.to(keys.dtype)], dim=-1)  # (b, n, e + r)
+
+
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
     """``(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)``, the layout attention interfaces take."""
     return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)
@@ -213,8 +234,8 @@ def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Ten
     state: SlimAttentionState = module.hf_slim
     projections = state.live_projections()
     if state.mode == "k":
-        keys = states
-        values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))
+        keys = states[..., : state.num_heads * state.head_dim]  # (b, n, e): K without the residual Z
+        values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))  # [K | Z] W_KV
     else:
         keys = _linear(states, projections.w_k, projections.b_k, projections.k_low_rank)
         values = _linear(states, projections.w_v, projections.b_v, projections.v_low_rank)
@@ -286,7 +307,7 @@ def slim_self_attention(
         return run_attention(query, key, value, attention_mask)
     projections = state.live_projections()  # K mode: W_KV still fits the weights and dtype (raises otherwise)
     batch, _, num_queries, _ = query.shape
-    new_states = hidden_states if state.mode == "input" else key.transpose(1, 2).reshape(batch, num_queries, -1)
+    new_states = hidden_states if state.mode == "input" else k_cache_states(module, hidden_states, key)  # (b, t, w)
     layer = cache.layers[state.layer_idx] if state.layer_idx < len(cache.layers) else None
     static = layer is not None and layer.is_compileable
     # A static layer decides by query count alone (its length is a tensor: no data-dependent branch under compile);

@@ -581,20 +581,25 @@ def cmd_verify(args) -> int:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"{folder.name}: {model.config.model_type}, {dtype}, mode {mode}")
     print(
-        f"{'layer':<34} {'mode':<8} {'cond(W_K)':>10} {'V err K cache':>14} {'V err unmodified':>17} "
-        f"{'V err this mode':>16}"
+        f"{'layer':<34} {'mode':<8} {'cond(W_K)':>10} {'r':>5} {'V err K+R cache':>16} {'V err unmodified':>17} "
+        f"{'V err this mode':>16} {'ratio':>6}"
     )
     for name, layer_mode in record.layer_modes.items():
         numbers = calibration.get(name)
         if numbers is None:
-            print(f"{name:<34} {layer_mode:<8} {'-':>10} {'-':>14} {'-':>17} {'-':>16}")
+            print(f"{name:<34} {layer_mode:<8} {'-':>10} {'-':>5} {'-':>16} {'-':>17} {'-':>16} {'-':>6}")
             continue
         chosen = numbers["k_error"] if layer_mode == "k" else numbers["vanilla_error"]
+        ratio = numbers["cache_ratio"] if layer_mode == "k" else 2.0  # input cache: d per token against 2d for K+V
         print(
-            f"{name:<34} {layer_mode:<8} {numbers['cond_w_k']:>10.3g} {numbers['k_error']:>14.2e} "
-            f"{numbers['vanilla_error']:>17.2e} {chosen:>16.2e}"
+            f"{name:<34} {layer_mode:<8} {numbers['cond_w_k']:>10.3g} {numbers['residual_rank']:>5} "
+            f"{numbers['k_error']:>16.2e} {numbers['vanilla_error']:>17.2e} {chosen:>16.2e} {ratio:>5.2f}x"
         )
-    print("(V err: relative error of the values against float64, on calibration data, in the model dtype)")
+    print(
+        "(r: input directions the K+R cache keeps beside K, the smallest that calibrates exact, or the largest tried "
+        "where K mode is refused; V err: relative error of the values against float64, on calibration data, in the "
+        "model dtype; ratio: K+V bytes / this layer's cache bytes)"
+    )
     same = expected.shape == actual.shape and bool((expected == actual).all())
     tokens = actual.shape[-1]
     if same:

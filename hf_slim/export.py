@@ -12,9 +12,12 @@ What a slim checkpoint is, and why it is laid out this way:
 * A save is ordered so that an interrupted or failed one (a full disk) never leaves a folder that claims what it does
   not hold: transformers writes the plain checkpoint, the key is removed from its ``config.json``, the sidecar is
   written (to a temporary name, then renamed), and only then is the key added (again through a rename).
-* K-mode layers need ``W_KV = W_K^-1 W_V`` and the value offset. They are stored in float64 in a sidecar file,
-  ``hf_slim.safetensors`` (:data:`SIDECAR`), which transformers never reads. On load, every stored ``W_KV`` is
-  checked against the loaded weights (``||W_K W_KV - W_V|| <= W_KV_RTOL * ||W_V||`` in float64) before it is used,
+* K-mode layers need the stacked projection ``W_KV: (e + r, e)``, the value offset and, for a K+R layer
+  (``r > 0``, :mod:`hf_slim.kmode`), ``z_proj = U_r: (d, r)``; ``r`` itself is recorded per layer in
+  ``config.json`` (``residual_ranks``). They are stored in float64 in a sidecar file, ``hf_slim.safetensors``
+  (:data:`SIDECAR`), which transformers never reads. On load, every stored ``W_KV`` is checked against the loaded
+  weights before it is used: ``[K | Z] W_KV + v_offset`` must give ``V`` for every input, i.e.
+  ``||W_K W_KV[:e] + z_proj W_KV[e:] - W_V|| <= W_KV_RTOL * ||W_V||`` in float64 (``r = 0``: ``W_K W_KV = W_V``),
   so a sidecar that does not belong to these weights is an error, not a wrong model.
 
 ``load_slim`` reproduces the recorded per-layer modes exactly (no re-calibration: a calibration depends on the
@@ -44,7 +47,8 @@ FORMAT_VERSION = 1
 CONFIG_KEY = "hf_slim"
 #: File holding the float64 K-mode weights, next to the model weights.
 SIDECAR = "hf_slim.safetensors"
-#: Largest accepted relative residual ``||W_K W_KV - W_V||_F / ||W_V||_F`` (float64) of a stored ``W_KV``.
+#: Largest accepted relative residual ``||W_K W_KV[:e] + z_proj W_KV[e:] - W_V||_F / ||W_V||_F`` (float64) of a
+#: stored ``W_KV``.
 #: A float64 solve leaves ~1e-15 (LU with partial pivoting is backward stable; layers whose W_K is ill-conditioned
 #: enough to matter fail the K-mode calibration long before); anything that changes the weights or W_KV by a
 #: meaningful amount (fine-tuning, another model's sidecar, edits) leaves 1e-4 or more.
@@ -67,6 +71,7 @@ def slim_settings(record: SlimRecord) -> dict:
         "requested_mode": record.requested_mode,
         "layer_modes": dict(record.layer_modes),
         "calibration": {name: dict(numbers) for name, numbers in record.calibration.items()},
+        "residual_ranks": dict(record.residual_ranks),
         "sidecar": SIDECAR if has_k else None,
     }
 
@@ -138,7 +143,8 @@ def _sites_by_name(model: torch.nn.Module) -> dict:
 
 @torch.no_grad()
 def k_mode_tensors(model: torch.nn.Module, record: SlimRecord) -> dict[str, torch.Tensor]:
-    """Float64 ``W_KV`` ``(e, e)`` and value offset ``(e,)`` of every K-mode layer, for the sidecar.
+    """Float64 ``W_KV`` ``(e + r, e)``, value offset ``(e,)`` and (``r > 0``) ``z_proj`` ``(d, r)`` of every
+    K-mode layer, for the sidecar.
 
     Solved again from the live weights (the model keeps only the copies in its dtype) and checked against the
     buffers the model runs with: if the weights changed after slimify, the K layers are stale and saving fails.
@@ -149,20 +155,24 @@ def k_mode_tensors(model: torch.nn.Module, record: SlimRecord) -> dict[str, torc
         if mode != "k":
             continue
         module = sites[name].module
-        weights = solve_layer_k_mode(sites[name])
-        buffer, offset = module.hf_slim_w_kv, module.hf_slim_v_offset  # (e, e), (e,) in the model dtype
-        tolerance = 8 * torch.finfo(buffer.dtype).eps * max(float(buffer.abs().max()), float(offset.abs().max()))
+        weights = solve_layer_k_mode(sites[name], record.residual_ranks.get(name, 0))
+        pairs = [(weights.w_kv, module.hf_slim_w_kv), (weights.v_offset, module.hf_slim_v_offset)]  # (e + r, e), (e,)
+        if weights.residual_rank:
+            pairs.append((weights.z_proj, module.hf_slim_z_proj))  # (d, r)
         stale = max(
-            float((weights.w_kv.to(device=buffer.device, dtype=buffer.dtype) - buffer).abs().max()),
-            float((weights.v_offset.to(device=offset.device, dtype=offset.dtype) - offset).abs().max()),
+            float((solved.to(device=buffer.device, dtype=buffer.dtype) - buffer).abs().max())
+            / (8 * torch.finfo(buffer.dtype).eps * max(float(buffer.abs().max()), 1e-30))
+            for solved, buffer in pairs
         )
-        if stale > tolerance:
+        if stale > 1:
             raise RuntimeError(
                 f"{name}: the weights changed after slimify, so its K-mode W_KV is stale; call "
                 "hf_slim.unslimify(model) and hf_slim.slimify(model, ...) again before saving"
             )
         tensors[f"{name}.w_kv"] = weights.w_kv.cpu().contiguous()
         tensors[f"{name}.v_offset"] = weights.v_offset.cpu().contiguous()
+        if weights.residual_rank:
+            tensors[f"{name}.z_proj"] = weights.z_proj.cpu().contiguous()
     return tensors
 
 
@@ -228,6 +238,11 @@ def _validate_settings(settings, path: Path) -> None:
     if bad:
         raise SlimCheckpointError(f"{where}: unknown layer modes {bad} (known: {_LAYER_MODES})")
     _validate_calibration(settings.get("calibration", {}), f"{where}['calibration']")
+    ranks = settings.get("residual_ranks", {})
+    if not isinstance(ranks, dict) or any(
+        not isinstance(rank, int) or isinstance(rank, bool) or rank < 0 for rank in ranks.values()
+    ):
+        raise SlimCheckpointError(f"{where}: residual_ranks must map K-mode layers to ranks >= 0, got {ranks!r}")
     if any(mode == "k" for mode in layer_modes.values()) and settings.get("sidecar") != SIDECAR:
         raise SlimCheckpointError(f"{where}: K-mode layers need sidecar {SIDECAR!r}, got {settings.get('sidecar')!r}")
 
@@ -313,9 +328,22 @@ def load_slim(path: str | os.PathLike, **from_pretrained_kwargs) -> torch.nn.Mod
             f"without a mode: {missing}); the config or the weights were changed after export"
         )
     _check_calibration_dtype(model, layer_modes, calibration, path)
-    k_weights = _verified_k_weights(sites, layer_modes, calibration, path)
+    ranks = settings.get("residual_ranks", {})  # absent in checkpoints from before K+R: plain K layers (r = 0)
+    not_k = sorted(name for name in ranks if layer_modes[name] != "k") if set(ranks) <= set(layer_modes) else ranks
+    if not_k:
+        raise SlimCheckpointError(
+            f"{path}: config.json[{CONFIG_KEY!r}]: residual_ranks must map K-mode layers to ranks >= 0, but names "
+            f"{sorted(not_k)}"
+        )
+    k_weights = _verified_k_weights(sites, layer_modes, ranks, calibration, path)
     try:
-        slimify(model, settings["requested_mode"], layer_modes=layer_modes, _k_weights=k_weights)
+        slimify(
+            model,
+            settings["requested_mode"],
+            layer_modes=layer_modes,
+            residual_ranks={name: w.residual_rank for name, w in k_weights.items()},
+            _k_weights=k_weights,
+        )
     except ValueError as error:
         raise SlimCheckpointError(f"{path}: {error}") from error
     record = slim_record(model)
@@ -340,8 +368,10 @@ def _check_calibration_dtype(model, layer_modes: dict, calibration: dict, path: 
 
 
 @torch.no_grad()
-def _verified_k_weights(sites: dict, layer_modes: dict, calibration: dict, path: Path) -> dict[str, KModeWeights]:
-    """Read the sidecar and check every ``W_KV`` and offset against the loaded weights (float64)."""
+def _verified_k_weights(
+    sites: dict, layer_modes: dict, ranks: dict, calibration: dict, path: Path
+) -> dict[str, KModeWeights]:
+    """Read the sidecar and check every ``W_KV``, ``z_proj`` and offset against the loaded weights (float64)."""
     k_names = [name for name, mode in layer_modes.items() if mode == "k"]
     if not k_names:
         return {}
@@ -358,15 +388,17 @@ def _verified_k_weights(sites: dict, layer_modes: dict, calibration: dict, path:
         tensors = load_file(str(sidecar))
     except (SafetensorError, OSError, ValueError) as error:
         raise SlimCheckpointError(f"{sidecar}: unreadable ({error})") from error
-    expected = {f"{name}.{part}" for name in k_names for part in ("w_kv", "v_offset")}
+    parts = {name: ("w_kv", "v_offset", "z_proj") if ranks.get(name, 0) else ("w_kv", "v_offset") for name in k_names}
+    expected = {f"{name}.{part}" for name in k_names for part in parts[name]}
     unknown, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
     if unknown or missing:
         raise SlimCheckpointError(
-            f"{sidecar}: tensors do not match the K-mode layers (unknown: {unknown}, missing: {missing})"
+            f"{sidecar}: tensors do not match the K-mode layers and their residual ranks (unknown: {unknown}, "
+            f"missing: {missing})"
         )
     weights = {}
     for name in k_names:
-        site = sites[name]
+        site, rank = sites[name], ranks.get(name, 0)
         w_kv, v_offset = tensors[f"{name}.w_kv"], tensors[f"{name}.v_offset"]
         with resident_weights(site.module):
             projections = site.projections(site.module)
@@ -376,30 +408,39 @@ def _verified_k_weights(sites: dict, layer_modes: dict, calibration: dict, path:
             w_k, w_v = projections.w_k.double().cpu(), projections.w_v.double().cpu()  # (d, e)
             b_k = None if projections.b_k is None else projections.b_k.double().cpu()
             b_v = None if projections.b_v is None else projections.b_v.double().cpu()
-        width = w_v.shape[1]
-        if w_kv.dtype != torch.float64 or tuple(w_kv.shape) != (w_k.shape[1], width):
-            raise SlimCheckpointError(
-                f"{sidecar}: {name}.w_kv is {w_kv.dtype} {tuple(w_kv.shape)}, expected torch.float64 "
-                f"{(w_k.shape[1], width)}"
-            )
-        if v_offset.dtype != torch.float64 or tuple(v_offset.shape) != (width,):
-            raise SlimCheckpointError(
-                f"{sidecar}: {name}.v_offset is {v_offset.dtype} {tuple(v_offset.shape)}, expected torch.float64 "
-                f"{(width,)}"
-            )
-        residual = float((w_k @ w_kv - w_v).norm() / w_v.norm().clamp_min(1e-300))  # w_k @ w_kv: (d, e)
-        offset = value_offset(w_kv, b_k, b_v)  # (e,)
+        d_model, width = w_v.shape
+        z_proj = tensors.get(f"{name}.z_proj", torch.zeros(d_model, 0, dtype=torch.float64))
+        for part, tensor, shape in (
+            ("w_kv", w_kv, (w_k.shape[1] + rank, width)),
+            ("v_offset", v_offset, (width,)),
+            ("z_proj", z_proj, (d_model, rank)),
+        ):
+            if tensor.dtype != torch.float64 or tuple(tensor.shape) != shape:
+                raise SlimCheckpointError(
+                    f"{sidecar}: {name}.{part} is {tensor.dtype} {tuple(tensor.shape)}, expected torch.float64 {shape} "
+                    f"(residual rank {rank})"
+                )
+        key_part, residual_part = w_kv[: w_k.shape[1]], w_kv[w_k.shape[1] :]  # (e, e), (r, e)
+        rebuilt = w_k @ key_part + z_proj @ residual_part  # the W_V that [K | Z] W_KV implies: (d, e)
+        residual = float((rebuilt - w_v).norm() / w_v.norm().clamp_min(1e-300))
+        offset = value_offset(key_part, b_k, b_v)  # (e,)
         scale = max(float(offset.norm()), float(w_v.norm()) / math.sqrt(w_v.shape[0]), 1e-300)
         offset_residual = float((v_offset - offset).norm()) / scale
         if not (residual <= W_KV_RTOL and offset_residual <= W_KV_RTOL):
             raise SlimCheckpointError(
-                f"{sidecar}: {name} W_KV does not match the weights (||W_K W_KV - W_V|| / ||W_V|| = {residual:.2e}, "
-                f"offset {offset_residual:.2e}, tolerance {W_KV_RTOL:.0e}); the weights or the sidecar were changed "
-                "after export"
+                f"{sidecar}: {name} W_KV does not match the weights (||W_K W_KV[:e] + z_proj W_KV[e:] - W_V|| / "
+                f"||W_V|| = {residual:.2e}, offset {offset_residual:.2e}, tolerance {W_KV_RTOL:.0e}); the weights or "
+                "the sidecar were changed after export"
             )
-        cond = float(calibration.get(name, {}).get("cond_w_k", math.nan))
-        # column-major like torch.linalg.solve's result, so the W_KV buffer has the layout slimify gives it and the
-        # matmuls reading it round exactly as in the model that was saved (BLAS kernels differ per layout)
-        w_kv = w_kv.to(device).mT.contiguous().mT
-        weights[name] = KModeWeights(w_kv=w_kv, v_offset=v_offset.to(device), cond=cond)
+        numbers = calibration.get(name, {})
+        cond = float(numbers.get("cond_w_k", math.nan))
+        # contiguous, like the W_KV slimify computes (torch.cat), so the buffers have slimify's layout and the matmuls
+        # reading them round exactly as in the model that was saved (BLAS kernels differ per layout)
+        weights[name] = KModeWeights(
+            w_kv=w_kv.contiguous().to(device),
+            v_offset=v_offset.to(device),
+            z_proj=z_proj.to(device),
+            cond=cond,
+            kept_cond=float(numbers.get("kept_cond", cond)),
+        )
     return weights

@@ -1,17 +1,35 @@
-"""K-cache mode: ``V = K W_KV`` with ``W_KV = W_K^-1 W_V``, and the per-layer check that decides whether it is exact.
+"""K-cache mode with a residual: cache ``C = [K | Z]`` and rebuild ``V`` from it, exact on real weights.
 
-The algebra is exact; the arithmetic is not. Keys are rounded to the model dtype when they are cached, and
-``W_KV`` amplifies that rounding by up to ``cond(W_K)``. On real Whisper weights ``cond(W_K)`` reaches 1e6 and the
-K cache turns fp16/bf16 transcripts into garbage (see shared/SLIM_ATTENTION.md). So a layer gets the K cache only if
-a calibration on activations in the model's dtype shows that the values it rebuilds are as accurate as the values
-the unmodified model computes; otherwise it keeps the input cache.
+The plain K cache (``V = K W_K^-1 W_V``) is exact algebra but not exact arithmetic: keys are rounded to the model
+dtype when they are cached, and the inverse divides that rounding by the singular values of ``W_K``. Trained weights
+have a tail of tiny ones (``cond(W_K)`` 1.7e3 to 2.4e6 on Whisper tiny.en), so a bf16 K cache gives values that are
+off by 0.16 to 162 (relative) where the unmodified model is off by 2e-3 (see shared/SLIM_ATTENTION.md).
 
-Biases: with ``K = X W_K + b_K`` cached as is (bias included, exactly the keys the unmodified model uses),
-``V = (K - b_K) W_KV + b_V = K W_KV + v_offset`` where ``v_offset = b_V - b_K W_KV``.
+K+R keeps the few input directions ``W_K`` cannot carry beside ``K``. With the float64 SVD ``W_K = U S V^T`` split
+into the ``g`` largest and ``r = d - g`` smallest singular directions (``U = [U_g | U_r]``), exactly::
+
+    X U_g = (K - b_K) V_g S_g^-1                                 (well conditioned: S_g excludes the tail)
+    Z     = X U_r                                                (r numbers per token, cached beside K)
+    V     = (K - b_K) V_g S_g^-1 U_g^T W_V + Z U_r^T W_V + b_V
+          = [K | Z] @ W_KV + v_offset
+
+with the stacked projection ``W_KV = [V_g S_g^-1 U_g^T W_V ; U_r^T W_V]`` of shape ``(e + r, e)`` and
+``v_offset = b_V - b_K V_g S_g^-1 U_g^T W_V``. Scores read only the first ``e`` columns of ``C`` (each head its own
+slice of K); the weighted sum reads all ``e + r`` columns; each head then applies its slice of ``W_KV``. ``r = 0`` is
+the plain K cache (``W_KV = W_K^-1 W_V``), ``r = d`` carries X completely (no memory gain).
+
+Which ``r``: a layer gets the smallest ``r`` on :func:`residual_rank_grid` for which a calibration on real activations
+in the model's dtype shows the rebuilt values are as accurate as the unmodified model's (:func:`k_mode_is_exact`).
+Above :func:`max_residual_rank` (``d / 2``: the cache would be at most 1.33x smaller than K+V, against 2x for the
+input cache) the layer keeps the input cache.
+
+Names other code relies on (stable): the module buffers ``hf_slim_w_kv`` ``(e + r, e)``, ``hf_slim_v_offset``
+``(e,)`` and, for ``r > 0``, ``hf_slim_z_proj`` ``(d, r)`` (``= U_r``); ``SlimAttentionState.residual_rank``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +48,10 @@ K_MODE_ERROR_FACTOR = 4.0
 #: purpose we test, while real Whisper layers (1e-2 in fp32, 1 to 240 in fp16/bf16) stay far above it.
 K_MODE_ABSOLUTE_FLOOR = 1e-5
 
+#: Kept singular directions must stay this far above float64 rounding (``s_g / s_1``); below it the key part of the
+#: cache cannot be inverted at all and more directions must go into Z.
+MIN_KEPT_SINGULAR_RATIO = 1e-12
+
 
 class StaleKModeWeights(RuntimeError):
     """The weights or the dtype of a K-mode layer changed after slimify, so its ``W_KV`` no longer rebuilds V."""
@@ -41,23 +63,87 @@ class SingularKeyProjection(ValueError):
 
 @dataclass(frozen=True)
 class KModeWeights:
-    """Precomputed K-mode weights of one layer, float64.
+    """K-mode weights of one layer with residual rank ``r`` (float64 when solved, the model dtype as buffers).
 
-    Shapes: ``w_kv: (e, e)``, ``v_offset: (e,)``; ``cond`` is the 2-norm condition number of W_K.
+    Shapes: ``w_kv: (e + r, e)`` (stacked key and residual projections), ``v_offset: (e,)``, ``z_proj: (d, r)``
+    (``Z = X @ z_proj``). ``cond`` is the 2-norm condition number of the whole W_K, ``kept_cond`` the one of the
+    part the keys carry (``s_1 / s_g``; equal to ``cond`` when ``r = 0``).
     """
 
     w_kv: torch.Tensor
     v_offset: torch.Tensor
+    z_proj: torch.Tensor
     cond: float
+    kept_cond: float
+
+    @property
+    def residual_rank(self) -> int:
+        """``r``, the number of input directions cached beside the keys."""
+        return self.z_proj.shape[1]
 
 
-def solve_k_mode(projections: Projections) -> KModeWeights:
-    """Compute ``W_KV = W_K^-1 W_V`` with a float64 solve (never an explicit inverse) and the value offset.
+@dataclass(frozen=True)
+class KeySVD:
+    """Float64 SVD of one layer's key projection, ``W_K = u @ diag(s) @ vh`` (descending ``s``), and its biases.
+
+    Computed once per layer; :meth:`weights` then gives the K-mode weights for any residual rank at the cost of two
+    matrix products. Shapes: ``u: (d, d)``, ``s: (d,)``, ``vh: (d, d)``, ``w_v: (d, e)``, ``b_k, b_v: (e,)``.
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    w_v: torch.Tensor
+    b_k: torch.Tensor | None
+    b_v: torch.Tensor | None
+
+    @property
+    def cond(self) -> float:
+        return float(self.s[0] / self.s[-1]) if float(self.s[-1]) > 0 else math.inf
+
+    def weights(self, residual_rank: int, device: torch.device | str = "cpu") -> KModeWeights:
+        """:class:`KModeWeights` for ``r = residual_rank`` (``0 <= r <= d``), float64 on ``device``.
+
+        Raises
+        ------
+        SingularKeyProjection
+            when the ``d - r`` kept singular values reach down to float64 rounding (keep more directions in Z).
+        """
+        d = self.s.shape[0]
+        if not 0 <= residual_rank <= d:
+            raise ValueError(f"residual rank must be in [0, {d}], got {residual_rank}")
+        g = d - residual_rank
+        kept_cond = float(self.s[0] / self.s[g - 1]) if g else 1.0
+        if g and not kept_cond < 1 / MIN_KEPT_SINGULAR_RATIO:
+            raise SingularKeyProjection(
+                f"W_K is singular in the directions the keys would carry (s_1/s_{g} = {kept_cond:.3g}, r = "
+                f"{residual_rank}); cache more directions beside K or use mode='input'"
+            )
+        u_g, u_r = self.u[:, :g], self.u[:, g:]  # (d, g), (d, r)
+        key_part = (self.vh[:g].T / self.s[:g]) @ (u_g.T @ self.w_v)  # V_g S_g^-1 U_g^T W_V: (e, e)
+        w_kv = torch.cat([key_part, u_r.T @ self.w_v])  # (e + r, e)
+        offset = value_offset(key_part, self.b_k, self.b_v)  # (e,)
+        return KModeWeights(
+            w_kv=w_kv.to(device),
+            v_offset=offset.to(device),
+            z_proj=u_r.contiguous().to(device),
+            cond=self.cond,
+            kept_cond=kept_cond,
+        )
+
+
+def key_svd(projections: Projections) -> KeySVD:
+    """Float64 SVD of ``W_K``, on the CPU (deterministic, and float64 is slow on most GPUs).
+
+    Signs are canonical (each column of ``U`` has its largest-magnitude entry positive), so solving again from the same
+    weights gives the same ``z_proj`` and the same sidecar.
 
     Raises
     ------
     SingularKeyProjection
-        when W_K is not square or is singular to float64 precision.
+        when W_K is not square (e != d_model): K then cannot stand in for X.
+    ValueError
+        for meta (not loaded) weights.
     """
     if projections.k_low_rank or projections.v_low_rank:
         raise SingularKeyProjection(
@@ -65,11 +151,11 @@ def solve_k_mode(projections: Projections) -> KModeWeights:
             "W_KV serves them; merge them first (peft: model.merge_and_unload()) to use the K cache. The input cache "
             "serves active adapters exactly"
         )
-    w_k = projections.w_k.detach().to(torch.float64)
-    w_v = projections.w_v.detach().to(torch.float64)
-    if w_k.is_meta or w_v.is_meta:
+    w_k = projections.w_k.detach()
+    if w_k.is_meta or projections.w_v.is_meta:
         raise ValueError("K mode needs the real weights, got meta tensors (load the weights before slimify)")
-    if not (bool(torch.isfinite(w_k).all()) and bool(torch.isfinite(w_v).all())):
+    w_k = w_k.to(device="cpu", dtype=torch.float64)
+    if not (bool(torch.isfinite(w_k).all()) and bool(torch.isfinite(projections.w_v.detach()).all())):
         raise ValueError(
             "the key/value weights contain NaN or inf, so the model itself computes NaN; check how the weights were "
             "loaded or trained before slimify"
@@ -78,72 +164,178 @@ def solve_k_mode(projections: Projections) -> KModeWeights:
         raise SingularKeyProjection(
             f"K mode needs a square W_K, got {tuple(w_k.shape)} (d_model != heads*head_dim); use mode='input'"
         )
-    cond = float(torch.linalg.cond(w_k))
-    if not cond < 1e12:
-        raise SingularKeyProjection(f"W_K is singular (condition number {cond:.3g}); use mode='input'")
-    w_kv = torch.linalg.solve(w_k, w_v)  # (e, e)
-    return KModeWeights(w_kv=w_kv, v_offset=value_offset(w_kv, projections.b_k, projections.b_v), cond=cond)
+    u, s, vh = torch.linalg.svd(w_k)  # (d, d), (d,), (d, d)
+    signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))  # (1, d)
+    signs[signs == 0] = 1
+    u, vh = u * signs, vh * signs.T  # u s vh is unchanged: each direction flips in U and V together
+
+    def cpu64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.detach().to(device="cpu", dtype=torch.float64)
+
+    return KeySVD(u, s, vh, cpu64(projections.w_v), cpu64(projections.b_k), cpu64(projections.b_v))
 
 
-def value_offset(w_kv: torch.Tensor, b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> torch.Tensor:
-    """``b_V - b_K W_KV`` in float64, ``(e,)``: what ``V = K W_KV + offset`` adds when K was cached with its bias."""
-    offset = torch.zeros(w_kv.shape[1], dtype=torch.float64, device=w_kv.device)
+def solve_k_mode(projections: Projections, residual_rank: int = 0) -> KModeWeights:
+    """K-mode weights of one layer for a given residual rank (``0``: the plain K cache ``W_KV = W_K^-1 W_V``)."""
+    return key_svd(projections).weights(residual_rank, device=projections.w_k.device)
+
+
+def value_offset(key_part: torch.Tensor, b_k: torch.Tensor | None, b_v: torch.Tensor | None) -> torch.Tensor:
+    """``b_V - b_K P_K`` in float64, ``(e,)``, where ``P_K: (e, e)`` is the key block of ``W_KV``: what
+    ``V = [K | Z] W_KV + offset`` adds when K was cached with its bias (Z carries no bias)."""
+    offset = torch.zeros(key_part.shape[1], dtype=torch.float64, device=key_part.device)
     if b_v is not None:
-        offset = offset + b_v.detach().to(device=w_kv.device, dtype=torch.float64)
+        offset = offset + b_v.detach().to(device=key_part.device, dtype=torch.float64)
     if b_k is not None:
-        offset = offset - b_k.detach().to(device=w_kv.device, dtype=torch.float64) @ w_kv
+        offset = offset - b_k.detach().to(device=key_part.device, dtype=torch.float64) @ key_part
     return offset
 
 
-def solve_layer_k_mode(site: AttentionSite) -> KModeWeights:
+def solve_layer_k_mode(site: AttentionSite, residual_rank: int = 0) -> KModeWeights:
     """:func:`solve_k_mode` on a site's real weights (accelerate-offloaded ones are loaded for the solve)."""
     with resident_weights(site.module):
-        return solve_k_mode(site.projections(site.module))
+        return solve_k_mode(site.projections(site.module), residual_rank)
+
+
+def residual_rank_grid(d_model: int) -> list[int]:
+    """Residual ranks tried by the calibration, smallest first: ``0`` and multiples of ``step`` up to
+    :func:`max_residual_rank`, ``step = max(16, d / 32 rounded up to a multiple of 16)``.
+
+    Why this grid: a step of at most ``d / 32`` costs at most 3% of cache above the true minimum ``r``; multiples of
+    16 keep the cache width ``d + r`` a multiple of 16 (whole kernel tiles, 32-byte rows in 16-bit dtypes); and the
+    calibration tries at most 17 ranks per layer whatever ``d`` (each one two small GEMMs on the calibration tokens,
+    against one SVD per layer). d = 384 (Whisper tiny): 0, 16, ..., 192; d = 4096: 0, 128, ..., 2048.
+    """
+    step = max(16, 16 * math.ceil(d_model / 32 / 16))
+    return [0, *range(step, max_residual_rank(d_model) + 1, step)]
+
+
+def max_residual_rank(d_model: int) -> int:
+    """Largest residual rank a layer may use, ``d / 2``: beyond it the K+R cache (``d + r`` per token) saves less
+    than 1.33x against K+V (``2d``) and the input cache (``d``, always exact without RoPE) is the better choice."""
+    return d_model // 2
+
+
+class ValueErrorProbe:
+    """Relative errors of V in ``dtype`` on real activations, against float64: rebuilt from the K+R cache (any
+    :class:`KModeWeights`) and computed as the unmodified model does. The reference and the cached keys are computed
+    once, so trying many residual ranks costs two small GEMMs each.
+
+    Parameters
+    ----------
+    inputs:
+        ``(tokens, d_model)`` real activations entering the attention layer, in the model dtype.
+    projections:
+        the layer's projections.
+    dtype:
+        the dtype the model runs in.
+    """
+
+    def __init__(self, inputs: torch.Tensor, projections: Projections, dtype: torch.dtype) -> None:
+        x64 = inputs.detach().to(torch.float64)
+        w_k64, w_v64 = projections.w_k.detach().double(), projections.w_v.detach().double()
+        b_k64 = None if projections.b_k is None else projections.b_k.detach().double()
+        b_v64 = None if projections.b_v is None else projections.b_v.detach().double()
+        v_ref = x64 @ w_v64 + (0 if b_v64 is None else b_v64)  # (n, e)
+        self.dtype = dtype
+        self.x = inputs.detach().to(dtype)  # (n, d)
+        self.v_ref = v_ref
+        self.norm = v_ref.norm().clamp_min(1e-300)
+        self.keys = self._in_dtype(w_k64, b_k64)  # what the K cache stores, rounded to dtype: (n, e)
+        self.vanilla_error = self._error(self._in_dtype(w_v64, b_v64))
+
+    def _in_dtype(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ weight (+ bias)`` as the model computes it: operands in dtype, result rounded to dtype (float64)."""
+        out = (self.x.float() @ weight.to(self.dtype).float()).to(self.dtype).double()
+        return out if bias is None else (out + bias.to(self.dtype).double()).to(self.dtype).double()
+
+    def _error(self, values: torch.Tensor) -> float:
+        return float((values.double() - self.v_ref).norm() / self.norm)
+
+    def k_mode_error(self, weights: KModeWeights) -> float:
+        """Relative error of ``V = [K | Z] W_KV + v_offset`` with K, Z, W_KV and the offset in the model dtype."""
+        w_kv = weights.w_kv.to(device=self.x.device, dtype=self.dtype).float()  # (e + r, e)
+        offset = weights.v_offset.to(device=self.x.device, dtype=self.dtype).float()  # (e,)
+        rebuilt = self.keys.float() @ w_kv[: self.keys.shape[1]] + offset  # (n, e)
+        if weights.residual_rank:
+            z_proj = weights.z_proj.to(device=self.x.device, dtype=self.dtype).float()  # (d, r)
+            z = (self.x.float() @ z_proj).to(self.dtype).float()  # what the cache stores beside K: (n, r)
+            rebuilt = rebuilt + z @ w_kv[self.keys.shape[1] :]
+        return self._error(rebuilt)
 
 
 def value_errors(
     inputs: torch.Tensor, projections: Projections, weights: KModeWeights, dtype: torch.dtype
 ) -> tuple[float, float]:
-    """Relative errors of V in ``dtype``: rebuilt from cached keys vs computed as the unmodified model does.
-
-    Parameters
-    ----------
-    inputs:
-        ``(tokens, d_model)`` real activations entering the attention layer.
-    projections:
-        the layer's projections.
-    weights:
-        the layer's :class:`KModeWeights`.
-    dtype:
-        the dtype the model runs in.
-
-    Returns
-    -------
-    ``(k_mode_error, vanilla_error)``, each ``||V - V_ref|| / ||V_ref||`` against float64.
-    """
-    x64 = inputs.detach().to(torch.float64)
-    w_k64, w_v64 = projections.w_k.detach().double(), projections.w_v.detach().double()
-    b_k64 = 0 if projections.b_k is None else projections.b_k.detach().double()
-    b_v64 = 0 if projections.b_v is None else projections.b_v.detach().double()
-    v_ref = x64 @ w_v64 + b_v64
-
-    x = inputs.detach().to(dtype)
-
-    def in_dtype(w: torch.Tensor, b) -> torch.Tensor:
-        out = (x.float() @ w.to(dtype).float()).to(dtype).double()
-        return out if isinstance(b, int) else (out + b.to(dtype).double()).to(dtype).double()
-
-    v_vanilla = in_dtype(w_v64, b_v64)
-    keys = in_dtype(w_k64, b_k64)  # what the K cache stores, rounded to dtype
-    v_rebuilt = keys.float() @ weights.w_kv.to(dtype).float() + weights.v_offset.to(dtype).float()
-    norm = v_ref.norm().clamp_min(1e-300)
-    return float((v_rebuilt.double() - v_ref).norm() / norm), float((v_vanilla - v_ref).norm() / norm)
+    """``(k_mode_error, vanilla_error)`` of V in ``dtype`` for one set of weights (see :class:`ValueErrorProbe`, which
+    :func:`choose_residual_rank` uses to try many ranks on one reference)."""
+    probe = ValueErrorProbe(inputs, projections, dtype)
+    return probe.k_mode_error(weights), probe.vanilla_error
 
 
 def k_mode_is_exact(k_error: float, vanilla_error: float) -> bool:
     """The acceptance rule: at most :data:`K_MODE_ERROR_FACTOR` x the unmodified model's own error, or
     below :data:`K_MODE_ABSOLUTE_FLOOR`."""
     return k_error <= max(K_MODE_ERROR_FACTOR * vanilla_error, K_MODE_ABSOLUTE_FLOOR)
+
+
+def cache_ratio(inner: int, residual_rank: int) -> float:
+    """How many times smaller a K+R layer's cache is than the model's own K and V: ``2 e / (e + r)``."""
+    return 2 * inner / (inner + residual_rank)
+
+
+@dataclass(frozen=True)
+class KModeChoice:
+    """The outcome of calibrating one layer: its weights (None: it keeps the input cache), the numbers, and the
+    largest rank that was allowed (:func:`max_residual_rank`)."""
+
+    weights: KModeWeights | None
+    numbers: dict
+    max_rank: int
+
+
+def choose_residual_rank(projections: Projections, inputs: torch.Tensor, dtype: torch.dtype) -> KModeChoice:
+    """The smallest residual rank on :func:`residual_rank_grid` whose rebuilt values pass :func:`k_mode_is_exact`.
+
+    Returns
+    -------
+    a :class:`KModeChoice` whose ``numbers`` (plain data, for the record, the warning, the export and ``hf-slim
+    verify``) are ``residual_rank``, ``k_error``, ``vanilla_error``, ``cond_w_k``, ``kept_cond``, ``cache_ratio``
+    and ``dtype``; on refusal they describe the largest rank tried and ``weights`` is None.
+
+    Raises
+    ------
+    SingularKeyProjection
+        when W_K is not square, or singular to float64 precision in more than ``max_residual_rank`` directions.
+    """
+    svd = key_svd(projections)
+    probe = ValueErrorProbe(inputs, projections, dtype)
+    d_model, inner = projections.w_k.shape
+    numbers: dict = {}
+    max_rank = max_residual_rank(d_model)
+    for rank in residual_rank_grid(d_model):
+        try:
+            weights = svd.weights(rank, device=projections.w_k.device)
+        except SingularKeyProjection:
+            continue
+        k_error = probe.k_mode_error(weights)
+        numbers = {
+            "residual_rank": rank,
+            "k_error": k_error,
+            "vanilla_error": probe.vanilla_error,
+            "cond_w_k": svd.cond,
+            "kept_cond": weights.kept_cond,
+            "cache_ratio": cache_ratio(inner, rank),
+            "dtype": str(dtype),
+        }
+        if k_mode_is_exact(k_error, probe.vanilla_error):
+            return KModeChoice(weights, numbers, max_rank)
+    if not numbers:
+        raise SingularKeyProjection(
+            f"W_K is singular (cond {svd.cond:.3g}) in more than {max_rank} directions, the most a K+R cache may keep "
+            "beside K; use mode='input'"
+        )
+    return KModeChoice(None, numbers, max_rank)
 
 
 def _sketch(tensor: torch.Tensor | None) -> torch.Tensor | None:

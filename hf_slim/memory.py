@@ -146,6 +146,7 @@ def cache_report(
     if encoder_len is None:
         encoder_len = getattr(model.config, "max_source_positions", seq_len) if model.config.is_encoder_decoder else 0
     modes = slim_record(model).layer_modes if is_slim(model) else {}
+    ranks = slim_record(model).residual_ranks if is_slim(model) else {}  # K+R layers cache e + r per token
     report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype, num_beams=num_beams)
     rows = batch_size * num_beams
     d_model = None
@@ -158,7 +159,7 @@ def cache_report(
             vanilla, slim = 2 * rows * encoder_len * inner, 0
         else:
             vanilla = 2 * rows * seq_len * inner
-            slim = rows * seq_len * (inner if mode == "k" else d_in)
+            slim = rows * seq_len * (inner + ranks.get(site.name, 0) if mode == "k" else d_in)
         report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
     if model.config.is_encoder_decoder:
         report.encoder_bytes = rows * encoder_len * d_model * size

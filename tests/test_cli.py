@@ -193,19 +193,32 @@ def test_verify_reports_per_layer_errors_and_greedy_equality(env, gpt2_dir):
     rows = [line.split() for line in lines if line.startswith("GPT2Attention")]
     assert len(rows) == 2 and all(row[2] == "k" for row in rows), result.stdout
     for row in rows:
-        k_error, vanilla_error = float(row[4]), float(row[5])
+        rank, k_error, vanilla_error = int(row[4]), float(row[5]), float(row[6])
+        assert rank == 0, "random GPT-2 weights are well conditioned: the plain K cache is exact in float32"
         assert 0 < vanilla_error <= k_error < 1e-4
     assert "greedy outputs: identical to the unpatched model" in result.stdout
 
 
-def test_verify_bf16_in_process_falls_back_where_k_is_inexact(gpt2_dir, capsys):
-    """bf16 rounding of the keys is amplified by cond(W_K): the K cache is refused and the input cache kept."""
-    assert main(["verify", "--model", str(gpt2_dir), "--dtype", "bf16", "--mode", "k", "--max-new-tokens", "8"]) == 0
+def test_verify_bf16_in_process_reports_k_plus_r_ranks_and_fallbacks(gpt2_dir, capsys, monkeypatch):
+    """bf16 rounding of the keys is amplified by cond(W_K): the plain K cache is inexact, K+R keeps r > 0 input
+    directions beside K (rank and cache ratio per layer); with the rank cap at 0 the input cache is kept instead."""
+    from hf_slim import kmode
+
+    argv = ["verify", "--model", str(gpt2_dir), "--dtype", "bf16", "--mode", "k", "--max-new-tokens", "8"]
+    assert main(argv) == 0
     captured = capsys.readouterr()
     rows = [line.split() for line in captured.out.splitlines() if line.startswith("GPT2Attention")]
-    assert rows and all(row[2] == "input" for row in rows), captured.out
-    assert "K cache refused" in captured.err
+    assert rows and all(row[2] == "k" and int(row[4]) > 0 for row in rows), captured.out
+    assert all(float(row[-1].rstrip("x")) == pytest.approx(128 / (64 + int(row[4])), abs=0.01) for row in rows)
     assert "bfloat16" in captured.out and "identical to the unpatched model" in captured.out
+
+    monkeypatch.setattr(kmode, "max_residual_rank", lambda d_model: 0)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines() if line.startswith("GPT2Attention")]
+    assert rows and all(row[2] == "input" and row[4] == "0" for row in rows), captured.out
+    assert "K cache refused" in captured.err
+    assert "identical to the unpatched model" in captured.out
 
 
 # ------------------------------------------------------------------------------------------------------ memory

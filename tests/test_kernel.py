@@ -42,10 +42,11 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 PRECISE_TOL = 1e-4
 
 
-def make_inputs(batch, heads, queries, seq, width, *, head_slice, dtype, query_dtype=None, seed=0):
-    """Fresh non-zero random query ``(b, h, t, width or head_dim)`` and cache ``(b, n, width)``."""
+def make_inputs(batch, heads, queries, seq, width, *, head_slice, dtype, query_dtype=None, seed=0, residual=0):
+    """Fresh non-zero random query ``(b, h, t, width or head_dim)`` and cache ``(b, n, width)``; with ``residual``
+    (head_slice only) the last ``residual`` cache columns are a K+R residual: ``head_dim = (width - residual) / h``."""
     gen = torch.Generator().manual_seed(seed)
-    q_width = width // heads if head_slice else width
+    q_width = (width - residual) // heads if head_slice else width
     query = torch.randn(batch, heads, queries, q_width, generator=gen).to(query_dtype or dtype).to(DEVICE)
     cache = (torch.randn(batch, seq, width, generator=gen) + 0.1).to(dtype).to(DEVICE)
     return query, cache
@@ -107,6 +108,7 @@ def poison_scratch(monkeypatch):
 
 
 # (batch, heads, queries, seq, width, head_slice, bias, dtype): a spread over the grid, not its product.
+# head_slice cases have heads * head_dim == width here; RESIDUAL_CASES below add K+R residual columns.
 CASES = [
     (2, 4, 1, 7, 64, False, None, torch.float32),
     (2, 1, 3, 1, 64, True, "rand", torch.float32),
@@ -133,6 +135,38 @@ def test_matches_reference(case):
     query, cache = make_inputs(batch, heads, queries, seq, width, head_slice=head_slice, dtype=dtype)
     bias = make_bias(bias_kind, batch, heads, queries, seq)
     run_and_compare(query, cache, head_slice=head_slice, bias=bias, tol=TOL[dtype])
+
+
+# (batch, heads, queries, seq, e, r, bias, dtype): K+R caches of width e + r, scores from the first e columns only.
+RESIDUAL_CASES = [
+    (2, 4, 1, 7, 64, 16, None, torch.float32),
+    (3, 6, 3, 130, 96, 48, "pad", torch.float32),
+    (1, 4, 1, 130, 384, 192, "rand", torch.bfloat16),  # Whisper tiny.en layer 0 in bf16 (r = d/2), 2 width chunks
+    (2, 6, 1, 700, 384, 48, "pad", torch.float16),  # long: several splits + combine; width 432 not a power of 2
+    (1, 4, 3, 700, 96, 96, "rand", torch.float32),  # r = d
+]
+
+
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=lambda c: f"b{c[0]}h{c[1]}t{c[2]}n{c[3]}e{c[4]}r{c[5]}-{c[6]}")
+def test_k_plus_r_cache_matches_reference(case):
+    batch, heads, queries, seq, inner, residual, bias_kind, dtype = case
+    query, cache = make_inputs(
+        batch, heads, queries, seq, inner + residual, head_slice=True, dtype=dtype, residual=residual
+    )
+    assert query.shape[-1] * heads == inner
+    bias = make_bias(bias_kind, batch, heads, queries, seq)
+    run_and_compare(query, cache, head_slice=True, bias=bias, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "name", ["recompute-3-width-chunks", "recompute-chunked-scores", "two-pass-splits", "single-tile-splits"]
+)
+def test_k_plus_r_cache_forced_configs(name):
+    """Width 96 + 32 in 32-wide chunks: the residual columns get their own width programs, scored by none."""
+    query, cache = make_inputs(2, 6, 3, 70, 128, head_slice=True, dtype=torch.float16, residual=32)
+    run_and_compare(
+        query, cache, head_slice=True, bias=make_bias("pad", 2, 6, 3, 70), tol=TOL[torch.float16], config=CONFIGS[name]
+    )
 
 
 def test_long_sequence_uses_several_splits():
@@ -205,8 +239,8 @@ def test_empty_cache_and_shape_errors():
     got = sd.slim_decode_attention(query, cache, scale=1.0)
     torch.testing.assert_close(got, absorbed_attention(query, cache, scale=1.0)[0])
     query, cache = make_inputs(1, 2, 1, 5, 64, head_slice=True, dtype=torch.float32)
-    with pytest.raises(ValueError, match="head_slice"):
-        sd.slim_decode_attention(query[..., :16], cache, scale=1.0, head_slice=True)
+    with pytest.raises(ValueError, match="head_slice"):  # heads * head_dim = 2 * 48 > 64 columns
+        sd.slim_decode_attention(torch.cat([query, query[..., :16]], -1), cache, scale=1.0, head_slice=True)
     with pytest.raises(ValueError, match="width"):
         sd.slim_decode_attention(query, cache, scale=1.0)
     with pytest.raises(TypeError, match="bias"):

@@ -42,7 +42,9 @@ cache be ``C: (batch, seq, width)``. For one batch row the work is two skinny GE
 * **head_slice** (K cache): head ``i`` scores against columns ``[i*head_dim, (i+1)*head_dim)`` only. The query row
   is read as a full-width row that is zero outside its head's slice (masked load, nothing materialised), so the
   score code is shared with the absorbed layout; a row block only reduces over the columns its heads cover.
-  ``P @ C`` always uses the full width.
+  ``P @ C`` always uses the full width. A K+R cache (``width = heads*head_dim + r``, :mod:`hf_slim.kmode`) keeps
+  its residual columns after the keys: no head's slice covers them, so they are weighted in ``P @ C`` and never
+  scored.
 * **Dots.** All dot shapes are padded to >= 16 (rows, cache rows and width are masked), so ``tl.dot`` always
   applies; padded query rows score 0 and are never stored. Operands are rounded to the cache dtype and accumulated
   in fp32, like flash attention (the query and the probabilities ``P`` get one rounding each). ``precise=True``
@@ -477,8 +479,9 @@ def slim_decode_attention(
     Parameters
     ----------
     query:
-        ``(batch, heads, queries, width)``, or ``(batch, heads, queries, head_dim)`` with ``heads * head_dim ==
-        width`` when ``head_slice``; fp32/fp16/bf16, any strides.
+        ``(batch, heads, queries, width)``, or ``(batch, heads, queries, head_dim)`` with ``heads * head_dim <=
+        width`` when ``head_slice`` (K+R cache: columns past the keys are weighted, not scored); fp32/fp16/bf16,
+        any strides.
     cache:
         ``(batch, seq, width)`` fp32/fp16/bf16, any strides.
     scale:
@@ -487,7 +490,8 @@ def slim_decode_attention(
         additive float bias broadcastable to ``(batch, heads, queries, seq)`` (expanded with stride 0, never
         materialised); use ``torch.finfo(torch.float32).min`` for masked keys (see the module docstring).
     head_slice:
-        K-cache layout: head ``i`` scores against its own ``head_dim`` slice of the cache.
+        K-cache layout: head ``i`` scores against its own ``head_dim`` slice of the first ``heads * head_dim``
+        cache columns.
     precise:
         hi/lo split of the fp32 operands (query, probabilities) for fp16/bf16 caches; ~fp32-reference accuracy at
         twice the tensor-core work.
@@ -509,8 +513,8 @@ def slim_decode_attention(
     _, seq, width = cache.shape
     if cache.shape[0] != batch:
         raise ValueError(f"cache batch {cache.shape[0]} != query batch {batch}")
-    if head_slice and heads * q_width != width:
-        raise ValueError(f"head_slice needs heads*head_dim == cache width, got {heads}*{q_width} != {width}")
+    if head_slice and heads * q_width > width:
+        raise ValueError(f"head_slice needs heads*head_dim <= cache width, got {heads}*{q_width} > {width}")
     if not head_slice and q_width != width:
         raise ValueError(f"query width {q_width} does not match cache width {width}")
     for name, t in (("query", query), ("cache", cache)):
