@@ -45,7 +45,8 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 class SlimFallbackWarning(UserWarning):
-    """Some layers asked for the K cache keep the input cache because the K cache would not be exact there."""
+    """Some layers asked for the K cache keep the input cache (RoPE models: the model's own K and V) because the K
+    cache would not be exact there."""
 
 
 @dataclass
@@ -57,13 +58,14 @@ class SlimRecord:
     calibration: dict[str, dict]
     num_cache_layers: int
     is_encoder_decoder: bool
+    kv_layers: tuple[int, ...] = ()
     version: str = __version__
     patches: list = field(default_factory=list, repr=False)
 
     def new_cache(self, max_cache_len: int | None = None) -> SlimCache | EncoderDecoderCache:
         """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache);
-        ``max_cache_len`` makes it static (preallocated)."""
-        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len)
+        ``max_cache_len`` makes it static (preallocated); ``kv_layers`` (RoPE layers in mode ``"kv"``) hold K/V."""
+        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len, kv_layers=self.kv_layers)
         if self.is_encoder_decoder:
             return EncoderDecoderCache(cache, SlimCache(0))
         return cache
@@ -144,7 +146,7 @@ def slimify(
         layer_modes, calibration, k_weights = _forced_layer_modes(sites, architecture, layer_modes, _k_weights)
     else:
         layer_modes, calibration, k_weights = _choose_layer_modes(
-            model, patch_module, sites, resolved, calibration_inputs
+            model, patch_module, sites, resolved, calibration_inputs, fallback_mode(architecture)
         )
     self_sites = [site for site in sites if site.kind == "self"]
     record = SlimRecord(
@@ -153,6 +155,7 @@ def slimify(
         calibration=calibration,
         num_cache_layers=1 + max((site.layer_idx for site in self_sites), default=-1),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        kv_layers=tuple(site.layer_idx for site in self_sites if layer_modes[site.name] == "kv"),
     )
     patches = _site_patches(sites, layer_modes, calibration, k_weights)
     for owner in patch_module.cache_owners(model):
@@ -198,7 +201,13 @@ def _check_attention_implementation(model: torch.nn.Module) -> None:
             )
 
 
-def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs):
+def fallback_mode(architecture) -> str:
+    """What a self-attention layer keeps where the K cache is refused: the exact input cache, or for RoPE models
+    (where the input cache cannot apply) the model's own keys and values (``"kv"``: a mixed cache)."""
+    return "kv" if architecture.positions == "rope" else "input"
+
+
+def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs, fallback):
     """Decide each site's mode; for the K mode solve W_KV and calibrate on real activations, before any patching."""
     layer_modes, calibration, k_weights = {}, {}, {}
     for site in sites:
@@ -206,11 +215,17 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
     if resolved != "k":
         return layer_modes, calibration, k_weights
     self_sites = [site for site in sites if site.kind == "self"]
+    refused = [f"{site.name}: {site.k_mode_refusal}" for site in self_sites if site.k_mode_refusal]
+    for site in self_sites:
+        layer_modes[site.name] = fallback
+    self_sites = [site for site in self_sites if not site.k_mode_refusal]
+    if not self_sites:
+        _warn_fallback(refused, fallback)
+        return layer_modes, calibration, k_weights
     if calibration_inputs is None:
         calibration_inputs = patch_module.default_calibration_inputs(model)
     activations = _collect_attention_inputs(model, self_sites, calibration_inputs)
     dtype = next(model.parameters()).dtype
-    refused = []
     for site in self_sites:
         with resident_weights(site.module):  # accelerate offload: solve from the real weights, on their device
             projections = site.projections(site.module)
@@ -230,13 +245,18 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
                 f"{site.name}: V rebuilt from {dtype} keys has relative error {k_error:.2e} vs {vanilla_error:.2e} "
                 f"for the unmodified model (cond(W_K) = {weights.cond:.2e})"
             )
-    if refused:
-        warnings.warn(
-            "K cache refused, these layers keep the (exact) input cache:\n  " + "\n  ".join(refused),
-            SlimFallbackWarning,
-            stacklevel=3,
-        )
+    _warn_fallback(refused, fallback)
     return layer_modes, calibration, k_weights
+
+
+def _warn_fallback(refused: list[str], fallback: str) -> None:
+    if refused:
+        kept = "the model's own keys and values" if fallback == "kv" else "the (exact) input cache"
+        warnings.warn(
+            f"K cache refused, these layers keep {kept}:\n  " + "\n  ".join(refused),
+            SlimFallbackWarning,
+            stacklevel=4,
+        )
 
 
 def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
@@ -251,10 +271,14 @@ def _forced_layer_modes(sites, architecture, layer_modes, k_weights):
     weights = {}
     for name, site in by_name.items():
         mode, allowed = layer_modes[name], (("encoder",) if site.kind == "cross" else ("input", "k"))
+        if mode == "input" and architecture.positions == "rope":
+            raise UnsupportedModelError(f"layer_modes[{name!r}] = 'input' cannot be used with RoPE; use 'k' or 'kv'")
+        if architecture.positions == "rope":
+            allowed = ("k", "kv")
         if mode not in allowed:
             raise ValueError(f"layer_modes[{name!r}] = {mode!r}: a {site.kind}-attention layer takes one of {allowed}")
-        if mode == "input" and architecture.positions == "rope":
-            raise UnsupportedModelError(f"layer_modes[{name!r}] = 'input' cannot be used with RoPE; use 'k'")
+        if mode == "k" and site.k_mode_refusal:
+            raise ValueError(f"layer_modes[{name!r}] = 'k' is not exact here: {site.k_mode_refusal}; use 'kv'")
         if mode == "k" and k_weights is not None and name in k_weights:
             weights[name] = k_weights[name]
         elif mode == "k":
@@ -289,6 +313,8 @@ def _site_patches(sites, layer_modes, calibration, k_weights) -> list:
     patches = []
     for site in sites:
         module, mode = site.module, layer_modes[site.name]
+        if mode == "kv":  # the model's own attention and K/V (a K/V layer of the mixed cache)
+            continue
         state = SlimAttentionState(
             mode=mode,
             layer_idx=site.layer_idx,
@@ -296,6 +322,7 @@ def _site_patches(sites, layer_modes, calibration, k_weights) -> list:
             head_dim=site.head_dim,
             projections=functools.partial(site.projections, module),
             calibration=calibration.get(site.name, {}),
+            rotary=site.rotary if mode == "k" else None,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
         if mode == "k":
@@ -333,6 +360,8 @@ def _slim_cache_owner_forward(owner: torch.nn.Module, record: SlimRecord, *args,
     position = names.index("past_key_values")
     arguments = {**dict(zip(names, args, strict=False)), **kwargs}
     cache = arguments.get("past_key_values")
+    if isinstance(cache, SlimCache):
+        cache.adopt_layout(record.num_cache_layers, record.kv_layers)  # a user's SlimCache() for a mixed model
     if cache is None and _use_cache_requested(owner, arguments):
         cache = record.new_cache()
     elif record.is_encoder_decoder and type(cache) is SlimCache:

@@ -23,6 +23,7 @@ import torch
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .cache import slim_cache_for
+from .rope import RotaryLayout, cos_sin_table, unrotate_keys
 
 # run_attention(query, key, value, mask) -> (output (b, t, h, dk), weights or None): the model's own attention call.
 RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
@@ -58,6 +59,8 @@ class SlimAttentionState:
         returns the module's live :class:`Projections`.
     calibration:
         per-layer numbers measured when the mode was chosen (K mode relative errors), for reports and export.
+    rotary:
+        the RoPE layout of a K-mode layer whose keys are cached rotated (:mod:`hf_slim.rope`), else None.
     """
 
     mode: str
@@ -66,6 +69,7 @@ class SlimAttentionState:
     head_dim: int
     projections: Callable[[], Projections]
     calibration: dict = field(default_factory=dict)
+    rotary: RotaryLayout | None = None
 
 
 def use_absorbed(num_queries: int, head_dim: int) -> bool:
@@ -116,14 +120,16 @@ def attend(
     bias: torch.Tensor | None,
     head_slice: bool = False,
     return_weights: bool = False,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`~hf_slim.absorbed.absorbed_attention`, through the fused kernel where it applies (no weights asked)."""
-    if not return_weights and fused_kernel_enabled(cache):
+    """:func:`~hf_slim.absorbed.absorbed_attention`, through the fused kernel where it applies (no weights asked, one
+    cache tensor for scores and the weighted sum: the kernel does not take separate ``values`` yet)."""
+    if not return_weights and values is None and fused_kernel_enabled(cache):
         from .kernels import slim_decode_attention
 
         return slim_decode_attention(query, cache, scale=scale, bias=bias, head_slice=head_slice), None
     return absorbed_attention(
-        query, cache, scale=scale, bias=bias, head_slice=head_slice, return_weights=return_weights
+        query, cache, scale=scale, bias=bias, head_slice=head_slice, return_weights=return_weights, values=values
     )
 
 
@@ -133,9 +139,9 @@ def _decode_input_mode(state, projections, query, states, bias, scale, want_weig
     return project_heads(mixed, projections.w_v, projections.b_v), weights  # (b, h, t, dk)
 
 
-def _decode_k_mode(module, query, states, bias, scale, want_weights):
+def _decode_k_mode(module, query, states, bias, scale, want_weights, values=None):
     mixed, weights = attend(
-        query, states, scale=scale, bias=bias, head_slice=True, return_weights=want_weights
+        query, states, scale=scale, bias=bias, head_slice=True, return_weights=want_weights, values=values
     )  # (b, h, t, e)
     return project_heads(mixed, module.hf_slim_w_kv, module.hf_slim_v_offset), weights  # (b, h, t, dk)
 
@@ -145,17 +151,21 @@ def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
     return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
-def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rebuild_kv(
+    module: torch.nn.Module, states: torch.Tensor, plain_keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute full keys and values ``(batch, heads, seq, head_dim)`` from a layer's slim tensor.
 
     Used for chunked prefill (many new queries on top of a cache), where the ordinary attention kernel is faster
-    than the absorbed path.
+    than the absorbed path. ``plain_keys``: a RoPE layer's un-rotated keys, which the values are computed from (its
+    cache holds the rotated keys the scores use).
     """
     state: SlimAttentionState = module.hf_slim
     projections = state.projections()
     if state.mode == "k":
         keys = states
-        values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))
+        source = states if plain_keys is None else plain_keys.to(states.dtype)
+        values = _linear(source, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))
     else:
         keys = _linear(states, projections.w_k, projections.b_k)
         values = _linear(states, projections.w_v, projections.b_v)
@@ -181,6 +191,7 @@ def slim_self_attention(
     *,
     want_weights: bool = False,
     position_bias: torch.Tensor | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One self-attention step with a slim cache.
 
@@ -206,6 +217,9 @@ def slim_self_attention(
     position_bias:
         additive score bias ``(1|b, h, new, seq)`` (T5 relative positions), applied on both paths by the caller's
         ``run_attention`` and here on the absorbed path.
+    rotary:
+        ``(cos, sin)``, each ``(batch|1, new, rotary_dim)``, that rotated ``query`` and ``key`` (RoPE layers, whose
+        ``key`` is the rotated one: :mod:`hf_slim.rope`).
 
     Returns
     -------
@@ -229,12 +243,17 @@ def slim_self_attention(
     if static and not absorbed:
         past = int(layer.get_seq_length())  # a static cache's prefill runs eagerly
     states = cache.update_slim(new_states, state.layer_idx)  # (b, n, w)
+    plain_keys = None
+    if state.rotary is not None:
+        table = cache.update_rotary(cos_sin_table(*rotary, batch), state.layer_idx)  # (b, n, 2r)
     if past == 0:
         if static and attention_mask is not None:
             attention_mask = attention_mask[..., :num_queries]
         return run_attention(query, key, value, attention_mask)
+    if state.rotary is not None:
+        plain_keys = unrotate_keys(states, table, state.num_heads, state.head_dim, state.rotary)  # (b, n, w) fp32
     if not absorbed:
-        full_key, full_value = rebuild_kv(module, states)
+        full_key, full_value = rebuild_kv(module, states, plain_keys)
         return run_attention(query, full_key, full_value, attention_mask)
 
     if static:
@@ -246,7 +265,7 @@ def slim_self_attention(
     if position_bias is not None:
         bias = position_bias.float() if bias is None else bias + position_bias.float()
     if state.mode == "k":
-        out, weights = _decode_k_mode(module, query, states, bias, scale, want_weights)
+        out, weights = _decode_k_mode(module, query, states, bias, scale, want_weights, plain_keys)
     else:
         out, weights = _decode_input_mode(state, state.projections(), query, states, bias, scale, want_weights)
     return out.to(query.dtype).transpose(1, 2), weights
@@ -327,3 +346,62 @@ def _fold_bias(bias: torch.Tensor, inputs: int, group: int, heads: int, num_quer
         bias = bias.expand(inputs * group, bias.shape[1], num_queries, frames)
         bias = bias.reshape(inputs, group, bias.shape[1], num_queries, frames)
     return bias.transpose(1, 2).reshape(inputs, -1, group * num_queries, frames)
+
+
+def rope_self_attention(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    past_key_values,
+    kwargs: dict,
+    *,
+    dropout: float = 0.0,
+    **interface_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`slim_self_attention` for the RoPE families whose attention is transformers' ``attention_interface``
+    call (Llama and its descendants): the attention implementation is the model's own, ``module.scaling`` scales.
+
+    Parameters
+    ----------
+    query, key, value:
+        ``(batch, heads, new, head_dim)``, query and key already rotated by the model's ``apply_rotary_pos_emb``.
+    cos_sin:
+        the ``(cos, sin)`` that rotated them, ``(batch|1, new, rotary_dim)`` each.
+    kwargs:
+        the extra keyword arguments the module's forward got (passed on to the attention interface, as the model
+        does).
+    dropout, interface_kwargs:
+        what the model's forward passes to its attention interface besides them (``sliding_window=...``).
+
+    Returns
+    -------
+    ``(batch, new, heads * head_dim)`` attention output before the output projection, and the weights or None.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    implementation = module.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    kwargs = {name: value for name, value in kwargs.items() if name not in ("use_cache", "position_ids")}
+
+    def run(q, k, v, mask):
+        return interface(module, q, k, v, mask, dropout=dropout, scaling=module.scaling, **interface_kwargs, **kwargs)
+
+    out, weights = slim_self_attention(
+        module,
+        hidden_states,
+        query,
+        key,
+        value,
+        past_key_values,
+        attention_mask,
+        module.scaling,
+        run,
+        want_weights=implementation == "eager",
+        rotary=cos_sin,
+    )
+    return out.reshape(*out.shape[:-2], -1).contiguous(), weights  # (b, t, e)

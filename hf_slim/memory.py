@@ -30,7 +30,8 @@ class CacheReport:
     """Vanilla vs slim cache bytes for ``batch_size`` sequences of ``seq_len`` tokens.
 
     ``encoder_bytes`` is the encoder output (``batch, encoder_len, d_model``) that encoder-decoder generation holds
-    in both cases; ``*_with_encoder`` totals count it on both sides.
+    in both cases; ``*_with_encoder`` totals count it on both sides. ``rotary_bytes`` is the cos/sin table a RoPE K
+    cache keeps once for all layers (``batch, seq, 2 * rotary_dim``, :mod:`hf_slim.rope`), counted in the slim total.
     """
 
     model_type: str
@@ -40,6 +41,7 @@ class CacheReport:
     dtype: torch.dtype
     layers: list[LayerBytes] = field(default_factory=list)
     encoder_bytes: int = 0
+    rotary_bytes: int = 0
 
     @property
     def vanilla_bytes(self) -> int:
@@ -47,7 +49,13 @@ class CacheReport:
 
     @property
     def slim_bytes(self) -> int:
-        return sum(layer.slim for layer in self.layers)
+        return sum(layer.slim for layer in self.layers) + self.rotary_bytes
+
+    @property
+    def layers_ratio(self) -> float:
+        """Vanilla / slim bytes of the attention layers alone (2.0 exactly when every layer keeps one tensor of the
+        width of K): the ratio without the shared rotary table."""
+        return self.vanilla_bytes / max(sum(layer.slim for layer in self.layers), 1)
 
     @property
     def ratio(self) -> float:
@@ -66,6 +74,9 @@ class CacheReport:
         ]
         size = format_bytes
         lines += [f"{r.name:<34} {r.mode:<8} {size(r.vanilla):>12} {size(r.slim):>12}" for r in self.layers]
+        if self.rotary_bytes:
+            lines.append(f"{'rotary cos/sin table (all layers)':<43} {'':>12} {size(self.rotary_bytes):>12}")
+            lines.append(f"{'layers only':<43} {'':>12} {'':>12}  {self.layers_ratio:.2f}x")
         lines.append(f"{'total':<43} {size(self.vanilla_bytes):>12} {size(self.slim_bytes):>12}  {self.ratio:.2f}x")
         if self.encoder_bytes:
             lines.append(
@@ -73,6 +84,18 @@ class CacheReport:
                 f"{size(self.slim_bytes + self.encoder_bytes):>12}  {self.ratio_with_encoder:.2f}x"
             )
         return "\n".join(lines)
+
+
+def rotary_dim(model: torch.nn.Module, patch_module) -> int:
+    """Width of the cos/sin a RoPE model hands its attention: the patch's ``rotary_dim(model)`` if it has one, else
+    twice the length of the model's rotary ``inv_freq`` buffer (shapes only: works on the meta device)."""
+    if hasattr(patch_module, "rotary_dim"):
+        return patch_module.rotary_dim(model)
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return 2 * inv_freq.numel()
+    raise ValueError(f"found no rotary embedding (inv_freq) in {type(model).__name__}")
 
 
 def format_bytes(nbytes: float, digits: int = 1) -> str:
@@ -109,7 +132,8 @@ def cache_report(
         print the table.
     """
     model_type = model.config.model_type
-    sites = SUPPORTED[model_type].load().attention_sites(model) if model_type in SUPPORTED else []
+    patch_module = SUPPORTED[model_type].load() if model_type in SUPPORTED else None
+    sites = patch_module.attention_sites(model) if patch_module is not None else []
     if not sites:
         raise ValueError(f"no supported attention layers in {type(model).__name__} ({model_type!r})")
     dtype = dtype or next(model.parameters()).dtype
@@ -118,18 +142,21 @@ def cache_report(
         encoder_len = getattr(model.config, "max_source_positions", seq_len) if model.config.is_encoder_decoder else 0
     modes = slim_record(model).layer_modes if is_slim(model) else {}
     report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype)
+    self_default = "k" if SUPPORTED[model_type].positions == "rope" else "input"  # what slimify(model) would pick
     d_model = None
     for site in sites:
         projections = site.projections(site.module)
         d_in, inner = projections.w_k.shape
         d_model = d_in
-        mode = modes.get(site.name, "encoder" if site.kind == "cross" else "input")
+        mode = modes.get(site.name, "encoder" if site.kind == "cross" else self_default)
         if site.kind == "cross":
             vanilla, slim = 2 * batch_size * encoder_len * inner, 0
         else:
             vanilla = 2 * batch_size * seq_len * inner
-            slim = batch_size * seq_len * (inner if mode == "k" else d_in)
+            slim = {"k": inner, "kv": 2 * inner}.get(mode, d_in) * batch_size * seq_len
         report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
+    if any(site.rotary is not None and layer.mode == "k" for site, layer in zip(sites, report.layers, strict=True)):
+        report.rotary_bytes = batch_size * seq_len * 2 * rotary_dim(model, patch_module) * size
     if model.config.is_encoder_decoder:
         report.encoder_bytes = batch_size * encoder_len * d_model * size
     if verbose:

@@ -44,14 +44,15 @@ SUPPORTED: dict[str, Architecture] = {
     "t5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "mt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "umt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
+    "llama": Architecture("hf_slim.patches.llama", positions="rope"),
+    "qwen2": Architecture("hf_slim.patches.llama", positions="rope"),
+    "olmo": Architecture("hf_slim.patches.llama", positions="rope"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.
 UNSUPPORTED: dict[str, str] = {
-    "llama": "RoPE rotates keys between projection and dot product, so the input cache cannot apply, and the K cache "
-    "for RoPE models (cache K before RoPE, rotate on read) is not implemented yet",
-    "mistral": "grouped-query attention (num_key_value_heads < num_attention_heads): slim attention needs MHA",
-    "qwen2": "grouped-query attention (num_key_value_heads < num_attention_heads): slim attention needs MHA",
+    "mistral": "no patch for this RoPE model type yet (Mistral checkpoints use grouped-query attention, which slim "
+    "attention cannot serve; an MHA config would need a mistral patch with its sliding window)",
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
     "falcon": "multi-query / grouped-query attention: slim attention needs MHA",
     "gpt_bigcode": "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache",
