@@ -359,6 +359,7 @@ def rope_self_attention(
     past_key_values,
     kwargs: dict,
     *,
+    eager: Callable,
     dropout: float = 0.0,
     **interface_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -374,6 +375,8 @@ def rope_self_attention(
     kwargs:
         the extra keyword arguments the module's forward got (passed on to the attention interface, as the model
         does).
+    eager:
+        the model file's own ``eager_attention_forward`` (what ``attn_implementation="eager"`` runs).
     dropout, interface_kwargs:
         what the model's forward passes to its attention interface besides them (``sliding_window=...``).
 
@@ -382,11 +385,10 @@ def rope_self_attention(
     ``(batch, new, heads * head_dim)`` attention output before the output projection, and the weights or None.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
 
     implementation = module.config._attn_implementation
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    kwargs = {name: value for name, value in kwargs.items() if name not in ("use_cache", "position_ids")}
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    kwargs = {key: val for key, val in kwargs.items() if key not in ("use_cache", "position_ids", "output_attentions")}
 
     def run(q, k, v, mask):
         return interface(module, q, k, v, mask, dropout=dropout, scaling=module.scaling, **interface_kwargs, **kwargs)

@@ -47,6 +47,8 @@ SUPPORTED: dict[str, Architecture] = {
     "llama": Architecture("hf_slim.patches.llama", positions="rope"),
     "qwen2": Architecture("hf_slim.patches.llama", positions="rope"),
     "olmo": Architecture("hf_slim.patches.llama", positions="rope"),
+    "olmo2": Architecture("hf_slim.patches.llama", positions="rope"),
+    "phi3": Architecture("hf_slim.patches.phi3", positions="rope"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.

@@ -2,7 +2,8 @@
 
 Covers ``llama`` (Llama-2, CodeLlama, Vicuna, SmolLM2-1.7B; every rope scaling type, optional ``attention_bias``),
 ``qwen2`` with MHA configs (Qwen1.5: q/k/v biases; sliding-window layers are refused) and ``olmo`` (its ``clip_qkv``
-clamps the keys, so ``V = f(K)`` is not exact: refused per layer, the layer keeps the model's own K and V).
+clamps the keys, so ``V = f(K)`` is not exact: refused per layer, the layer keeps the model's own K and V) and
+``olmo2`` (its k-norm is refused per layer the same way: such layers are never patched).
 
 RoPE layers keep the K cache with keys cached as the model rotated them (:mod:`hf_slim.rope`).
 """
@@ -10,14 +11,14 @@ RoPE layers keep the K cache with keys cached as the model rotated them (:mod:`h
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from hf_slim.attention import Projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite
 
-_ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "OlmoAttention")
-_BASE_MODEL_CLASSES = ("LlamaModel", "Qwen2Model", "OlmoModel")
+_ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "OlmoAttention", "Olmo2Attention")
+_BASE_MODEL_CLASSES = ("LlamaModel", "Qwen2Model", "OlmoModel", "Olmo2Model")
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -53,15 +54,30 @@ def slim_llama_attention_forward(
         attention_mask,
         past_key_values,
         kwargs,
+        eager=eager_attention_forward,
         dropout=0.0 if not self.training else self.attention_dropout,
+        **_sliding_window(self),
     )
     return self.o_proj(out), weights
 
 
+def _sliding_window(module: torch.nn.Module) -> dict:
+    """Qwen2 passes its layer's ``sliding_window`` to the attention interface (None on full-attention layers)."""
+    return {"sliding_window": module.sliding_window} if hasattr(module, "sliding_window") else {}
+
+
 def _k_mode_refusal(module: torch.nn.Module) -> str | None:
+    """Why ``V = f(K)`` is not exact in this layer, or None."""
     clip = getattr(module.config, "clip_qkv", None)
     if clip is not None:
         return f"clip_qkv={clip} clamps keys and values, so V is not a linear function of the cached keys"
+    if hasattr(module, "k_norm"):
+        return (
+            "OLMo-2 RMS-normalises the full-width keys per token before RoPE, so V is not a linear function of the "
+            "cached keys (keeping each token's norm scale would make it exact: not implemented)"
+        )
+    if getattr(module, "sliding_window", None) is not None:
+        return f"sliding-window layer (window {module.sliding_window}): the slim cache keeps full-attention layers only"
     return None
 
 

@@ -139,6 +139,20 @@ ROPE_CONFIGS: dict[str, dict] = {
         max_position_embeddings=128,
     ),
     "qwen2": dict(model_type="qwen2", seed=1),
+    "phi3": dict(model_type="phi3", seed=3),
+    "phi3-longrope": dict(
+        model_type="phi3",
+        seed=3,
+        max_position_embeddings=128,
+        original_max_position_embeddings=32,
+        rope_parameters={
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0],
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "phi3-sliding": dict(model_type="phi3", sliding_window=20, seed=3),
 }
 
 
