@@ -49,6 +49,10 @@ SUPPORTED: dict[str, Architecture] = {
     "olmo": Architecture("hf_slim.patches.llama", positions="rope"),
     "olmo2": Architecture("hf_slim.patches.llama", positions="rope"),
     "phi3": Architecture("hf_slim.patches.phi3", positions="rope"),
+    "phi": Architecture("hf_slim.patches.phi", positions="rope"),
+    "stablelm": Architecture("hf_slim.patches.phi", positions="rope"),
+    "gpt_neox": Architecture("hf_slim.patches.gpt_neox", positions="rope"),
+    "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.
@@ -58,7 +62,6 @@ UNSUPPORTED: dict[str, str] = {
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
     "falcon": "multi-query / grouped-query attention: slim attention needs MHA",
     "gpt_bigcode": "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache",
-    "gpt_neox": "RoPE on part of each head: the input cache cannot apply and the RoPE K cache is not implemented",
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "bart": "not implemented yet (learned positions and MHA would allow the input and encoder caches)",

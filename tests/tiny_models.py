@@ -153,10 +153,17 @@ ROPE_CONFIGS: dict[str, dict] = {
         },
     ),
     "phi3-sliding": dict(model_type="phi3", sliding_window=20, seed=3),
+    "phi": dict(model_type="phi", seed=3, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.4}),
+    "stablelm": dict(model_type="stablelm", use_qkv_bias=True, seed=3),
+    "gpt_neox": dict(model_type="gpt_neox"),
+    "gptj": dict(model_type="gptj", max_position_embeddings=128, rotary_dim=8, attn="eager"),
+    "olmo": dict(model_type="olmo"),
 }
 
 
-def tiny_rope(name: str, seed: int | None = None, dtype: torch.dtype = torch.float32, attn: str = "sdpa", **overrides):
+def tiny_rope(
+    name: str, seed: int | None = None, dtype: torch.dtype = torch.float32, attn: str | None = None, **overrides
+):
     """A 2-layer causal LM (d=64, 4 MHA heads) of :data:`ROPE_CONFIGS` ``[name]`` with random biases and norms,
     whose vocabulary matches :func:`tiny_tokenizer`. ``seed`` defaults to the table's (one whose random W_K the
     fp32 calibration accepts on every layer, so the K path is what the tests exercise)."""
@@ -180,6 +187,8 @@ def tiny_rope(name: str, seed: int | None = None, dtype: torch.dtype = torch.flo
     settings.update(ROPE_CONFIGS[name])
     settings.update(overrides)
     model_type, table_seed = settings.pop("model_type"), settings.pop("seed", 0)
+    attn = attn or settings.pop("attn", "sdpa")  # GPT-J: eager only
+    settings.pop("attn", None)
     torch.manual_seed(table_seed if seed is None else seed)
     config = AutoConfig.for_model(model_type, **settings)
     config._attn_implementation = attn
