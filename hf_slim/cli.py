@@ -171,7 +171,7 @@ def _slim_summary(model) -> str:
     from .api import slim_record
 
     modes = list(slim_record(model).layer_modes.values())
-    counts = ", ".join(f"{modes.count(mode)} {mode}" for mode in ("input", "k", "encoder") if mode in modes)
+    counts = ", ".join(f"{modes.count(mode)} {mode}" for mode in ("input", "k", "kv", "encoder") if mode in modes)
     return f"slim layers: {counts}"
 
 
@@ -512,6 +512,15 @@ def cmd_verify(args) -> int:
             f"{numbers['vanilla_error']:>17.2e} {chosen:>16.2e}"
         )
     print("(V err: relative error of the values against float64, on calibration data, in the model dtype)")
+    if "kv" in record.layer_modes.values():
+        print("(kv: the layer keeps the model's own keys and values; the other layers keep one tensor)")
+    from .memory import cache_report
+
+    report = cache_report(model, 1, actual.shape[-1], verbose=False)
+    print(
+        f"cache at {actual.shape[-1]} tokens, batch 1: {_human(report.vanilla_bytes)} vanilla, "
+        f"{_human(report.slim_bytes)} slim ({report.ratio:.2f}x)"
+    )
     same = expected.shape == actual.shape and bool((expected == actual).all())
     tokens = actual.shape[-1]
     if same:

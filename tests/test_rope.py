@@ -341,3 +341,81 @@ def test_layers_where_v_is_not_a_function_of_k_keep_own_kv_with_reason(case):
     _decode_logits(vanilla, slim, steps=5)
     with pytest.raises(ValueError, match="is not exact here"):
         slimify(copy.deepcopy(vanilla), layer_modes=dict.fromkeys(slim_record(slim).layer_modes, "k"))
+
+
+# ------------------------------------------------------------------------------------ checkpoints, offload, CLI
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3-longrope", "gptj", "gpt_neox"])
+def test_save_and_load_slim_reproduce_mixed_cache(name, tmp_path):
+    """A mixed model (layer 0 K, layer 1 the model's own K/V) saves and loads with the same modes and outputs."""
+    from hf_slim import load_slim
+
+    vanilla = tiny_rope(name)
+    names = list(slim_record(slimify(copy.deepcopy(vanilla))).layer_modes)
+    slim = slimify(copy.deepcopy(vanilla), layer_modes=dict(zip(names, ["k", "kv"], strict=True)))
+    slim.save_pretrained(tmp_path)
+    loaded = load_slim(tmp_path)
+    assert slim_record(loaded).layer_modes == slim_record(slim).layer_modes
+    expected = _generate(vanilla, do_sample=False)
+    assert_same_tokens(_generate(loaded, do_sample=False).sequences, expected.sequences, "load_slim")
+
+
+def test_accelerate_disk_offload_matches(tmp_path):
+    """Layer 1 on disk (weights on meta at rest): W_KV is solved from the real weights, the slim forward reads them."""
+    from transformers import AutoModelForCausalLM
+
+    vanilla = tiny_rope("llama")
+    vanilla.save_pretrained(tmp_path / "plain")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "plain", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    assert offloaded.model.layers[1].self_attn.k_proj.weight.is_meta, "test setup: layer not offloaded"
+    expected = _generate(offloaded, do_sample=False)
+    slimify(offloaded)
+    assert set(slim_record(offloaded).layer_modes.values()) == {"k"}
+    assert_same_tokens(_generate(offloaded, do_sample=False).sequences, expected.sequences, "offloaded")
+
+
+def test_cli_verify_and_generate_on_a_rope_checkpoint(tmp_path, capsys):
+    from hf_slim.cli import main
+
+    tiny_rope("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert main(["verify", "--model", str(tmp_path), "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("LlamaAttention")]
+    assert len(rows) == 2 and all(row[2] == "k" for row in rows), out
+    assert "greedy outputs: identical to the unpatched model" in out
+    assert "slim (" in out and "x)" in out
+    assert (
+        main(["generate", "--model", str(tmp_path), "the quick brown fox", "--max-new-tokens", "8", "--compare"]) == 0
+    )
+    assert "outputs identical: yes" in capsys.readouterr().out
+
+
+# Phi-3-mini-128k-instruct config.json values (the fields that set cache shapes)
+PHI3_MINI_128K = dict(hidden_size=3072, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32)
+PHI3_MINI_128K.update(intermediate_size=8192, vocab_size=32064, max_position_embeddings=131072)
+PHI3_MINI_128K.update(original_max_position_embeddings=4096, sliding_window=262144)
+
+
+def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
+    """The issue's stake: 48 GiB of fp16 K/V at 128k tokens; all layers K: 24 GiB plus the shared cos/sin table."""
+    from hf_slim.cli import main
+
+    factors = dict(short_factor=[1.0] * 48, long_factor=[2.0] * 48, original_max_position_embeddings=4096)
+    config = dict(PHI3_MINI_128K, rope_parameters=dict(rope_type="longrope", **factors))
+    model = _meta_model("phi3", **config)
+    report = cache_report(model, batch_size=1, seq_len=131072, verbose=False)
+    assert report.vanilla_bytes == 48 * 2**30
+    assert sum(layer.slim for layer in report.layers) == 24 * 2**30
+    assert report.layers_ratio == 2.0 and f"{report.ratio:.2f}" == "2.00"
+    assert report.rotary_bytes == 131072 * 2 * 96 * 2  # 48 MiB: cos|sin of head_dim 96 per token, fp16
+    path = tmp_path / "phi3.json"
+    path.write_text(__import__("json").dumps(dict(config, model_type="phi3", architectures=["Phi3ForCausalLM"])))
+    assert main(["memory", "--config", str(path), "--seq-len", "131072", "--dtype", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "Phi3Attention[self 31]" in out and "rotary cos/sin table" in out and "2.00x" in out, out
