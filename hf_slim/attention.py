@@ -122,12 +122,12 @@ def attend(
     return_weights: bool = False,
     values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`~hf_slim.absorbed.absorbed_attention`, through the fused kernel where it applies (no weights asked, one
-    cache tensor for scores and the weighted sum: the kernel does not take separate ``values`` yet)."""
-    if not return_weights and values is None and fused_kernel_enabled(cache):
+    """:func:`~hf_slim.absorbed.absorbed_attention`, through the fused kernel where it applies (no weights asked)."""
+    if not return_weights and fused_kernel_enabled(cache):
         from .kernels import slim_decode_attention
 
-        return slim_decode_attention(query, cache, scale=scale, bias=bias, head_slice=head_slice), None
+        mixed = slim_decode_attention(query, cache, scale=scale, bias=bias, head_slice=head_slice, values=values)
+        return mixed, None
     return absorbed_attention(
         query, cache, scale=scale, bias=bias, head_slice=head_slice, return_weights=return_weights, values=values
     )
