@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .cache import slim_cache_for
@@ -384,8 +385,6 @@ def rope_self_attention(
     -------
     ``(batch, new, heads * head_dim)`` attention output before the output projection, and the weights or None.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     implementation = module.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
     kwargs = {key: val for key, val in kwargs.items() if key not in ("use_cache", "position_ids", "output_attentions")}

@@ -148,7 +148,8 @@ def cache_report(
         projections = site.projections(site.module)
         d_in, inner = projections.w_k.shape
         d_model = d_in
-        mode = modes.get(site.name, "encoder" if site.kind == "cross" else self_default)
+        default = "kv" if site.k_mode_refusal else self_default
+        mode = modes.get(site.name, "encoder" if site.kind == "cross" else default)
         if site.kind == "cross":
             vanilla, slim = 2 * batch_size * encoder_len * inner, 0
         else:
