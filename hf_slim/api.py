@@ -22,6 +22,7 @@ from .attention import SlimAttentionState
 from .cache import SlimCache
 from .kmode import (
     KModeWeights,
+    RotaryRoundTrip,
     SingularKeyProjection,
     k_mode_is_exact,
     solve_k_mode,
@@ -234,7 +235,8 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
             except SingularKeyProjection as error:
                 refused.append(f"{site.name}: {error}")
                 continue
-            k_error, vanilla_error = value_errors(activations[site.name], projections, weights, dtype)
+            round_trip = None if site.rotary is None else RotaryRoundTrip(site.num_heads, site.head_dim, site.rotary)
+            k_error, vanilla_error = value_errors(activations[site.name], projections, weights, dtype, round_trip)
         numbers = {"k_error": k_error, "vanilla_error": vanilla_error, "cond_w_k": weights.cond, "dtype": str(dtype)}
         calibration[site.name] = numbers
         if k_mode_is_exact(k_error, vanilla_error):

@@ -18,6 +18,7 @@ import torch
 
 from .attention import Projections
 from .patching import resident_weights
+from .rope import RotaryLayout, rotate, unrotate_keys
 from .sites import AttentionSite
 
 #: A layer keeps the K cache when rebuilding V from cached keys is at most this many times less accurate than the
@@ -87,7 +88,11 @@ def solve_layer_k_mode(site: AttentionSite) -> KModeWeights:
 
 
 def value_errors(
-    inputs: torch.Tensor, projections: Projections, weights: KModeWeights, dtype: torch.dtype
+    inputs: torch.Tensor,
+    projections: Projections,
+    weights: KModeWeights,
+    dtype: torch.dtype,
+    rotary: RotaryRoundTrip | None = None,
 ) -> tuple[float, float]:
     """Relative errors of V in ``dtype``: rebuilt from cached keys vs computed as the unmodified model does.
 
@@ -101,6 +106,9 @@ def value_errors(
         the layer's :class:`KModeWeights`.
     dtype:
         the dtype the model runs in.
+    rotary:
+        for a RoPE layer, which caches keys rotated in ``dtype`` and un-rotates them for the values: the round trip
+        the rebuilt values go through (one more rounding than the plain K cache).
 
     Returns
     -------
@@ -120,9 +128,40 @@ def value_errors(
 
     v_vanilla = in_dtype(w_v64, b_v64)
     keys = in_dtype(w_k64, b_k64)  # what the K cache stores, rounded to dtype
+    if rotary is not None:
+        keys = rotary(keys.to(dtype)).double()  # rotated in dtype (as cached), un-rotated in float32
     v_rebuilt = keys.float() @ weights.w_kv.to(dtype).float() + weights.v_offset.to(dtype).float()
     norm = v_ref.norm().clamp_min(1e-300)
     return float((v_rebuilt.double() - v_ref).norm() / norm), float((v_vanilla - v_ref).norm() / norm)
+
+
+@dataclass(frozen=True)
+class RotaryRoundTrip:
+    """Rotate keys in their dtype and un-rotate them in float32, as a RoPE K-cache layer does, for the calibration.
+
+    The angles are a standard RoPE table (base 10000, position = token index within ``seq_len`` rows): the rounding
+    of a rotation depends on the angles only through ``cos``/``sin`` magnitudes, which any spread of angles covers.
+    The whole head is rotated: for partial rotary (Phi, GPT-NeoX, GPT-J) a slight over-estimate, on the safe side.
+    """
+
+    num_heads: int
+    head_dim: int
+    layout: RotaryLayout
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys: (tokens, e)`` in the model dtype -> the un-rotated keys the values are rebuilt from, float32."""
+        tokens = keys.shape[0]
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        angles = torch.arange(tokens, dtype=torch.float64)[:, None] * inv_freq  # (n, dk/2)
+        if self.layout.style == "half":
+            angles = torch.cat((angles, angles), dim=-1)  # (n, dk)
+        else:
+            angles = angles.repeat_interleave(2, dim=-1)  # (n, dk)
+        cos, sin = angles.cos().to(keys.dtype), angles.sin().to(keys.dtype)  # (n, dk), as the model hands them over
+        heads = keys.view(tokens, self.num_heads, self.head_dim)  # (n, h, dk)
+        rotated = heads * cos[:, None] + rotate(heads, self.layout.style) * sin[:, None]  # in dtype, as the model
+        table = torch.cat((cos, sin), dim=-1)[None]  # (1, n, 2dk)
+        return unrotate_keys(rotated.reshape(1, tokens, -1), table, self.num_heads, self.head_dim, self.layout)[0]
 
 
 def k_mode_is_exact(k_error: float, vanilla_error: float) -> bool:

@@ -44,7 +44,7 @@ class RotaryLayout:
             raise ValueError(f"rotary style must be one of {ROTARY_STYLES}, got {self.style!r}")
 
 
-def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
+def rotate(x: torch.Tensor, style: str) -> torch.Tensor:
     """The model's ``rotate_half`` / ``rotate_every_two`` on the last axis (a 90-degree turn of each column pair)."""
     if style == "half":
         first, second = x.chunk(2, dim=-1)
@@ -86,7 +86,7 @@ def unrotate_keys(
     rotated = keys[..., :key_width].float().reshape(batch, seq, num_heads, head_dim)  # (b, n, h, dk)
     turned, passed = rotated[..., :rotary_dim], rotated[..., rotary_dim:]
     scale = cos * cos + sin * sin  # (b, n, 1, r): attention_scaling^2; 0 only in a static table's unwritten rows
-    plain = (turned * cos - _rotate(turned, layout.style) * sin) / torch.where(scale > 0, scale, 1.0)  # (b, n, h, r)
+    plain = (turned * cos - rotate(turned, layout.style) * sin) / torch.where(scale > 0, scale, 1.0)  # (b, n, h, r)
     out = torch.cat((plain, passed), dim=-1).reshape(batch, seq, key_width)  # (b, n, e)
     if key_width < width:
         out = torch.cat((out, keys[..., key_width:].float()), dim=-1)  # (b, n, e + extra)

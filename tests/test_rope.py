@@ -226,8 +226,9 @@ def test_forced_mixed_cache_matches(attn):
     caches = _decode_logits(vanilla, slim, steps=20)
     layers = caches["slim"].layers
     assert layers[1].keys is not None and layers[0].states is not None and layers[2].states is not None
-    expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
-    assert_same_tokens(actual.sequences, expected.sequences, "mixed cache greedy")
+    for kwargs in (dict(), dict(cache_implementation="static")):
+        expected, actual = _generate(vanilla, do_sample=False, **kwargs), _generate(slim, do_sample=False, **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"mixed cache greedy {kwargs}")
 
 
 def test_refused_layers_keep_own_kv_with_warning():
