@@ -165,8 +165,10 @@ def rebuild_kv(
     projections = state.projections()
     if state.mode == "k":
         keys = states
-        source = states if plain_keys is None else plain_keys.to(states.dtype)
-        values = _linear(source, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))
+        if plain_keys is None:
+            values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))
+        else:  # float32 un-rotated keys, as the decode path mixes them: no extra rounding before W_KV
+            values = _linear(plain_keys, module.hf_slim_w_kv, module.hf_slim_v_offset.float()).to(states.dtype)
     else:
         keys = _linear(states, projections.w_k, projections.b_k)
         values = _linear(states, projections.w_v, projections.b_v)
