@@ -53,6 +53,7 @@ def absorbed_attention(
     bias: torch.Tensor | None = None,
     head_slice: bool = False,
     return_weights: bool = False,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention of ``heads`` queries over one shared cache tensor, accumulated in float32.
 
@@ -76,11 +77,15 @@ def absorbed_attention(
         K+R cache layouts).
     return_weights:
         also return the softmax probabilities (for ``output_attentions``).
+    values:
+        ``(batch, seq, value_width)``: what the weighted sum reads instead of ``cache`` (a RoPE K cache scores with
+        the rotated keys it holds and mixes the un-rotated ones, :mod:`hf_slim.rope`).
 
     Returns
     -------
     mixed:
-        ``(batch, heads, queries, width)`` float32, ``softmax(scores) @ cache`` per head.
+        ``(batch, heads, queries, value_width)`` float32, ``softmax(scores) @ values`` per head (``values`` defaults
+        to ``cache``).
     weights:
         ``(batch, heads, queries, seq)`` float32 probabilities, or None.
     """
@@ -102,8 +107,9 @@ def absorbed_attention(
     if bias is not None:
         scores = scores + bias.float()
     weights = torch.softmax(scores, dim=-1)  # (b, h, t, n)
-    mixed = torch.bmm(weights.view(batch, heads * queries, -1), cache32)  # (b, h*t, w)
-    mixed = mixed.view(batch, heads, queries, width)
+    values32 = cache32 if values is None else values.float()  # (b, n, v)
+    mixed = torch.bmm(weights.view(batch, heads * queries, -1), values32)  # (b, h*t, v)
+    mixed = mixed.view(batch, heads, queries, -1)
     return mixed, (weights if return_weights else None)
 
 

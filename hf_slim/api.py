@@ -20,7 +20,14 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from . import __version__
 from .attention import SlimAttentionState
 from .cache import CacheOwner, SlimCache, SlimLayout
-from .kmode import KModeWeights, KSourceStamp, SingularKeyProjection, choose_residual_rank, solve_layer_k_mode
+from .kmode import (
+    KModeWeights,
+    KSourceStamp,
+    RotaryRoundTrip,
+    SingularKeyProjection,
+    choose_residual_rank,
+    solve_layer_k_mode,
+)
 from .patching import (
     BufferPatch,
     InstancePatch,
@@ -38,7 +45,8 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 class SlimFallbackWarning(UserWarning):
-    """Some layers asked for the K cache keep the input cache because no K+R cache with ``r <= d/2`` is exact there."""
+    """Some layers asked for the K cache keep the input cache (RoPE models: the model's own K and V) because no K or
+    K+R cache (``r <= d/2``) is exact there."""
 
 
 @dataclass
@@ -50,6 +58,7 @@ class SlimRecord:
     calibration: dict[str, dict]
     num_cache_layers: int
     is_encoder_decoder: bool
+    kv_layers: tuple[int, ...] = ()
     version: str = __version__
     #: residual rank r of every K-mode layer (cache width e + r; 0 is the plain K cache), see hf_slim.kmode
     residual_ranks: dict[str, int] = field(default_factory=dict)
@@ -60,8 +69,9 @@ class SlimRecord:
 
     def new_cache(self, max_cache_len: int | None = None) -> SlimCache | EncoderDecoderCache:
         """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache);
-        ``max_cache_len`` makes it static (preallocated)."""
-        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len)  # layers adopt each writer's layout
+        ``max_cache_len`` makes it static (preallocated); ``kv_layers`` (RoPE layers in mode ``"kv"``) hold K/V.
+        Layers adopt each writer's layout."""
+        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len, kv_layers=self.kv_layers)
         if self.is_encoder_decoder:
             return EncoderDecoderCache(cache, SlimCache(0))
         return cache
@@ -185,7 +195,7 @@ def slimify(
         )
     else:
         layer_modes, calibration, k_weights = _choose_layer_modes(
-            model, patch_module, sites, resolved, calibration_inputs
+            model, patch_module, sites, resolved, calibration_inputs, fallback_mode(architecture)
         )
     self_sites = [site for site in sites if site.kind == "self"]
     record = SlimRecord(
@@ -196,6 +206,7 @@ def slimify(
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         static_cache_refusal=getattr(patch_module, "STATIC_CACHE_REFUSAL", None),
         residual_ranks={name: weights.residual_rank for name, weights in k_weights.items()},
+        kv_layers=tuple(site.layer_idx for site in self_sites if layer_modes[site.name] == "kv"),
     )
     patches = _site_patches(sites, layer_modes, calibration, k_weights, record.owner)
     for owner in patch_module.cache_owners(model):
@@ -241,7 +252,13 @@ def _check_attention_implementation(model: torch.nn.Module) -> None:
             )
 
 
-def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs):
+def fallback_mode(architecture) -> str:
+    """What a self-attention layer keeps where the K cache is refused: the exact input cache, or for RoPE models
+    (where the input cache cannot apply) the model's own keys and values (``"kv"``: a mixed cache)."""
+    return "kv" if architecture.positions == "rope" else "input"
+
+
+def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs, fallback):
     """Decide each site's mode; for the K mode solve W_KV and calibrate on real activations, before any patching."""
     layer_modes, calibration, k_weights = {}, {}, {}
     for site in sites:
@@ -249,17 +266,26 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
     if resolved != "k":
         return layer_modes, calibration, k_weights
     self_sites = [site for site in sites if site.kind == "self"]
+    refused = [f"{site.name}: {site.k_mode_refusal}" for site in self_sites if site.k_mode_refusal]
+    for site in self_sites:
+        layer_modes[site.name] = fallback
+    self_sites = [site for site in self_sites if not site.k_mode_refusal]
+    if not self_sites:
+        _warn_fallback(refused, fallback)
+        return layer_modes, calibration, k_weights
     if calibration_inputs is None:
         calibration_inputs = patch_module.default_calibration_inputs(model)
     _check_calibration_inputs(calibration_inputs)
     activations = _collect_attention_inputs(model, self_sites, calibration_inputs)
     dtype = next(model.parameters()).dtype
-    refused = []
     for site in _progress(self_sites, "hf_slim: K+R calibration (float64 SVD per layer)"):
         with resident_weights(site.module):  # accelerate offload: solve from the real weights, on their device
             projections = site.projections(site.module)
             try:
-                choice = choose_residual_rank(projections, activations[site.name], dtype)
+                round_trip = (
+                    None if site.rotary is None else RotaryRoundTrip(site.num_heads, site.head_dim, site.rotary)
+                )
+                choice = choose_residual_rank(projections, activations[site.name], dtype, round_trip)
             except SingularKeyProjection as error:
                 refused.append(f"{site.name}: {error}")
                 continue
@@ -276,13 +302,18 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
                 f"from {dtype} keys has relative error {numbers['k_error']:.2e} vs {numbers['vanilla_error']:.2e} for "
                 f"the unmodified model (cond(W_K) = {numbers['cond_w_k']:.2e})"
             )
-    if refused:
-        warnings.warn(
-            "K cache refused, these layers keep the (exact) input cache:\n  " + "\n  ".join(refused),
-            SlimFallbackWarning,
-            stacklevel=3,
-        )
+    _warn_fallback(refused, fallback)
     return layer_modes, calibration, k_weights
+
+
+def _warn_fallback(refused: list[str], fallback: str) -> None:
+    if refused:
+        kept = "the model's own keys and values" if fallback == "kv" else "the (exact) input cache"
+        warnings.warn(
+            f"K cache refused, these layers keep {kept}:\n  " + "\n  ".join(refused),
+            SlimFallbackWarning,
+            stacklevel=4,
+        )
 
 
 def _forced_layer_modes(sites, architecture, layer_modes, residual_ranks, k_weights):
@@ -301,11 +332,17 @@ def _forced_layer_modes(sites, architecture, layer_modes, residual_ranks, k_weig
     weights = {}
     for name, site in by_name.items():
         mode, allowed = layer_modes[name], (("encoder",) if site.kind == "cross" else ("input", "k"))
+        if mode == "input" and architecture.positions == "rope":
+            raise UnsupportedModelError(f"layer_modes[{name!r}] = 'input' cannot be used with RoPE; use 'k' or 'kv'")
+        if architecture.positions == "rope":
+            allowed = ("k", "kv")
         if mode not in allowed:
             raise ValueError(f"layer_modes[{name!r}] = {mode!r}: a {site.kind}-attention layer takes one of {allowed}")
-        if mode == "input" and architecture.positions == "rope":
-            raise UnsupportedModelError(f"layer_modes[{name!r}] = 'input' cannot be used with RoPE; use 'k'")
+        if mode == "k" and site.k_mode_refusal:
+            raise ValueError(f"layer_modes[{name!r}] = 'k' is not exact here: {site.k_mode_refusal}; use 'kv'")
         rank = residual_ranks.get(name, 0)
+        if rank and site.rotary is not None:
+            raise ValueError(f"residual_ranks[{name!r}] = {rank}: RoPE layers take the plain K cache (r = 0) for now")
         if mode == "k" and k_weights is not None and name in k_weights:
             weights[name] = k_weights[name]
             if name in residual_ranks and rank != weights[name].residual_rank:
@@ -371,6 +408,8 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
     patches = []
     for site in sites:
         module, mode = site.module, layer_modes[site.name]
+        if mode == "kv":  # the model's own attention and K/V (a K/V layer of the mixed cache)
+            continue
         projections = functools.partial(site.projections, module)
         with resident_weights(module):
             k_source = KSourceStamp.of(projections()) if mode == "k" else None
@@ -385,6 +424,7 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
             layout=SlimLayout(owner, mode) if site.kind == "self" else None,
             k_source=k_source,
             residual_rank=k_weights[site.name].residual_rank if mode == "k" else 0,
+            rotary=site.rotary if mode == "k" else None,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
         if mode == "k":
@@ -443,6 +483,8 @@ def _slim_cache_owner_forward(owner: torch.nn.Module, record: SlimRecord, *args,
     position = names.index("past_key_values")
     arguments = {**dict(zip(names, args, strict=False)), **kwargs}
     cache = arguments.get("past_key_values")
+    if isinstance(cache, SlimCache):
+        cache.adopt_layout(record.num_cache_layers, record.kv_layers)  # a user's SlimCache() for a mixed model
     if cache is None and _use_cache_requested(owner, arguments):
         cache = record.new_cache()
     elif record.is_encoder_decoder and type(cache) is SlimCache:

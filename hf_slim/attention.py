@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .adapters import LowRank, apply_low_rank, projection_weights
 from .cache import SlimCache, SlimLayout, slim_cache_for
+from .rope import RotaryLayout, cos_sin_table, unrotate_keys
 
 if TYPE_CHECKING:
     from .kmode import KSourceStamp
@@ -112,6 +114,8 @@ class SlimAttentionState:
         is ``C = [K | Z]``, ``(batch, seq, e + r)``: scores read the first ``e`` columns (head ``i`` its slice of
         K), the weighted sum reads all ``e + r``, then each head applies its slice of the stacked projection
         ``module.hf_slim_w_kv: (e + r, e)``. ``0`` is the plain K cache.
+    rotary:
+        the RoPE layout of a K-mode layer whose keys are cached rotated (:mod:`hf_slim.rope`), else None.
     """
 
     mode: str
@@ -123,15 +127,19 @@ class SlimAttentionState:
     name: str = ""
     layout: SlimLayout | None = None
     k_source: KSourceStamp | None = None
+    residual_rank: int = 0
+    rotary: RotaryLayout | None = None
 
     def live_projections(self) -> Projections:
-        """The layer's projections now; for a K-mode layer, after checking ``W_KV`` still fits them (O(1))."""
+        """The layer's projections now; for a K-mode layer, after checking ``W_KV`` still fits them (O(1)).
+
+        Inside a ``torch.compile`` trace the check is left out (version counters and data pointers cannot be
+        traced); it runs at every eager call (README, Limits).
+        """
         projections = self.projections()
-        if self.k_source is not None:
+        if self.k_source is not None and not torch.compiler.is_compiling():
             self.k_source.check(projections, self.name)
         return projections
-
-    residual_rank: int = 0
 
 
 def use_absorbed(num_queries: int, head_dim: int) -> bool:
@@ -182,14 +190,16 @@ def attend(
     bias: torch.Tensor | None,
     head_slice: bool = False,
     return_weights: bool = False,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`~hf_slim.absorbed.absorbed_attention`, through the fused kernel where it applies (no weights asked)."""
     if not return_weights and fused_kernel_enabled(cache):
         from .kernels import slim_decode_attention
 
-        return slim_decode_attention(query, cache, scale=scale, bias=bias, head_slice=head_slice), None
+        mixed = slim_decode_attention(query, cache, scale=scale, bias=bias, head_slice=head_slice, values=values)
+        return mixed, None
     return absorbed_attention(
-        query, cache, scale=scale, bias=bias, head_slice=head_slice, return_weights=return_weights
+        query, cache, scale=scale, bias=bias, head_slice=head_slice, return_weights=return_weights, values=values
     )
 
 
@@ -199,9 +209,9 @@ def _decode_input_mode(state, projections, query, states, bias, scale, want_weig
     return project_heads(mixed, projections.w_v, projections.b_v, projections.v_low_rank), weights  # (b, h, t, dk)
 
 
-def _decode_k_mode(module, query, states, bias, scale, want_weights):
+def _decode_k_mode(module, query, states, bias, scale, want_weights, values=None):
     mixed, weights = attend(
-        query, states, scale=scale, bias=bias, head_slice=True, return_weights=want_weights
+        query, states, scale=scale, bias=bias, head_slice=True, return_weights=want_weights, values=values
     )  # (b, h, t, e)
     return project_heads(mixed, module.hf_slim_w_kv, module.hf_slim_v_offset), weights  # (b, h, t, dk)
 
@@ -225,17 +235,23 @@ def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
     return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
-def rebuild_kv(module: torch.nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rebuild_kv(
+    module: torch.nn.Module, states: torch.Tensor, plain_keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute full keys and values ``(batch, heads, seq, head_dim)`` from a layer's slim tensor.
 
     Used for chunked prefill (many new queries on top of a cache), where the ordinary attention kernel is faster
-    than the absorbed path.
+    than the absorbed path. ``plain_keys``: a RoPE layer's un-rotated keys, which the values are computed from (its
+    cache holds the rotated keys the scores use).
     """
     state: SlimAttentionState = module.hf_slim
     projections = state.live_projections()
     if state.mode == "k":
         keys = states[..., : state.num_heads * state.head_dim]  # (b, n, e): K without the residual Z
-        values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))  # [K | Z] W_KV
+        if plain_keys is None:
+            values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))  # [K | Z] W_KV
+        else:  # RoPE: float32 un-rotated keys, as the decode path mixes them: no extra rounding before W_KV
+            values = _linear(plain_keys, module.hf_slim_w_kv, module.hf_slim_v_offset.float()).to(states.dtype)
     else:
         keys = _linear(states, projections.w_k, projections.b_k, projections.k_low_rank)
         values = _linear(states, projections.w_v, projections.b_v, projections.v_low_rank)
@@ -266,6 +282,7 @@ def slim_self_attention(
     *,
     want_weights: bool = False,
     position_bias: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One self-attention step with a slim cache.
 
@@ -293,6 +310,9 @@ def slim_self_attention(
         both paths by the caller's ``run_attention`` and here on the absorbed path; or a function of the key length
         ``seq`` (the cached tokens a step attends over, ``max_cache_len`` for a static cache) returning that bias, for
         biases the model slices by key length.
+    rotary:
+        ``(cos, sin)``, each ``(batch|1, new, rotary_dim)``, that rotated ``query`` and ``key`` (RoPE layers, whose
+        ``key`` is the rotated one: :mod:`hf_slim.rope`).
 
     Returns
     -------
@@ -317,12 +337,17 @@ def slim_self_attention(
     if static and not absorbed:
         past = int(layer.get_seq_length())  # a static cache's prefill runs eagerly
     states = cache.update_slim(new_states, state.layer_idx, state.layout)  # (b, n, w)
+    plain_keys = None
+    if state.rotary is not None:
+        table = cache.update_rotary(cos_sin_table(*rotary, batch), state.layer_idx)  # (b, n, 2r)
     if past == 0:
         if static and attention_mask is not None:
             attention_mask = attention_mask[..., :num_queries]
         return run_attention(query, key, value, attention_mask)
+    if state.rotary is not None:
+        plain_keys = unrotate_keys(states, table, state.num_heads, state.head_dim, state.rotary)  # (b, n, w) fp32
     if not absorbed:
-        full_key, full_value = rebuild_kv(module, states)
+        full_key, full_value = rebuild_kv(module, states, plain_keys)
         return run_attention(query, full_key, full_value, attention_mask)
 
     if static:
@@ -336,7 +361,7 @@ def slim_self_attention(
     if position_bias is not None:
         bias = position_bias.float() if bias is None else bias + position_bias.float()
     if state.mode == "k":
-        out, weights = _decode_k_mode(module, query, states, bias, scale, want_weights)
+        out, weights = _decode_k_mode(module, query, states, bias, scale, want_weights, plain_keys)
     else:
         out, weights = _decode_input_mode(state, projections, query, states, bias, scale, want_weights)
     return out.to(query.dtype).transpose(1, 2), weights
@@ -426,3 +451,62 @@ def _fold_bias(bias: torch.Tensor, inputs: int, group: int, heads: int, num_quer
         bias = bias.expand(inputs * group, bias.shape[1], num_queries, frames)
         bias = bias.reshape(inputs, group, bias.shape[1], num_queries, frames)
     return bias.transpose(1, 2).reshape(inputs, -1, group * num_queries, frames)
+
+
+def rope_self_attention(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    past_key_values,
+    kwargs: dict,
+    *,
+    eager: Callable,
+    dropout: float = 0.0,
+    **interface_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`slim_self_attention` for the RoPE families whose attention is transformers' ``attention_interface``
+    call (Llama and its descendants): the attention implementation is the model's own, ``module.scaling`` scales.
+
+    Parameters
+    ----------
+    query, key, value:
+        ``(batch, heads, new, head_dim)``, query and key already rotated by the model's ``apply_rotary_pos_emb``.
+    cos_sin:
+        the ``(cos, sin)`` that rotated them, ``(batch|1, new, rotary_dim)`` each.
+    kwargs:
+        the extra keyword arguments the module's forward got (passed on to the attention interface, as the model
+        does).
+    eager:
+        the model file's own ``eager_attention_forward`` (what ``attn_implementation="eager"`` runs).
+    dropout, interface_kwargs:
+        what the model's forward passes to its attention interface besides them (``sliding_window=...``).
+
+    Returns
+    -------
+    ``(batch, new, heads * head_dim)`` attention output before the output projection, and the weights or None.
+    """
+    implementation = module.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    kwargs = {key: val for key, val in kwargs.items() if key not in ("use_cache", "position_ids", "output_attentions")}
+
+    def run(q, k, v, mask):
+        return interface(module, q, k, v, mask, dropout=dropout, scaling=module.scaling, **interface_kwargs, **kwargs)
+
+    out, weights = slim_self_attention(
+        module,
+        hidden_states,
+        query,
+        key,
+        value,
+        past_key_values,
+        attention_mask,
+        module.scaling,
+        run,
+        want_weights=implementation == "eager",
+        rotary=cos_sin,
+    )
+    return out.reshape(*out.shape[:-2], -1).contiguous(), weights  # (b, t, e)

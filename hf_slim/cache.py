@@ -15,7 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    EncoderDecoderCache,
+    StaticLayer,
+)
 
 _NOT_KV_MESSAGE = (
     "this cache is an hf_slim SlimCache: it stores one slim tensor per token (the attention input or the keys), not "
@@ -188,6 +195,19 @@ class StaticSlimLayer(SlimLayer):
         self.states.index_copy_(1, positions, states)
         return self.states
 
+    def overwrite_last(self, states: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Write ``states: (batch, new, width)`` at slots ``[length - new, length)`` and set the length to ``length``.
+
+        Idempotent, so every layer of a step can write the same rows without a data-dependent "already written?"
+        branch under ``torch.compile`` (the rotary table of :class:`SlimCache`).
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(states)
+        positions = torch.arange(states.shape[1], device=self.device) + length.to(self.device) - states.shape[1]
+        self.states.index_copy_(1, positions, states)
+        self.cumulative_length.copy_(length)
+        return self.states
+
     def causal_bias(self, num_queries: int) -> torch.Tensor:
         """``(1, 1, queries, max_cache_len)`` float32 bias for the last ``num_queries`` written tokens: 0 where the
         slot is written and not in the query's future, dtype-min elsewhere (computed from the length tensor, so it
@@ -229,6 +249,17 @@ class StaticSlimLayer(SlimLayer):
 class SlimCache(DynamicCache):
     """A cache of :class:`SlimLayer` s, one per attention layer that keeps per-token state.
 
+    Two additions serve RoPE models (see :mod:`hf_slim.rope`):
+
+    * a *mixed* cache: the layers listed in ``kv_layers`` are ordinary transformers K/V layers, written by unpatched
+      attention modules through :meth:`update` (layers where the K cache would not be exact keep the model's own K
+      and V);
+    * a *rotary table*, ``rotary: (batch, seq, 2 * rotary_dim)``, the ``cos | sin`` each position's keys were rotated
+      with when they were written, shared by every layer (all layers of a step rotate with the same cos/sin). A
+      K-cache layer needs them to un-rotate its keys for the values; storing them (rather than recomputing from
+      positions) matches transformers exactly when dynamic NTK or longrope change the frequencies as the sequence
+      grows. It is reordered, cropped and batch-selected with the layers.
+
     Parameters
     ----------
     num_layers:
@@ -236,38 +267,110 @@ class SlimCache(DynamicCache):
     max_cache_len:
         preallocate every layer for this many tokens (:class:`StaticSlimLayer`), for ``torch.compile`` and CUDA
         graphs; needs ``num_layers``. ``generate(..., cache_implementation="static")`` on a slim model builds one.
+    kv_layers:
+        indices of the layers that hold keys and values (needs ``num_layers``).
     """
 
-    def __init__(self, num_layers: int | None = None, max_cache_len: int | None = None) -> None:
-        if max_cache_len is not None:
-            if num_layers is None:
-                raise ValueError("a static SlimCache (max_cache_len) needs num_layers")
-            Cache.__init__(self, layers=[StaticSlimLayer(max_cache_len) for _ in range(num_layers)])
-        elif num_layers is None:
+    def __init__(
+        self, num_layers: int | None = None, max_cache_len: int | None = None, kv_layers: tuple[int, ...] = ()
+    ) -> None:
+        if (max_cache_len is not None or kv_layers) and num_layers is None:
+            raise ValueError("a static SlimCache (max_cache_len) or one with kv_layers needs num_layers")
+        if num_layers is None:
             Cache.__init__(self, layer_class_to_replicate=SlimLayer)
         else:
-            Cache.__init__(self, layers=[SlimLayer() for _ in range(num_layers)])
+            Cache.__init__(self, layers=[self._new_layer(i in kv_layers, max_cache_len) for i in range(num_layers)])
+        self.max_cache_len = max_cache_len
+        self.rotary: SlimLayer | None = None
+
+    @staticmethod
+    def _new_layer(kv: bool, max_cache_len: int | None) -> CacheLayerMixin:
+        if kv:
+            return DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len)
+        return SlimLayer() if max_cache_len is None else StaticSlimLayer(max_cache_len)
 
     def __iter__(self):
         for layer in self.layers:
-            yield (layer.states,)
+            yield (layer.states,) if isinstance(layer, SlimLayer) else (layer.keys, layer.values)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        raise TypeError(_NOT_KV_MESSAGE)
+        """K/V update of a ``kv_layers`` layer (an unpatched attention module of a mixed cache); a slim layer raises."""
+        return self._layer(layer_idx, DynamicLayer).update(key_states, value_states, *args, **kwargs)
 
     def update_slim(self, states: torch.Tensor, layer_idx: int, layout: SlimLayout | None = None) -> torch.Tensor:
         """Append ``states: (batch, new, width)`` to layer ``layer_idx``; return the layer's ``(batch, seq, width)``.
 
         ``layout``: the writing layer's :class:`SlimLayout`; a layer filled by another model or mode refuses it.
         """
-        while self.layer_class_to_replicate is not None and len(self.layers) <= layer_idx:
+        return self._layer(layer_idx, SlimLayer).update_slim(states, layout)
+
+    def _layer(self, layer_idx: int, kind: type) -> CacheLayerMixin:
+        """Layer ``layer_idx``, which must be of ``kind`` (slim or K/V): a layer of the other kind means a model that
+        is not (or differently) slimified writes to this cache, a clear error instead of mixed layouts."""
+        while self.layer_class_to_replicate is not None and kind is SlimLayer and len(self.layers) <= layer_idx:
             self.layers.append(SlimLayer())
-        return self.layers[layer_idx].update_slim(states, layout)
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if kind is SlimLayer and not isinstance(layer, SlimLayer):
+            raise TypeError(
+                f"hf_slim: layer {layer_idx} of this SlimCache holds keys and values, but a slim attention layer "
+                "wrote to it; let the slim model create its own cache"
+            )
+        if kind is DynamicLayer and (layer is None or isinstance(layer, SlimLayer)):
+            raise TypeError(_NOT_KV_MESSAGE)
+        return layer
+
+    def adopt_layout(self, num_layers: int, kv_layers: tuple[int, ...]) -> None:
+        """Give a fresh ``SlimCache()`` (created without ``num_layers``) the layer kinds of a mixed model, so that
+        users can pass ``SlimCache()`` to any slim model. A cache already written to is left as it is."""
+        if kv_layers and self.layer_class_to_replicate is not None and not self.layers:
+            self.layers = [self._new_layer(i in kv_layers, None) for i in range(num_layers)]
+            self.layer_class_to_replicate = None
+
+    def update_rotary(self, cos_sin: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Record ``cos_sin: (batch, new, 2 * rotary_dim)`` for the tokens layer ``layer_idx`` just wrote (the first
+        layer of a step appends, the others find them there) and return the table, ``(batch, seq, 2 * rotary_dim)``
+        (a static table has ``max_cache_len`` rows; unwritten rows are masked by the attention anyway)."""
+        layer = self.layers[layer_idx]
+        if self.rotary is None:
+            self.rotary = SlimLayer() if self.max_cache_len is None else StaticSlimLayer(self.max_cache_len)
+        if isinstance(self.rotary, StaticSlimLayer):
+            return self.rotary.overwrite_last(cos_sin, layer.cumulative_length)
+        if self.rotary.get_seq_length() < layer.get_seq_length():
+            self.rotary.update_slim(cos_sin)
+        return self.rotary.states
+
+    def _side_layers(self) -> list[SlimLayer]:
+        return [] if self.rotary is None else [self.rotary]
+
+    def reset(self) -> None:
+        super().reset()
+        for layer in self._side_layers():
+            layer.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for layer in self._side_layers():
+            layer.reorder_cache(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        for layer in self._side_layers():
+            layer.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for layer in self._side_layers():
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for layer in self._side_layers():
+            layer.batch_select_indices(indices)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cached tensors (what the memory claims count)."""
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes held by the cached tensors (what the memory claims count), rotary table included."""
+        return cache_nbytes(self)
 
 
 def slim_cache_for(past_key_values: Cache | None, layer_idx: int, *, where: str) -> SlimCache | None:
@@ -301,7 +404,8 @@ def cache_nbytes(past_key_values: Cache | None) -> int:
         return cache_nbytes(past_key_values.self_attention_cache) + cache_nbytes(past_key_values.cross_attention_cache)
     total = 0
     seen: set[int] = set()
-    for layer in past_key_values.layers:
+    side = past_key_values._side_layers() if isinstance(past_key_values, SlimCache) else []
+    for layer in [*past_key_values.layers, *side]:
         for name in ("keys", "values", "states"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:

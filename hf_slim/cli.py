@@ -153,7 +153,13 @@ _POSITION_LIMITS = ("max_target_positions", "n_positions", "max_position_embeddi
 
 
 def _position_limit(config) -> tuple[str, int] | None:
-    """``(attribute, decoder positions)`` of a model with a learned position table; None without one (T5)."""
+    """``(attribute, decoder positions)`` of a model with a learned position table; None without one (T5, and RoPE or
+    ALiBi models, whose positions are computed and run past the configured length)."""
+    from .registry import SUPPORTED
+
+    architecture = SUPPORTED.get(getattr(config, "model_type", None))
+    if architecture is not None and architecture.positions in ("rope", "alibi", "relative_bias"):
+        return None
     name = next((name for name in _POSITION_LIMITS if isinstance(getattr(config, name, None), int)), None)
     return None if name is None else (name, getattr(config, name))
 
@@ -230,7 +236,7 @@ def _slim_summary(model) -> str:
     from .api import slim_record
 
     modes = list(slim_record(model).layer_modes.values())
-    counts = ", ".join(f"{modes.count(mode)} {mode}" for mode in ("input", "k", "encoder") if mode in modes)
+    counts = ", ".join(f"{modes.count(mode)} {mode}" for mode in ("input", "k", "kv", "encoder") if mode in modes)
     return f"slim layers: {counts}"
 
 
@@ -590,7 +596,8 @@ def cmd_verify(args) -> int:
             print(f"{name:<34} {layer_mode:<8} {'-':>10} {'-':>5} {'-':>16} {'-':>17} {'-':>16} {'-':>6}")
             continue
         chosen = numbers["k_error"] if layer_mode == "k" else numbers["vanilla_error"]
-        ratio = numbers["cache_ratio"] if layer_mode == "k" else 2.0  # input cache: d per token against 2d for K+V
+        # input cache: d per token against 2d for K+V; kv: the model's own K and V
+        ratio = numbers["cache_ratio"] if layer_mode == "k" else {"kv": 1.0}.get(layer_mode, 2.0)
         print(
             f"{name:<34} {layer_mode:<8} {numbers['cond_w_k']:>10.3g} {numbers['residual_rank']:>5} "
             f"{numbers['k_error']:>16.2e} {numbers['vanilla_error']:>17.2e} {chosen:>16.2e} {ratio:>5.2f}x"
@@ -599,6 +606,15 @@ def cmd_verify(args) -> int:
         "(r: input directions the K+R cache keeps beside K, the smallest that calibrates exact, or the largest tried "
         "where K mode is refused; V err: relative error of the values against float64, on calibration data, in the "
         "model dtype; ratio: K+V bytes / this layer's cache bytes)"
+    )
+    if "kv" in record.layer_modes.values():
+        print("(kv: the layer keeps the model's own keys and values; the other layers keep one tensor)")
+    from .memory import cache_report
+
+    report = cache_report(model, 1, actual.shape[-1], verbose=False)
+    print(
+        f"cache at {actual.shape[-1]} tokens, batch 1: {_human(report.vanilla_bytes)} vanilla, "
+        f"{_human(report.slim_bytes)} slim ({report.ratio:.2f}x)"
     )
     same = expected.shape == actual.shape and bool((expected == actual).all())
     tokens = actual.shape[-1]

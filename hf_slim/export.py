@@ -53,7 +53,7 @@ SIDECAR = "hf_slim.safetensors"
 #: enough to matter fail the K-mode calibration long before); anything that changes the weights or W_KV by a
 #: meaningful amount (fine-tuning, another model's sidecar, edits) leaves 1e-4 or more.
 W_KV_RTOL = 1e-6
-_LAYER_MODES = ("input", "k", "encoder")
+_LAYER_MODES = ("input", "k", "kv", "encoder")
 #: Numeric fields of one layer's calibration record (see ``hf_slim.api``); each is optional in a checkpoint.
 _CALIBRATION_NUMBERS = ("cond_w_k", "k_error", "vanilla_error")
 

@@ -30,12 +30,14 @@ Names other code relies on (stable): the module buffers ``hf_slim_w_kv`` ``(e + 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .attention import Projections
 from .patching import resident_weights
+from .rope import RotaryLayout, rotate, unrotate_keys
 from .sites import AttentionSite
 
 #: A layer keeps the K cache when rebuilding V from cached keys is at most this many times less accurate than the
@@ -229,9 +231,14 @@ class ValueErrorProbe:
         the layer's projections.
     dtype:
         the dtype the model runs in.
+    round_trip:
+        for a RoPE layer (:class:`RotaryRoundTrip`), the rotate-in-dtype / un-rotate round trip its cached keys go
+        through before the values are rebuilt (one more rounding than the plain K cache).
     """
 
-    def __init__(self, inputs: torch.Tensor, projections: Projections, dtype: torch.dtype) -> None:
+    def __init__(
+        self, inputs: torch.Tensor, projections: Projections, dtype: torch.dtype, round_trip: Callable | None = None
+    ) -> None:
         x64 = inputs.detach().to(torch.float64)
         w_k64, w_v64 = projections.w_k.detach().double(), projections.w_v.detach().double()
         b_k64 = None if projections.b_k is None else projections.b_k.detach().double()
@@ -242,6 +249,8 @@ class ValueErrorProbe:
         self.v_ref = v_ref
         self.norm = v_ref.norm().clamp_min(1e-300)
         self.keys = self._in_dtype(w_k64, b_k64)  # what the K cache stores, rounded to dtype: (n, e)
+        if round_trip is not None:  # RoPE: cached rotated in dtype, un-rotated in float32 for the values
+            self.keys = round_trip(self.keys.to(dtype)).double()
         self.vanilla_error = self._error(self._in_dtype(w_v64, b_v64))
 
     def _in_dtype(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -265,12 +274,45 @@ class ValueErrorProbe:
 
 
 def value_errors(
-    inputs: torch.Tensor, projections: Projections, weights: KModeWeights, dtype: torch.dtype
+    inputs: torch.Tensor,
+    projections: Projections,
+    weights: KModeWeights,
+    dtype: torch.dtype,
+    rotary: RotaryRoundTrip | None = None,
 ) -> tuple[float, float]:
     """``(k_mode_error, vanilla_error)`` of V in ``dtype`` for one set of weights (see :class:`ValueErrorProbe`, which
     :func:`choose_residual_rank` uses to try many ranks on one reference)."""
-    probe = ValueErrorProbe(inputs, projections, dtype)
+    probe = ValueErrorProbe(inputs, projections, dtype, rotary)
     return probe.k_mode_error(weights), probe.vanilla_error
+
+
+@dataclass(frozen=True)
+class RotaryRoundTrip:
+    """Rotate keys in their dtype and un-rotate them in float32, as a RoPE K-cache layer does, for the calibration.
+
+    The angles are a standard RoPE table (base 10000, position = token index within ``seq_len`` rows): the rounding
+    of a rotation depends on the angles only through ``cos``/``sin`` magnitudes, which any spread of angles covers.
+    The whole head is rotated: for partial rotary (Phi, GPT-NeoX, GPT-J) a slight over-estimate, on the safe side.
+    """
+
+    num_heads: int
+    head_dim: int
+    layout: RotaryLayout
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys: (tokens, e)`` in the model dtype -> the un-rotated keys the values are rebuilt from, float32."""
+        tokens = keys.shape[0]
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        angles = torch.arange(tokens, dtype=torch.float64)[:, None] * inv_freq  # (n, dk/2)
+        if self.layout.style == "half":
+            angles = torch.cat((angles, angles), dim=-1)  # (n, dk)
+        else:
+            angles = angles.repeat_interleave(2, dim=-1)  # (n, dk)
+        cos, sin = angles.cos().to(keys.dtype), angles.sin().to(keys.dtype)  # (n, dk), as the model hands them over
+        heads = keys.view(tokens, self.num_heads, self.head_dim)  # (n, h, dk)
+        rotated = heads * cos[:, None] + rotate(heads, self.layout.style) * sin[:, None]  # in dtype, as the model
+        table = torch.cat((cos, sin), dim=-1)[None]  # (1, n, 2dk)
+        return unrotate_keys(rotated.reshape(1, tokens, -1), table, self.num_heads, self.head_dim, self.layout)[0]
 
 
 def k_mode_is_exact(k_error: float, vanilla_error: float) -> bool:
@@ -294,8 +336,14 @@ class KModeChoice:
     max_rank: int
 
 
-def choose_residual_rank(projections: Projections, inputs: torch.Tensor, dtype: torch.dtype) -> KModeChoice:
+def choose_residual_rank(
+    projections: Projections, inputs: torch.Tensor, dtype: torch.dtype, round_trip: RotaryRoundTrip | None = None
+) -> KModeChoice:
     """The smallest residual rank on :func:`residual_rank_grid` whose rebuilt values pass :func:`k_mode_is_exact`.
+
+    RoPE layers (``round_trip`` given: their keys are cached rotated, see :class:`RotaryRoundTrip`) try ``r = 0``
+    only: the K+R residual is not wired through the RoPE decode path yet, so such a layer gets the plain K cache or
+    keeps the model's own K and V.
 
     Returns
     -------
@@ -309,11 +357,11 @@ def choose_residual_rank(projections: Projections, inputs: torch.Tensor, dtype: 
         when W_K is not square, or singular to float64 precision in more than ``max_residual_rank`` directions.
     """
     svd = key_svd(projections)
-    probe = ValueErrorProbe(inputs, projections, dtype)
+    probe = ValueErrorProbe(inputs, projections, dtype, round_trip)
     d_model, inner = projections.w_k.shape
     numbers: dict = {}
-    max_rank = max_residual_rank(d_model)
-    for rank in residual_rank_grid(d_model):
+    max_rank = 0 if round_trip is not None else max_residual_rank(d_model)
+    for rank in [0] if round_trip is not None else residual_rank_grid(d_model):
         try:
             weights = svd.weights(rank, device=projections.w_k.device)
         except SingularKeyProjection:

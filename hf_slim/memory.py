@@ -33,6 +33,8 @@ class CacheReport:
     ``encoder_bytes`` is the encoder output (``batch * num_beams, encoder_len, d_model``) that encoder-decoder
     generation holds next to the vanilla cache (transformers repeats it per beam); the slim model keeps one copy per
     input (``slim_encoder_bytes``). ``*_with_encoder`` totals count each side's own.
+    ``rotary_bytes`` is the cos/sin table a RoPE K cache keeps once for all layers (``batch, seq, 2 * rotary_dim``,
+    :mod:`hf_slim.rope`), counted in the slim total.
     """
 
     model_type: str
@@ -43,6 +45,7 @@ class CacheReport:
     layers: list[LayerBytes] = field(default_factory=list)
     encoder_bytes: int = 0
     num_beams: int = 1
+    rotary_bytes: int = 0
 
     @property
     def slim_encoder_bytes(self) -> int:
@@ -54,7 +57,13 @@ class CacheReport:
 
     @property
     def slim_bytes(self) -> int:
-        return sum(layer.slim for layer in self.layers)
+        return sum(layer.slim for layer in self.layers) + self.rotary_bytes
+
+    @property
+    def layers_ratio(self) -> float:
+        """Vanilla / slim bytes of the attention layers alone (2.0 exactly when every layer keeps one tensor of the
+        width of K): the ratio without the shared rotary table."""
+        return self.vanilla_bytes / max(sum(layer.slim for layer in self.layers), 1)
 
     @property
     def ratio(self) -> float:
@@ -74,6 +83,9 @@ class CacheReport:
         ]
         size = format_bytes
         lines += [f"{r.name:<34} {r.mode:<8} {size(r.vanilla):>12} {size(r.slim):>12}" for r in self.layers]
+        if self.rotary_bytes:
+            lines.append(f"{'rotary cos/sin table (all layers)':<43} {'':>12} {size(self.rotary_bytes):>12}")
+            lines.append(f"{'layers only':<43} {'':>12} {'':>12}  {self.layers_ratio:.2f}x")
         lines.append(f"{'total':<43} {size(self.vanilla_bytes):>12} {size(self.slim_bytes):>12}  {self.ratio:.2f}x")
         if self.encoder_bytes:
             lines.append(
@@ -81,6 +93,18 @@ class CacheReport:
                 f"{size(self.slim_bytes + self.slim_encoder_bytes):>12}  {self.ratio_with_encoder:.2f}x"
             )
         return "\n".join(lines)
+
+
+def rotary_dim(model: torch.nn.Module, patch_module) -> int:
+    """Width of the cos/sin a RoPE model hands its attention: the patch's ``rotary_dim(model)`` if it has one, else
+    twice the length of the model's rotary ``inv_freq`` buffer (shapes only: works on the meta device)."""
+    if hasattr(patch_module, "rotary_dim"):
+        return patch_module.rotary_dim(model)
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return 2 * inv_freq.numel()
+    raise ValueError(f"found no rotary embedding (inv_freq) in {type(model).__name__}")
 
 
 def format_bytes(nbytes: float, digits: int = 1) -> str:
@@ -138,7 +162,8 @@ def cache_report(
             raise ValueError(f"cache_report: {name} must be a positive integer, got {value!r}")
     if encoder_len is not None and not model.config.is_encoder_decoder:
         raise ValueError(f"cache_report: encoder_len is for encoder-decoder models; {model_type} has no encoder")
-    sites = SUPPORTED[model_type].load().attention_sites(model) if model_type in SUPPORTED else []
+    patch_module = SUPPORTED[model_type].load() if model_type in SUPPORTED else None
+    sites = patch_module.attention_sites(model) if patch_module is not None else []
     if not sites:
         raise ValueError(f"no supported attention layers in {type(model).__name__} ({model_type!r})")
     dtype = dtype or next(model.parameters()).dtype
@@ -149,18 +174,22 @@ def cache_report(
     ranks = slim_record(model).residual_ranks if is_slim(model) else {}  # K+R layers cache e + r per token
     report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype, num_beams=num_beams)
     rows = batch_size * num_beams
+    self_default = "k" if SUPPORTED[model_type].positions == "rope" else "input"  # what slimify(model) would pick
     d_model = None
     for site in sites:
         projections = site.projections(site.module)
         d_in, inner = projections.w_k.shape
         d_model = d_in
-        mode = modes.get(site.name, "encoder" if site.kind == "cross" else "input")
+        default = "kv" if site.k_mode_refusal else self_default
+        mode = modes.get(site.name, "encoder" if site.kind == "cross" else default)
         if site.kind == "cross":
             vanilla, slim = 2 * rows * encoder_len * inner, 0
         else:
             vanilla = 2 * rows * seq_len * inner
-            slim = rows * seq_len * (inner + ranks.get(site.name, 0) if mode == "k" else d_in)
+            slim = rows * seq_len * {"k": inner + ranks.get(site.name, 0), "kv": 2 * inner}.get(mode, d_in)
         report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
+    if any(site.rotary is not None and layer.mode == "k" for site, layer in zip(sites, report.layers, strict=True)):
+        report.rotary_bytes = rows * seq_len * 2 * rotary_dim(model, patch_module) * size
     if model.config.is_encoder_decoder:
         report.encoder_bytes = rows * encoder_len * d_model * size
     if verbose:

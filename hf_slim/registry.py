@@ -80,17 +80,23 @@ SUPPORTED: dict[str, Architecture] = {
     "bloom": Architecture("hf_slim.patches.bloom", positions="alibi"),
     "mpt": Architecture("hf_slim.patches.mpt", positions="alibi"),
     "falcon": Architecture("hf_slim.patches.falcon", positions="alibi"),
+    "llama": Architecture("hf_slim.patches.llama", positions="rope"),
+    "qwen2": Architecture("hf_slim.patches.llama", positions="rope"),
+    "olmo": Architecture("hf_slim.patches.llama", positions="rope"),
+    "olmo2": Architecture("hf_slim.patches.llama", positions="rope"),
+    "phi3": Architecture("hf_slim.patches.phi3", positions="rope"),
+    "phi": Architecture("hf_slim.patches.phi", positions="rope"),
+    "stablelm": Architecture("hf_slim.patches.phi", positions="rope"),
+    "gpt_neox": Architecture("hf_slim.patches.gpt_neox", positions="rope"),
+    "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error.
 UNSUPPORTED: dict[str, str] = {
-    "llama": "RoPE rotates keys between projection and dot product, so the input cache cannot apply, and the K cache "
-    "for RoPE models (cache K before RoPE, rotate on read) is not implemented yet",
-    "mistral": "grouped-query attention (num_key_value_heads < num_attention_heads): slim attention needs MHA",
-    "qwen2": "grouped-query attention (num_key_value_heads < num_attention_heads): slim attention needs MHA",
+    "mistral": "no patch for this RoPE model type yet (Mistral checkpoints use grouped-query attention, which slim "
+    "attention cannot serve; an MHA config would need a mistral patch with its sliding window)",
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
     "gpt_bigcode": "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache",
-    "gpt_neox": "RoPE on part of each head: the input cache cannot apply and the RoPE K cache is not implemented",
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "nllb-moe": "not implemented yet: its attention is M2M100's (the input and encoder caches would apply), but its "

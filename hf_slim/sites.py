@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import Projections
+from .rope import RotaryLayout
 
 
 @dataclass
@@ -28,6 +29,11 @@ class AttentionSite:
         ``projections(module) -> Projections`` reading the live weights.
     forward:
         the replacement forward, a plain function taking the module as first argument.
+    rotary:
+        RoPE layout (keys cached rotated, un-rotated for the values), or None for models without RoPE.
+    k_mode_refusal:
+        why this layer cannot use the K cache exactly (e.g. OLMo's clamped keys), or None; such a layer keeps the
+        model's own K and V.
     """
 
     module: torch.nn.Module
@@ -37,6 +43,8 @@ class AttentionSite:
     head_dim: int
     projections: Callable[[torch.nn.Module], Projections]
     forward: Callable
+    rotary: RotaryLayout | None = None
+    k_mode_refusal: str | None = None
 
     @classmethod
     def of(
@@ -48,6 +56,8 @@ class AttentionSite:
         *,
         num_heads: int | None = None,
         head_dim: int | None = None,
+        rotary: RotaryLayout | None = None,
+        k_mode_refusal: str | None = None,
     ) -> AttentionSite:
         """A site for ``module``, reading ``layer_idx``, ``num_heads`` and ``head_dim`` from it unless given."""
         return cls(
@@ -58,6 +68,8 @@ class AttentionSite:
             head_dim=module.head_dim if head_dim is None else head_dim,
             projections=projections,
             forward=forward,
+            rotary=rotary,
+            k_mode_refusal=k_mode_refusal,
         )
 
     @property

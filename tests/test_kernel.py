@@ -265,6 +265,31 @@ def test_cpu_without_interpreter_raises_clearly():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+# (batch, heads, queries, seq, width, extra value columns, bias, dtype): RoPE K cache (values = un-rotated keys, fp32)
+# and a K cache carrying extra value columns (K+R); seq 700 runs several splits + combine.
+VALUES_CASES = [
+    (2, 4, 1, 7, 64, 0, "pad", torch.float32),
+    (3, 4, 3, 130, 96, 0, None, torch.bfloat16),
+    (2, 6, 1, 700, 96, 0, "pad", torch.float16),
+    (1, 4, 1, 130, 64, 32, "rand", torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", VALUES_CASES, ids=lambda case: f"b{case[0]}n{case[3]}w{case[4]}+{case[5]}")
+def test_separate_values_match_reference(case):
+    """Scores from the cache (head slices), weighted sum over another tensor: the RoPE K-cache decode step."""
+    batch, heads, queries, seq, width, extra, bias_kind, dtype = case
+    query, cache = make_inputs(batch, heads, queries, seq, width, head_slice=True, dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(batch, seq, width + extra, generator=gen).to(DEVICE)  # float32, like un-rotated keys
+    bias = make_bias(bias_kind, batch, heads, queries, seq)
+    scale = query.shape[-1] ** -0.5
+    got = sd.slim_decode_attention(query, cache, scale=scale, bias=bias, head_slice=True, values=values)
+    ref, _ = absorbed_attention(query.float(), cache, scale=scale, bias=bias, head_slice=True, values=values)
+    assert got.shape == (batch, heads, queries, width + extra)
+    assert_close(got, ref, TOL[dtype])
+
+
 @pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the tests above run in this process")
 def test_in_fresh_process():
     """Re-run this file where TRITON_INTERPRET=1 is set before Triton is imported."""

@@ -44,3 +44,22 @@ def test_gpt2_generate_through_kernel(kernel_calls, mode):
         actual = slim.generate(**batch, **common, **kwargs)
         assert_same_tokens(actual, expected, f"kernel decode {kwargs}")
     assert kernel_calls["count"] >= 2 * 5, "decode steps did not go through the kernel"
+
+
+@pytest.mark.parametrize("name", ["llama-dynamic"])
+def test_rope_generate_through_kernel(kernel_calls, name):
+    """RoPE K cache: the kernel scores against the rotated keys and mixes the un-rotated ones (its ``values``)."""
+    from tiny_models import tiny_rope
+
+    from hf_slim import slim_record
+
+    vanilla = tiny_rope(name)
+    slim = slimify(copy.deepcopy(vanilla))
+    assert set(slim_record(slim).layer_modes.values()) == {"k"}
+    batch = tiny_tokenizer()(["the quick brown fox", "memory"], return_tensors="pt", padding=True)
+    common = dict(max_new_tokens=30, do_sample=False)  # past the original context (32) of the dynamic config
+    for kwargs in (dict(), dict(num_beams=2)):
+        expected = vanilla.generate(**batch, **common, **kwargs)
+        actual = slim.generate(**batch, **common, **kwargs)
+        assert_same_tokens(actual, expected, f"kernel decode {kwargs}")
+    assert kernel_calls["count"] >= 2 * 2 * 29, "decode steps did not go through the kernel"

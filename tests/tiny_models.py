@@ -168,5 +168,86 @@ def tiny_decoder(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, a
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     model = randomize_biases(model).eval().to(dtype)
+
+
+#: Tiny RoPE configs, one per model type / rope scaling / layout that slimify's K cache must match. Small context
+#: windows (``max_position_embeddings`` / ``original_max_position_embeddings`` 32) so that generation runs past the
+#: original context of the dynamic and longrope configs (their frequency switch) within a few dozen tokens.
+ROPE_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", attention_bias=True, seed=5),  # fp32 logits 5e-6 from vanilla (seed 0: 1.1e-5)
+    "llama-theta1e6": dict(model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "llama-linear": dict(model_type="llama", rope_parameters={"rope_type": "linear", "factor": 2.0}),
+    "llama-dynamic": dict(model_type="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+    "llama-llama3": dict(
+        model_type="llama",
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        max_position_embeddings=256,
+    ),
+    "llama-yarn": dict(
+        model_type="llama",
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        max_position_embeddings=128,
+    ),
+    "qwen2": dict(model_type="qwen2", seed=1),
+    "phi3": dict(model_type="phi3", seed=3),
+    "phi3-longrope": dict(
+        model_type="phi3",
+        seed=3,
+        max_position_embeddings=128,
+        original_max_position_embeddings=32,
+        rope_parameters={
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0],
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "phi3-sliding": dict(model_type="phi3", sliding_window=20, seed=3),
+    "phi": dict(model_type="phi", seed=3, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.4}),
+    "stablelm": dict(model_type="stablelm", use_qkv_bias=True, seed=3),
+    "gpt_neox": dict(model_type="gpt_neox"),
+    "gptj": dict(model_type="gptj", max_position_embeddings=128, rotary_dim=8, attn="eager"),
+    "olmo": dict(model_type="olmo"),
+}
+
+
+def tiny_rope(
+    name: str, seed: int | None = None, dtype: torch.dtype = torch.float32, attn: str | None = None, **overrides
+):
+    """A 2-layer causal LM (d=64, 4 MHA heads) of :data:`ROPE_CONFIGS` ``[name]`` with random biases and norms,
+    whose vocabulary matches :func:`tiny_tokenizer`. ``seed`` defaults to the table's (one whose random W_K the
+    fp32 calibration accepts on every layer, so the K path is what the tests exercise)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    settings.update(ROPE_CONFIGS[name])
+    settings.update(overrides)
+    model_type, table_seed = settings.pop("model_type"), settings.pop("seed", 0)
+    attn = attn or settings.pop("attn", "sdpa")  # GPT-J: eager only
+    settings.pop("attn", None)
+    torch.manual_seed(table_seed if seed is None else seed)
+    config = AutoConfig.for_model(model_type, **settings)
+    config._attn_implementation = attn
+    model = randomize_biases(AutoModelForCausalLM.from_config(config)).eval().to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -78,6 +78,7 @@ kernel ~80-140). To tune (``scripts/bench_attention.py --tune`` times variants o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -473,6 +474,7 @@ def slim_decode_attention(
     precise: bool = False,
     config: DecodeConfig | None = None,
     out: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused ``absorbed_attention(query, cache, ...)[0]``: softmax attention of all heads over one shared cache.
 
@@ -498,11 +500,16 @@ def slim_decode_attention(
     config:
         launch parameters; default :func:`choose_config`.
     out:
-        optional ``(batch, heads, queries, width)`` float32 output buffer.
+        optional ``(batch, heads, queries, value_width)`` float32 output buffer.
+    values:
+        ``(batch, seq, value_width)``: what the probabilities multiply instead of ``cache`` (a RoPE K cache scores
+        with its rotated keys and mixes the un-rotated ones, :mod:`hf_slim.rope`). Runs the two-pass path: the scores
+        kernel reads ``cache``, the main kernel reads ``values``.
 
     Returns
     -------
-    ``(batch, heads, queries, width)`` float32. Inference only: no autograd.
+    ``(batch, heads, queries, value_width)`` float32 (``value_width = width`` without ``values``). Inference only:
+    no autograd.
     """
     _check_device(query, cache)
     if query.dim() != 4 or cache.dim() != 3:
@@ -517,16 +524,22 @@ def slim_decode_attention(
         raise ValueError(f"head_slice needs heads*head_dim <= cache width, got {heads}*{q_width} > {width}")
     if not head_slice and q_width != width:
         raise ValueError(f"query width {q_width} does not match cache width {width}")
-    for name, t in (("query", query), ("cache", cache)):
+    mixed_source = cache if values is None else values
+    if values is not None and (values.dim() != 3 or values.shape[:2] != cache.shape[:2]):
+        raise ValueError(f"values must be (batch, seq, value_width) like the cache, got {tuple(values.shape)}")
+    for name, t in (("query", query), ("cache", cache), ("values", mixed_source)):
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{name} dtype {t.dtype} not supported (fp32, fp16, bf16)")
     rows = heads * queries
     device = cache.device
+    out_width = mixed_source.shape[-1]
     if out is None:
-        out = _empty((batch, heads, queries, width), device)
-    elif out.shape != (batch, heads, queries, width) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 {(batch, heads, queries, width)}, got {out.dtype} {tuple(out.shape)}")
-    if seq == 0 or rows == 0 or width == 0:
+        out = _empty((batch, heads, queries, out_width), device)
+    elif out.shape != (batch, heads, queries, out_width) or out.dtype != torch.float32:
+        raise ValueError(
+            f"out must be float32 {(batch, heads, queries, out_width)}, got {out.dtype} {tuple(out.shape)}"
+        )
+    if seq == 0 or rows == 0 or width == 0 or out_width == 0:
         return out.zero_()  # softmax over no keys: bmm of empty operands gives zeros, like the reference
 
     if bias is not None:
@@ -535,8 +548,10 @@ def slim_decode_attention(
         bias = bias.expand(batch, heads, queries, seq)  # stride 0 on broadcast dims, no copy
     precise = precise and cache.dtype != torch.float32
     cfg = config or choose_config(
-        batch, rows, seq, width, elem_size=cache.element_size(), precise=precise, sms=_sms(device)
+        batch, rows, seq, max(width, out_width), elem_size=cache.element_size(), precise=precise, sms=_sms(device)
     )
+    if values is not None:
+        cfg = dataclasses.replace(cfg, two_pass=True)  # scores from the cache, once; the main kernel reads values
     blocks = (cfg.block_m, cfg.block_n, cfg.block_w, cfg.block_d, cfg.score_block_n, cfg.score_block_d)
     if any(x < 16 or x & (x - 1) for x in blocks):
         raise ValueError(f"DecodeConfig blocks must be powers of 2 >= 16, got {cfg}")
@@ -544,7 +559,7 @@ def slim_decode_attention(
         query = query.to(cache.dtype)  # the kernel rounds it to this dtype anyway; halves query reads
     head_dim = q_width if head_slice else width
 
-    width_blocks = _cdiv(width, cfg.block_w)
+    width_blocks = _cdiv(out_width, cfg.block_w)
     row_blocks = _cdiv(rows, cfg.block_m)
     single_tile = not cfg.two_pass and width_blocks == 1 and cfg.block_d == cfg.block_w
     split_len = _cdiv(_cdiv(seq, max(1, cfg.num_splits)), cfg.block_n) * cfg.block_n
@@ -576,25 +591,25 @@ def slim_decode_attention(
         o_strides = (out.stride(0), 0, *out.stride()[1:])  # (b, split, h, t, w)
         ml_strides = (0, 0)
     else:
-        target = _empty((batch, splits, rows, width), device)
+        target = _empty((batch, splits, rows, out_width), device)
         m_part = _empty((batch, splits, rows), device)
         l_part = _empty((batch, splits, rows), device)
-        o_strides = (target.stride(0), target.stride(1), queries * width, width, 1)
+        o_strides = (target.stride(0), target.stride(1), queries * out_width, out_width, 1)
         ml_strides = m_part.stride()[:2]
     _slim_decode_kernel[(row_blocks * width_blocks, splits, batch)](
-        query, cache, bias_arg, scores, target, m_part, l_part,
-        rows, queries, seq, width, head_dim, split_len, float(scale),
-        *q_strides, *c_strides, *b_strides, *s_strides, *o_strides, *ml_strides,
+        query, mixed_source, bias_arg, scores, target, m_part, l_part,
+        rows, queries, seq, out_width, head_dim, split_len, float(scale),
+        *q_strides, *mixed_source.stride(), *b_strides, *s_strides, *o_strides, *ml_strides,
         HEAD_SLICE=head_slice, HAS_BIAS=bias is not None, SCORES_IN_SCRATCH=cfg.two_pass, SINGLE_TILE=single_tile,
         FINAL=final, PRECISE=precise, NUM_W=width_blocks,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not final:
-        block_w = min(1024, _pow2(width))
-        _combine_kernel[(_cdiv(width, block_w), rows, batch)](
+        block_w = min(1024, _pow2(out_width))
+        _combine_kernel[(_cdiv(out_width, block_w), rows, batch)](
             target, m_part, l_part, out,
-            queries, width, splits,
+            queries, out_width, splits,
             *target.stride()[:3], *m_part.stride()[:2], *out.stride(),
             BLOCK_S=max(16, _pow2(splits)), BLOCK_W=block_w, num_warps=4,
         )  # fmt: skip

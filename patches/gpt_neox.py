@@ -1,0 +1,76 @@
+"""GPT-NeoX (Pythia): RoPE on the first ``partial_rotary_factor`` (``rotary_pct``) of each head, one fused
+``query_key_value`` projection whose output columns are laid out per head as ``[q_i | k_i | v_i]``."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb, eager_attention_forward
+
+from hf_slim.attention import Projections, interleaved_qkv_projections, rope_self_attention
+from hf_slim.rope import RotaryLayout
+from hf_slim.sites import AttentionSite
+
+
+def _projections(module: torch.nn.Module) -> Projections:
+    heads, head_dim = module.config.num_attention_heads, module.head_size
+    return interleaved_qkv_projections(module.query_key_value, heads, head_dim)  # rows (h, q|k|v, dk)
+
+
+# Adapted from transformers 5.23.0, models/gpt_neox/modeling_gpt_neox.py, GPTNeoXAttention.forward: the cache update
+# and the attention call go through the slim cache; projections, RoPE and the output projection are the model's own.
+def slim_gpt_neox_attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer_past=None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden_shape = (*hidden_states.shape[:-1], -1, 3 * self.head_size)
+    qkv = self.query_key_value(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, 3dk)
+    query, key, value = qkv.chunk(3, dim=-1)  # (b, h, t, dk) each
+    cos, sin = position_embeddings  # (b|1, t, r) each
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    out, weights = rope_self_attention(
+        self,
+        hidden_states,
+        query,
+        key,
+        value,
+        (cos, sin),
+        attention_mask,
+        layer_past,
+        kwargs,
+        eager=eager_attention_forward,
+        dropout=0.0 if not self.training else self.attention_dropout,
+    )
+    return self.dense(out), weights
+
+
+def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+    """The attention module of every layer."""
+    return [
+        AttentionSite.of(
+            module,
+            "self",
+            _projections,
+            slim_gpt_neox_attention_forward,
+            num_heads=module.config.num_attention_heads,
+            head_dim=module.head_size,
+            rotary=RotaryLayout("half"),
+        )
+        for module in model.modules()
+        if type(module).__name__ == "GPTNeoXAttention"
+    ]
+
+
+def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """GPTNeoXModel.forward creates the cache when none is given."""
+    return [module for module in model.modules() if type(module).__name__ == "GPTNeoXModel"]
+
+
+def default_calibration_inputs(model: torch.nn.Module) -> dict:
+    """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
+    return {"input_ids": input_ids.to(model.device)}

@@ -1,0 +1,102 @@
+"""GPT-J: RoPE on the first ``rotary_dim`` columns of each head with *interleaved* pairs (``rotate_every_two``), sin/cos
+from the attention module's own ``embed_positions`` table, no projection biases, eager attention only."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+
+from hf_slim.attention import Projections, slim_self_attention, split_heads
+from hf_slim.rope import RotaryLayout
+from hf_slim.sites import AttentionSite
+
+
+def _projections(module: torch.nn.Module) -> Projections:
+    return Projections.of(module.k_proj, module.v_proj)  # (d, e); nn.Linear without bias
+
+
+def _run_attention(module: torch.nn.Module):
+    """GPT-J's own ``_attn`` (float32 scores), returning ``(b, t, h, dk)`` as the attention interfaces do."""
+
+    def run(query, key, value, mask):
+        out, weights = module._attn(query, key, value, mask)  # (b, h, t, dk)
+        return out.transpose(1, 2), weights
+
+    return run
+
+
+# Adapted from transformers 5.23.0, models/gptj/modeling_gptj.py, GPTJAttention.forward: the cache update and the
+# attention call go through the slim cache; projections, RoPE (sin/cos lookup included) and the output projection
+# are the model's own.
+def slim_gptj_attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    layer_past=None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    use_cache: bool | None = False,
+    output_attentions: bool | None = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    query = self._split_heads(self.q_proj(hidden_states), self.num_attention_heads, self.head_dim, True)  # (b,t,h,dk)
+    key = self._split_heads(self.k_proj(hidden_states), self.num_attention_heads, self.head_dim, True)  # (b,t,h,dk)
+    value = split_heads(self.v_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
+    embed_positions = self._get_embed_positions(position_ids)
+    repeated_position_ids = position_ids.unsqueeze(-1).repeat(1, 1, embed_positions.shape[-1])
+    sincos = torch.gather(embed_positions, 1, repeated_position_ids).to(key.dtype)  # (b, t, r)
+    sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)  # (b, t, r/2) each
+    rotated = self.rotary_dim or self.head_dim
+    query = torch.cat([apply_rotary_pos_emb(query[..., :rotated], sin, cos), query[..., rotated:]], dim=-1)
+    key = torch.cat([apply_rotary_pos_emb(key[..., :rotated], sin, cos), key[..., rotated:]], dim=-1)
+    query, key = query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3)  # (b, h, t, dk)
+    # the cos/sin each column was multiplied by (apply_rotary_pos_emb repeats every entry for its pair)
+    cos_sin = (cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1))  # (b, t, r) each
+    out, weights = slim_self_attention(
+        self,
+        hidden_states,
+        query,
+        key,
+        value,
+        layer_past,
+        attention_mask,
+        1.0 / float(self.scale_attn),
+        _run_attention(self),
+        want_weights=True,
+        rotary=cos_sin,
+    )
+    out = out.reshape(*out.shape[:-2], -1)  # (b, t, e)
+    return self.resid_dropout(self.out_proj(out)), weights
+
+
+def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+    """The attention module of every block."""
+    return [
+        AttentionSite.of(
+            module,
+            "self",
+            _projections,
+            slim_gptj_attention_forward,
+            num_heads=module.num_attention_heads,
+            rotary=RotaryLayout("interleaved"),
+        )
+        for module in model.modules()
+        if type(module).__name__ == "GPTJAttention"
+    ]
+
+
+def rotary_dim(model: torch.nn.Module) -> int:
+    """Width of the cos/sin table entries: ``rotary_dim`` (or the whole head)."""
+    config = model.config
+    return config.rotary_dim or config.n_embd // config.n_head
+
+
+def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """GPTJModel.forward creates the cache when none is given."""
+    return [module for module in model.modules() if type(module).__name__ == "GPTJModel"]
+
+
+def default_calibration_inputs(model: torch.nn.Module) -> dict:
+    """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
+    return {"input_ids": input_ids.to(model.device)}

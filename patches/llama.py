@@ -1,0 +1,109 @@
+"""Llama and the MHA families that share its attention: RoPE, separate ``q_proj``/``k_proj``/``v_proj``.
+
+Covers ``llama`` (Llama-2, CodeLlama, Vicuna, SmolLM2-1.7B; every rope scaling type, optional ``attention_bias``),
+``qwen2`` with MHA configs (Qwen1.5: q/k/v biases; sliding-window layers are refused) and ``olmo`` (its ``clip_qkv``
+clamps the keys, so ``V = f(K)`` is not exact: refused per layer, the layer keeps the model's own K and V) and
+``olmo2`` (its k-norm is refused per layer the same way: such layers are never patched).
+
+RoPE layers keep the K cache with keys cached as the model rotated them (:mod:`hf_slim.rope`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from hf_slim.attention import Projections, rope_self_attention
+from hf_slim.rope import RotaryLayout
+from hf_slim.sites import AttentionSite
+
+_ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "OlmoAttention", "Olmo2Attention")
+_BASE_MODEL_CLASSES = ("LlamaModel", "Qwen2Model", "OlmoModel", "Olmo2Model")
+
+
+def _projections(module: torch.nn.Module) -> Projections:
+    return Projections.of(module.k_proj, module.v_proj)
+
+
+# Adapted from transformers 5.23.0, models/llama/modeling_llama.py, LlamaAttention.forward (and
+# models/qwen2/modeling_qwen2.py, Qwen2Attention.forward: the same with ``sliding_window``; OLMo's clamping layers are
+# never patched): the cache update and attention call go through the slim cache, projections, RoPE and the output
+# projection are the model's own.
+def slim_llama_attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
+    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
+    cos, sin = position_embeddings  # (b|1, t, dk) each
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    out, weights = rope_self_attention(
+        self,
+        hidden_states,
+        query,
+        key,
+        value,
+        (cos, sin),
+        attention_mask,
+        past_key_values,
+        kwargs,
+        eager=eager_attention_forward,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        **_sliding_window(self),
+    )
+    return self.o_proj(out), weights
+
+
+def _sliding_window(module: torch.nn.Module) -> dict:
+    """Qwen2 passes its layer's ``sliding_window`` to the attention interface (None on full-attention layers)."""
+    return {"sliding_window": module.sliding_window} if hasattr(module, "sliding_window") else {}
+
+
+def _k_mode_refusal(module: torch.nn.Module) -> str | None:
+    """Why ``V = f(K)`` is not exact in this layer, or None."""
+    clip = getattr(module.config, "clip_qkv", None)
+    if clip is not None:
+        return f"clip_qkv={clip} clamps keys and values, so V is not a linear function of the cached keys"
+    if hasattr(module, "k_norm"):
+        return (
+            "OLMo-2 RMS-normalises the full-width keys per token before RoPE, so V is not a linear function of the "
+            "cached keys (keeping each token's norm scale would make it exact: not implemented)"
+        )
+    if getattr(module, "sliding_window", None) is not None:
+        return f"sliding-window layer (window {module.sliding_window}): the slim cache keeps full-attention layers only"
+    return None
+
+
+def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+    """The self-attention module of every decoder layer."""
+    return [
+        AttentionSite.of(
+            module,
+            "self",
+            _projections,
+            slim_llama_attention_forward,
+            num_heads=module.config.num_attention_heads,
+            rotary=RotaryLayout("half"),
+            k_mode_refusal=_k_mode_refusal(module),
+        )
+        for module in model.modules()
+        if type(module).__name__ in _ATTENTION_CLASSES
+    ]
+
+
+def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The base model's forward creates the cache when none is given."""
+    return [module for module in model.modules() if type(module).__name__ in _BASE_MODEL_CLASSES]
+
+
+def default_calibration_inputs(model: torch.nn.Module) -> dict:
+    """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
+    return {"input_ids": input_ids.to(model.device)}
