@@ -24,6 +24,8 @@ from hf_slim._compat import (
 from hf_slim.generation import CONTRACTS as GENERATION_CONTRACTS
 from hf_slim.registry import SUPPORTED
 
+pytestmark = pytest.mark.oldest_transformers  # the version machinery matters most on the oldest release
+
 
 @pytest.mark.parametrize("version", ["5.15.0", "5.17.0", "5.23.0", "5.23.7"])
 def test_tested_versions_import_silently(version):
