@@ -7,7 +7,9 @@ import copy
 
 import pytest
 import torch
+import transformers
 from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
+from packaging.version import Version
 from tiny_models import randomize_biases, tiny_t5_tokenizer
 from transformers import (
     DynamicCache,
@@ -174,6 +176,11 @@ def test_prefill_and_20_decode_steps_match_logits(variant, attn, padding_side):
 def test_chunked_decode_matches_full_forward(variant):
     """Chunks of at most head_dim queries take the absorbed path (bias rows for several queries), larger chunks
     rebuild K/V from the cached X; both must equal one uncached forward over the whole decoder sequence."""
+    if variant == "umt5" and Version(transformers.__version__) < Version("5.18"):
+        pytest.skip(
+            "transformers <= 5.17 builds UMT5's decoder self-attention with is_causal=False, so the unpatched model's "
+            "uncached forward over a whole unpadded sequence attends to future tokens: the reference is wrong there"
+        )
     vanilla, slim = pair(variant)
     batch = encoder_batch()
     ids = torch.randint(3, vanilla.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
