@@ -73,6 +73,7 @@ def _attention_runner(module: GPT2Attention, kwargs: dict):
 
 # Adapted from transformers 5.23.0, models/gpt2/modeling_gpt2.py, GPT2Attention.forward: the cache handling and the
 # attention call change, the projections and the output projection are the model's own.
+# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
 def slim_gpt2_attention_forward(
     self: GPT2Attention,
     hidden_states: torch.Tensor,

@@ -185,6 +185,7 @@ def _slim_t5_attention(
 # Adapted from transformers 5.23.0, models/t5/modeling_t5.py, T5Attention.forward (MT5Attention in
 # models/mt5/modeling_mt5.py is a copy): the cache handling and the attention call change; the projections, the
 # position bias (the module's own compute_bias) and the output projection are the model's own.
+# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
 def slim_t5_attention_forward(
     self: T5Attention,
     hidden_states: torch.Tensor,
@@ -199,6 +200,7 @@ def slim_t5_attention_forward(
 
 # Adapted from transformers 5.23.0, models/umt5/modeling_umt5.py, UMT5Attention.forward: as for T5, except that every
 # layer computes its own relative position bias and the bias is not returned.
+# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
 def slim_umt5_attention_forward(
     self: UMT5Attention,
     hidden_states: torch.Tensor,

@@ -98,6 +98,8 @@ def _projections(module: WhisperAttention) -> Projections:
 
 # Adapted from transformers 5.23.0, models/whisper/modeling_whisper.py, WhisperAttention.forward: the cache handling
 # and the attention call change; the scaled query, the projections and the output projection are the model's own.
+# The original is the same in transformers 5.15 to 5.22 (5.23 only adds `is_updated = False`); CONTRACTS guards what
+# this relies on.
 def slim_whisper_attention_forward(
     self: WhisperAttention,
     hidden_states: torch.Tensor,
