@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -81,9 +82,9 @@ class SlimRecord:
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT ``PeftModel`` (slimify patches that one), or ``model`` itself."""
-    get_base_model = getattr(model, "get_base_model", None)
-    if callable(get_base_model) and hasattr(model, "peft_config"):
-        return get_base_model()
+    peft = sys.modules.get("peft")  # a PeftModel can only exist if peft was imported
+    if peft is not None and isinstance(model, peft.PeftModel):
+        return model.get_base_model()
     return model
 
 

@@ -168,6 +168,8 @@ def tiny_decoder(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, a
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     model = randomize_biases(model).eval().to(dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 #: Tiny RoPE configs, one per model type / rope scaling / layout that slimify's K cache must match. Small context
