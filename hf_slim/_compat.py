@@ -1,37 +1,207 @@
-"""The transformers range hf_slim is tested against, checked once at import.
+"""Everything that depends on which transformers release is installed, in one place.
 
-The patched attention forwards are adapted from a specific transformers release; outside the tested range a
-change in its internals would surface as a stack trace deep in a forward (or, worse, as wrong outputs), so importing
-hf_slim fails early with one line that says what to install.
+hf_slim replaces a few attention forwards adapted from transformers and hooks two generation helpers, so it relies on
+internals that transformers may change between releases. This module holds, per concern:
+
+- the tested range and the import-time check (:func:`check_transformers_version`): older than the minimum is a
+  one-line ``ImportError``, newer than the newest tested release is one :class:`UntestedTransformersWarning`;
+- the generation helpers whose calling convention changed inside the range (:func:`generic_expand_inputs`);
+- the contracts of the adapted forwards (:class:`Contract`, :func:`check_contracts`): the parameters and module
+  attributes each adapted forward relies on, checked before slimify changes anything, so that a transformers release
+  that changes them makes slimify refuse with a clear error instead of computing wrong outputs.
+
+A patch module in ``patches/`` declares ``CONTRACTS = (Contract(...), ...)``; slimify checks the ones whose class
+occurs in the model. New families use the same mechanism: one ``Contract`` per original method they adapt or call.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
+import torch
 from packaging.version import Version
 
-TESTED_TRANSFORMERS = (Version("5.23.0"), Version("5.24.0"))  # [low, high)
+#: Oldest transformers release hf_slim supports: T5's attention interface (``eager_attention_forward`` in
+#: ``modeling_t5``) exists from 5.15 on.
+MIN_TRANSFORMERS = Version("5.15.0")
+#: Newest transformers minor release the suite has run on (every patch release of it counts as tested).
+NEWEST_TESTED_TRANSFORMERS = Version("5.23")
+#: The tested range as a pip specifier.
+TESTED_RANGE = ">=5.15,<5.24"
 
 
-def check_transformers_version() -> None:
-    """Raise ImportError if the installed transformers is outside the tested range.
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers is newer than the newest release hf_slim was tested with."""
 
-    ``HF_SLIM_SKIP_VERSION_CHECK=1`` turns the error into a warning for people testing a new release.
+
+class TransformersContractError(RuntimeError):
+    """An original method hf_slim adapts or calls is not what the adaptation relies on (an untested transformers)."""
+
+
+def check_transformers_version(installed: str | None = None) -> None:
+    """Check the installed transformers against the tested range, once at import.
+
+    Older than :data:`MIN_TRANSFORMERS` raises ``ImportError`` (the patches import names that do not exist there).
+    Newer than :data:`NEWEST_TESTED_TRANSFORMERS` warns once with :class:`UntestedTransformersWarning`: hf_slim
+    usually works there, and the contract checks make slimify refuse loudly where an adapted forward no longer fits.
+    ``HF_SLIM_SKIP_VERSION_CHECK=1`` silences that warning (not the error).
+
+    Parameters
+    ----------
+    installed:
+        the version to check; defaults to ``transformers.__version__``.
     """
-    import transformers
+    if installed is None:
+        import transformers
 
-    installed = Version(transformers.__version__)
-    low, high = TESTED_TRANSFORMERS
-    if low <= installed < high:
-        return
-    message = (
-        f"hf_slim is tested with transformers>={low},<{high} but transformers {installed} is installed; "
-        f'run: pip install "transformers>={low},<{high}"'
-    )
-    if os.environ.get("HF_SLIM_SKIP_VERSION_CHECK") == "1":
-        import warnings
+        installed = transformers.__version__
+    version = Version(installed)
+    if version.release[:3] < MIN_TRANSFORMERS.release:
+        raise ImportError(
+            f"hf_slim needs transformers>={MIN_TRANSFORMERS} but transformers {installed} is installed; "
+            f'run: pip install "transformers{TESTED_RANGE}"'
+        )
+    skip = os.environ.get("HF_SLIM_SKIP_VERSION_CHECK") == "1"
+    if version.release[:2] > NEWEST_TESTED_TRANSFORMERS.release[:2] and not skip:
+        warnings.warn(
+            f"hf_slim is tested with transformers{TESTED_RANGE} and transformers {installed} is installed: slimify "
+            "refuses any attention layer whose transformers code changed in a way it checks, but outputs on this "
+            f'version are not verified by hf_slim\'s tests (pip install "transformers{TESTED_RANGE}" to be safe; '
+            "HF_SLIM_SKIP_VERSION_CHECK=1 silences this warning)",
+            UntestedTransformersWarning,
+            stacklevel=2,
+        )
 
-        warnings.warn(message, stacklevel=2)
-        return
-    raise ImportError(message)
+
+# --- generation helpers -----------------------------------------------------------------------------------------
+
+
+def generic_expand_inputs(model: torch.nn.Module, **kwargs) -> tuple:
+    """Call transformers' own ``_expand_inputs_for_generation`` of ``model``'s class (not an instance patch of it).
+
+    It is a ``staticmethod`` up to transformers 5.17 and a method taking ``self`` from 5.18 on; this calls either.
+
+    Parameters
+    ----------
+    model:
+        the model whose class provides the generic implementation.
+    kwargs:
+        ``expand_size``, ``is_encoder_decoder``, ``input_ids`` and the model kwargs, as generate() passes them.
+    """
+    for klass in type(model).__mro__:
+        if "_expand_inputs_for_generation" in vars(klass):
+            generic = vars(klass)["_expand_inputs_for_generation"]
+            break
+    else:
+        raise TransformersContractError(
+            f"{type(model).__name__} has no _expand_inputs_for_generation (transformers changed generate()); "
+            f"hf_slim supports transformers{TESTED_RANGE}"
+        )
+    if isinstance(generic, staticmethod):
+        return generic.__func__(**kwargs)
+    return generic(model, **kwargs)
+
+
+# --- contracts of the adapted forwards ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What hf_slim relies on in one original transformers method: its parameters and the module's attributes.
+
+    Attributes
+    ----------
+    owner:
+        the transformers class whose method hf_slim adapts (or wraps, or calls).
+    method:
+        the method's name (``"forward"`` for attention layers).
+    parameters:
+        the method's leading parameter names after ``self``, in order: a replacement forward receives the arguments
+        callers pass for these, positionally or by name, so a renamed, added or reordered one would be misread.
+    keywords:
+        parameter names that must exist anywhere in the signature (read by name, e.g. ``past_key_values``).
+    attributes:
+        instance attributes the adapted code reads (weights, sizes, flags), checked on every instance in the model.
+    """
+
+    owner: type
+    method: str
+    parameters: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
+    attributes: tuple[str, ...] = ()
+
+    def signature_problems(self) -> list[str]:
+        """How the method's signature differs from the contract (empty when it holds)."""
+        function = getattr(self.owner, self.method, None)
+        if function is None:
+            return [f"{self.owner.__name__}.{self.method} does not exist"]
+        names = [p.name for p in inspect.signature(function).parameters.values() if p.kind != p.VAR_KEYWORD]
+        names = names[1:] if names and names[0] == "self" else names  # a staticmethod has no self
+        problems = []
+        if tuple(names[: len(self.parameters)]) != self.parameters:
+            problems.append(
+                f"{self.owner.__name__}.{self.method} takes ({', '.join(names)}), hf_slim expects it to start with "
+                f"({', '.join(self.parameters)})"
+            )
+        missing = [name for name in self.keywords if name not in names]
+        if missing:
+            problems.append(f"{self.owner.__name__}.{self.method} has no parameter(s) {', '.join(missing)}")
+        return problems
+
+    def attribute_problems(self, instance: object) -> list[str]:
+        """Which of the contract's attributes ``instance`` lacks (empty when it has them all)."""
+        missing = [name for name in self.attributes if not hasattr(instance, name)]
+        return [f"{type(instance).__name__} has no attribute(s) {', '.join(missing)}"] if missing else []
+
+
+def forward_contracts(
+    forward: Callable, attention: tuple[type, ...], cache_owners: tuple[type, ...] = ()
+) -> tuple[Contract, ...]:
+    """Contracts for a slim attention ``forward`` adapted from the forwards of the ``attention`` classes, and for the
+    ``cache_owners`` whose forwards create the cache.
+
+    Why derived from the slim forward itself: what it relies on is the module attributes it reads (every
+    ``self.<name>`` in its source), the input arriving first, and the cache and mask arriving by their names (decoder
+    layers pass them by keyword). Deriving them keeps the contract in step with the code that needs it; the check
+    against the installed transformers is what catches drift.
+    """
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(forward).parameters.values() if p.kind in positional][1:]
+    keywords = tuple(name for name in ("past_key_values", "attention_mask") if name in names)
+    attributes = tuple(sorted(set(re.findall(r"\bself\.([A-Za-z_]\w*)", inspect.getsource(forward)))))
+    contracts = [
+        Contract(owner, "forward", parameters=tuple(names[:1]), keywords=keywords, attributes=attributes)
+        for owner in attention
+    ]
+    contracts += [Contract(owner, "forward", keywords=("past_key_values", "use_cache")) for owner in cache_owners]
+    return tuple(contracts)
+
+
+def check_contracts(contracts: Iterable[Contract], model: torch.nn.Module) -> None:
+    """Raise :class:`TransformersContractError` if a contract that applies to ``model`` does not hold.
+
+    A contract applies when ``model`` or one of its submodules is an instance of its owner class. Called by slimify
+    before it changes anything, so a failed check leaves the model untouched.
+    """
+    modules = list(model.modules())
+    problems: list[str] = []
+    for contract in contracts:
+        instances = [module for module in modules if isinstance(module, contract.owner)]
+        if not instances:
+            continue
+        found = contract.signature_problems() + [p for m in instances for p in contract.attribute_problems(m)]
+        problems += [p for p in dict.fromkeys(found) if p not in problems]  # each problem once, in order
+    if problems:
+        import transformers
+
+        raise TransformersContractError(
+            f"hf_slim cannot patch this model with transformers {transformers.__version__}: "
+            + "; ".join(problems)
+            + f". The slim forwards are adapted from transformers{TESTED_RANGE}; install a release in that range "
+            "(or report the new version to hf_slim)"
+        )

@@ -19,8 +19,10 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 
 from . import __version__
+from ._compat import check_contracts
 from .attention import SlimAttentionState
 from .cache import CacheOwner, SlimCache, SlimLayout
+from .generation import CONTRACTS as GENERATION_CONTRACTS
 from .kmode import (
     KModeWeights,
     KSourceStamp,
@@ -183,6 +185,7 @@ def slimify(
     architecture = architecture_for(config, mode)
     _check_attention_implementation(model)
     patch_module = architecture.load()
+    check_contracts((*GENERATION_CONTRACTS, *getattr(patch_module, "CONTRACTS", ())), model)  # transformers drift
     sites: list[AttentionSite] = patch_module.attention_sites(model)
     if not sites:
         raise UnsupportedModelError(f"found no attention layers to patch in {type(model).__name__}")

@@ -47,6 +47,7 @@ from transformers.models.pegasus.modeling_pegasus import PegasusAttention, Pegas
 from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, PegasusXDecoder
 from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.patching import InstancePatch
@@ -189,3 +190,7 @@ def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
     if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "_expand_inputs_for_generation"):
         return []
     return [keep_one_encoder_output_per_input(model)]
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(slim_bart_attention_forward, attention=ATTENTIONS, cache_owners=DECODERS)

@@ -78,3 +78,13 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
         pixels = torch.randn(1, encoder.num_channels, size, size, generator=generator)
         inputs["pixel_values"] = pixels.to(parameter.device, parameter.dtype)
     return inputs
+
+
+def _decoder_contracts() -> tuple:
+    """The composites run their decoder's patch: its contracts are theirs (those of absent classes do not apply)."""
+    from hf_slim.patches import bart, gpt2, trocr
+
+    return (*bart.CONTRACTS, *gpt2.CONTRACTS, *trocr.CONTRACTS)
+
+
+CONTRACTS = _decoder_contracts()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconModel
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import interleaved_qkv_projections, is_static_slim_cache, slim_self_attention
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
@@ -123,3 +124,7 @@ def cache_owners(model: nn.Module) -> list[nn.Module]:
 
 #: token ids for the K-mode calibration when the user gives none
 default_calibration_inputs = token_calibration_inputs
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(slim_falcon_attention_forward, attention=(FalconAttention,), cache_owners=(FalconModel,))

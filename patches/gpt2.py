@@ -11,8 +11,40 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eager_attention_forward
 
+from hf_slim._compat import Contract
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.sites import AttentionSite
+
+#: What the adapted forward and the cache wrapper rely on in transformers (checked by slimify, see hf_slim._compat).
+CONTRACTS = (
+    Contract(
+        GPT2Attention,
+        "forward",
+        parameters=(
+            "hidden_states",
+            "past_key_values",
+            "attention_mask",
+            "encoder_hidden_states",
+            "encoder_attention_mask",
+            "output_attentions",
+        ),
+        attributes=(
+            "c_attn",
+            "c_proj",
+            "split_size",
+            "head_dim",
+            "num_heads",
+            "scaling",
+            "layer_idx",
+            "is_cross_attention",
+            "reorder_and_upcast_attn",
+            "_upcast_and_reordered_attn",
+            "attn_dropout",
+            "resid_dropout",
+        ),
+    ),
+    Contract(GPT2Model, "forward", keywords=("past_key_values", "use_cache")),
+)
 
 
 def _self_projections(module: GPT2Attention) -> Projections:
@@ -41,6 +73,7 @@ def _attention_runner(module: GPT2Attention, kwargs: dict):
 
 # Adapted from transformers 5.23.0, models/gpt2/modeling_gpt2.py, GPT2Attention.forward: the cache handling and the
 # attention call change, the projections and the output projection are the model's own.
+# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
 def slim_gpt2_attention_forward(
     self: GPT2Attention,
     hidden_states: torch.Tensor,

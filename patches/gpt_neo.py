@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoModel, GPTNeoSelfAttention
 
+from hf_slim._compat import forward_contracts
 from hf_slim.absorbed import additive_bias
 from hf_slim.attention import Projections, is_static_slim_cache, slim_self_attention, split_heads
 from hf_slim.sites import AttentionSite, token_calibration_inputs
@@ -108,3 +109,9 @@ def cache_owners(model: nn.Module) -> list[nn.Module]:
 
 #: token ids for the K-mode calibration when the user gives none
 default_calibration_inputs = token_calibration_inputs
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(
+    slim_gpt_neo_attention_forward, attention=(GPTNeoSelfAttention,), cache_owners=(GPTNeoModel,)
+)

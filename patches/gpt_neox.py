@@ -4,8 +4,14 @@
 from __future__ import annotations
 
 import torch
-from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.gpt_neox.modeling_gpt_neox import (
+    GPTNeoXAttention,
+    GPTNeoXModel,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, interleaved_qkv_projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite
@@ -74,3 +80,9 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device)}
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(
+    slim_gpt_neox_attention_forward, attention=(GPTNeoXAttention,), cache_owners=(GPTNeoXModel,)
+)

@@ -4,8 +4,9 @@ from the attention module's own ``embed_positions`` table, no projection biases,
 from __future__ import annotations
 
 import torch
-from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, apply_rotary_pos_emb
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, slim_self_attention, split_heads
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite
@@ -100,3 +101,7 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device)}
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(slim_gptj_attention_forward, attention=(GPTJAttention,), cache_owners=(GPTJModel,))

@@ -11,8 +11,17 @@ RoPE layers keep the K cache with keys cached as the model rotated them (:mod:`h
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaModel,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.models.olmo.modeling_olmo import OlmoAttention, OlmoModel
+from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2Model
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite
@@ -107,3 +116,11 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device)}
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(
+    slim_llama_attention_forward,
+    attention=(LlamaAttention, Qwen2Attention, OlmoAttention, Olmo2Attention),
+    cache_owners=(LlamaModel, Qwen2Model, OlmoModel, Olmo2Model),
+)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, slim_self_attention, split_heads
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
@@ -100,3 +101,7 @@ def cache_owners(model: nn.Module) -> list[nn.Module]:
 
 #: token ids for the K-mode calibration when the user gives none
 default_calibration_inputs = token_calibration_inputs
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(slim_mpt_attention_forward, attention=(MptAttention,), cache_owners=(MptModel,))

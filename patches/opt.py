@@ -29,6 +29,7 @@ from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoder
 from transformers.models.opt.modeling_opt import eager_attention_forward as opt_eager
 from transformers.models.xglm.modeling_xglm import XGLMAttention, XGLMModel
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, slim_self_attention, split_heads
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
@@ -152,3 +153,7 @@ def cache_owners(model: nn.Module) -> list[nn.Module]:
 
 #: token ids for the K-mode calibration when the user gives none
 default_calibration_inputs = token_calibration_inputs
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(slim_opt_family_attention_forward, attention=tuple(FAMILY), cache_owners=CACHE_OWNERS)

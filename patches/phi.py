@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 
 import torch
-from transformers.models.phi.modeling_phi import apply_rotary_pos_emb
+from transformers.models.phi.modeling_phi import PhiAttention, PhiModel, apply_rotary_pos_emb
+from transformers.models.stablelm.modeling_stablelm import StableLmAttention, StableLmModel
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite
@@ -95,3 +97,11 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device)}
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(
+    slim_partial_rotary_attention_forward,
+    attention=(PhiAttention, StableLmAttention),
+    cache_owners=(PhiModel, StableLmModel),
+)

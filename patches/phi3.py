@@ -9,8 +9,14 @@ own mask and attention interface.
 from __future__ import annotations
 
 import torch
-from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.phi3.modeling_phi3 import (
+    Phi3Attention,
+    Phi3Model,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite
@@ -79,3 +85,7 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device)}
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(slim_phi3_attention_forward, attention=(Phi3Attention,), cache_owners=(Phi3Model,))

@@ -26,6 +26,7 @@ from transformers.models.mt5.modeling_mt5 import MT5Attention, MT5Stack
 from transformers.models.t5.modeling_t5 import T5Attention, T5Stack, eager_attention_forward
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
+from hf_slim._compat import Contract
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.sites import AttentionSite
@@ -35,6 +36,44 @@ from hf_slim.sites import AttentionSite
 #: ``(hidden_states, encoder_hidden_states, past_key_values, attention_mask)``.
 STACKS = (T5Stack, MT5Stack, UMT5Stack)
 T5_STYLE_ATTENTION = (T5Attention, MT5Attention)
+
+#: Module attributes the shared step (:func:`_slim_t5_attention`) reads on every attention class of the family.
+_ATTRIBUTES = (
+    "q",
+    "k",
+    "v",
+    "o",
+    "n_heads",
+    "key_value_proj_dim",
+    "layer_idx",
+    "has_relative_attention_bias",
+    "compute_bias",
+    "scaling",
+    "dropout",
+    "config",
+)
+_COMPUTE_BIAS = ("query_length", "key_length", "device", "past_seen_tokens")
+
+#: What the adapted forwards rely on in transformers (checked by slimify, see hf_slim._compat).
+CONTRACTS = (
+    *(
+        Contract(
+            attention,
+            "forward",
+            parameters=("hidden_states", "mask", "key_value_states", "position_bias", "past_key_values"),
+            attributes=_ATTRIBUTES,
+        )
+        for attention in T5_STYLE_ATTENTION
+    ),
+    Contract(
+        UMT5Attention,
+        "forward",
+        parameters=("hidden_states", "encoder_hidden_states", "past_key_values", "attention_mask"),
+        attributes=_ATTRIBUTES,
+    ),
+    *(Contract(cls, "compute_bias", parameters=_COMPUTE_BIAS) for cls in (*T5_STYLE_ATTENTION, UMT5Attention)),
+    *(Contract(stack, "forward", keywords=("past_key_values", "use_cache")) for stack in STACKS),
+)
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -146,6 +185,7 @@ def _slim_t5_attention(
 # Adapted from transformers 5.23.0, models/t5/modeling_t5.py, T5Attention.forward (MT5Attention in
 # models/mt5/modeling_mt5.py is a copy): the cache handling and the attention call change; the projections, the
 # position bias (the module's own compute_bias) and the output projection are the model's own.
+# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
 def slim_t5_attention_forward(
     self: T5Attention,
     hidden_states: torch.Tensor,
@@ -160,6 +200,7 @@ def slim_t5_attention_forward(
 
 # Adapted from transformers 5.23.0, models/umt5/modeling_umt5.py, UMT5Attention.forward: as for T5, except that every
 # layer computes its own relative position bias and the bias is not returned.
+# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
 def slim_umt5_attention_forward(
     self: UMT5Attention,
     hidden_states: torch.Tensor,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRDecoder
 
+from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.sites import AttentionSite
 
@@ -114,3 +115,7 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device)}
+
+
+#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = forward_contracts(slim_trocr_attention_forward, attention=(TrOCRAttention,), cache_owners=(TrOCRDecoder,))

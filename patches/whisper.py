@@ -29,6 +29,7 @@ from transformers.models.whisper.modeling_whisper import (
     eager_attention_forward,
 )
 
+from hf_slim._compat import Contract
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.cache import SlimCache
 from hf_slim.generation import expand_inputs_keeping_encoder_output
@@ -46,6 +47,46 @@ REFUSED_CLASSES = {
     "WhisperDecoder": "slimify the WhisperModel or WhisperForConditionalGeneration that holds this decoder",
 }
 
+#: What the adapted forwards and generate() hooks rely on in transformers (checked by slimify, see hf_slim._compat).
+CONTRACTS = (
+    Contract(
+        WhisperAttention,
+        "forward",
+        parameters=("hidden_states", "key_value_states", "past_key_values", "attention_mask", "output_attentions"),
+        attributes=(
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "out_proj",
+            "scaling",
+            "head_dim",
+            "num_heads",
+            "dropout",
+            "layer_idx",
+            "config",
+        ),
+    ),
+    Contract(WhisperDecoder, "forward", keywords=("past_key_values", "use_cache")),
+    Contract(
+        WhisperForConditionalGeneration,
+        "_postprocess_outputs",
+        parameters=(
+            "seek_outputs",
+            "decoder_input_ids",
+            "return_token_timestamps",
+            "generation_config",
+            "is_shortform",
+            "seek",
+            "batch_idx_map",
+        ),
+    ),
+    Contract(
+        WhisperForConditionalGeneration,
+        "_stack_split_outputs",
+        parameters=("seek_outputs", "model_output_type", "device", "kwargs"),
+    ),
+)
+
 #: Whisper's fixed audio front end: 16 kHz, 10 ms hop (160 samples), two encoder frames per output position.
 _SAMPLING_RATE, _HOP_LENGTH, _CONV_STRIDE = 16_000, 160, 2
 
@@ -57,6 +98,8 @@ def _projections(module: WhisperAttention) -> Projections:
 
 # Adapted from transformers 5.23.0, models/whisper/modeling_whisper.py, WhisperAttention.forward: the cache handling
 # and the attention call change; the scaled query, the projections and the output projection are the model's own.
+# The original is the same in transformers 5.15 to 5.22 (5.23 only adds `is_updated = False`); CONTRACTS guards what
+# this relies on.
 def slim_whisper_attention_forward(
     self: WhisperAttention,
     hidden_states: torch.Tensor,

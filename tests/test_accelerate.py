@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM
 from hf_slim import is_slim, load_slim, slim_record, slimify, unslimify
 from hf_slim.patching import resident_weights
 
+pytestmark = pytest.mark.oldest_transformers  # CI also runs these with the lowest accelerate (see .ci/run)
+
 #: every top-level piece on "cpu", the last decoder layer on "disk" (weights on meta at rest, loaded per forward)
 DEVICE_MAPS = {
     "gpt2": {

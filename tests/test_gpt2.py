@@ -33,6 +33,7 @@ def padded_batch():
     return tiny_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_prefill_and_40_decode_steps_match_logits(mode, config):
@@ -74,6 +75,7 @@ def _generate(model, **kwargs):
         return model.generate(**batch, max_new_tokens=24, return_dict_in_generate=True, output_scores=True, **kwargs)
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("mode", MODES)
 def test_greedy_left_padded_batch_identical(mode):
     vanilla, slim = pair(mode)
@@ -82,6 +84,7 @@ def test_greedy_left_padded_batch_identical(mode):
     assert isinstance(actual.past_key_values, SlimCache)
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("mode", MODES)
 def test_beam_search_identical(mode):
     vanilla, slim = pair(mode)
@@ -91,6 +94,7 @@ def test_beam_search_identical(mode):
     assert_close_relative(actual.sequences_scores, expected.sequences_scores, 1e-5, "beam scores")
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("mode", MODES)
 def test_seeded_sampling_identical(mode):
     vanilla, slim = pair(mode)

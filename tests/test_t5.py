@@ -7,7 +7,9 @@ import copy
 
 import pytest
 import torch
+import transformers
 from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
+from packaging.version import Version
 from tiny_models import randomize_biases, tiny_t5_tokenizer
 from transformers import (
     DynamicCache,
@@ -125,6 +127,7 @@ def test_sites_are_decoder_self_and_cross_attention_only():
         assert "hf_slim" not in vars(module) and "forward" not in vars(module), f"encoder {name} was patched"
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -173,6 +176,11 @@ def test_prefill_and_20_decode_steps_match_logits(variant, attn, padding_side):
 def test_chunked_decode_matches_full_forward(variant):
     """Chunks of at most head_dim queries take the absorbed path (bias rows for several queries), larger chunks
     rebuild K/V from the cached X; both must equal one uncached forward over the whole decoder sequence."""
+    if variant == "umt5" and Version(transformers.__version__) < Version("5.18"):
+        pytest.skip(
+            "transformers <= 5.17 builds UMT5's decoder self-attention with is_causal=False, so the unpatched model's "
+            "uncached forward over a whole unpadded sequence attends to future tokens: the reference is wrong there"
+        )
     vanilla, slim = pair(variant)
     batch = encoder_batch()
     ids = torch.randint(3, vanilla.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -192,6 +200,7 @@ def test_chunked_decode_matches_full_forward(variant):
     assert_close_relative(torch.cat(pieces, dim=1), full, LOGITS_RTOL[torch.float32], "chunked decode")
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_identical(variant, padding_side):
@@ -201,6 +210,7 @@ def test_greedy_identical(variant, padding_side):
     assert isinstance(actual.past_key_values.self_attention_cache, SlimCache)
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("variant", ["t5-v1.0", "t5-v1.1", "umt5"])
 def test_beam_search_identical(variant):
     vanilla, slim = pair(variant)
@@ -231,6 +241,7 @@ def test_beam_search_keeps_one_encoder_output_per_input():
     assert seen == {"vanilla": {4 * inputs}, "slim": {inputs}}
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("variant", ["t5-v1.0", "mt5"])
 def test_seeded_sampling_identical(variant):
     vanilla, slim = pair(variant)
@@ -263,9 +274,10 @@ class Text2TextPipeline(Pipeline):
 
 @pytest.mark.parametrize("task", ["text2text-generation", "summarization", "translation_en_to_de"])
 def test_seq2seq_pipelines_identical(task):
-    """transformers 5.23 removed these three pipelines (``pipeline(task)`` raises KeyError); the same steps run
-    through the Pipeline machinery (batching, padding collation) must give the same text for slim and unpatched."""
-    with pytest.raises(KeyError, match="has been removed"):
+    """transformers 5 has no text2text-generation, summarization or translation pipeline (``pipeline(task)`` raises
+    KeyError: "Unknown task" in older releases, "has been removed" in newer ones); the same steps run through the
+    Pipeline machinery (batching, padding collation) must give the same text for slim and unpatched."""
+    with pytest.raises(KeyError, match="has been removed|Unknown task"):
         pipeline(task)
     prefix = {"summarization": "summarize: ", "translation_en_to_de": "translate English to German: "}.get(task, "")
     texts = [prompt.split(": ", 1)[-1] for prompt in PROMPTS]

@@ -128,6 +128,7 @@ def new_caches():
     return EncoderDecoderCache(DynamicCache(), DynamicCache()), EncoderDecoderCache(SlimCache(), SlimCache(0))
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("mode", ["input", "k"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_prefill_and_24_decode_steps_match_logits(attn, mode):
@@ -188,6 +189,7 @@ def test_full_prompt_prefill_without_cache_matches():
     assert_close_relative(actual, expected, LOGITS_RTOL[torch.float32])
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("mode", ["input", "k"])
 def test_generate_greedy_and_beams_identical(mode):
     vanilla, slim = pair(mode)
@@ -440,6 +442,7 @@ def sentence_encoder_states(tiny_en) -> torch.Tensor:
 TINY_EN_MIN_K_RATIO = 1.5
 
 
+@pytest.mark.oldest_transformers
 @pytest.mark.parametrize("mode", ["input", "k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_tiny_en_transcripts_identical_greedy_and_beams(tiny_en, tiny_en_dtypes, sentence_encoder_states, dtype, mode):
