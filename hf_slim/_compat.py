@@ -160,7 +160,10 @@ class Contract:
 
 
 def forward_contracts(
-    forward: Callable, attention: tuple[type, ...], cache_owners: tuple[type, ...] = ()
+    forward: Callable,
+    attention: tuple[type, ...],
+    cache_owners: tuple[type, ...] = (),
+    alternatives: tuple[str, ...] = (),
 ) -> tuple[Contract, ...]:
     """Contracts for a slim attention ``forward`` adapted from the forwards of the ``attention`` classes, and for the
     ``cache_owners`` whose forwards create the cache.
@@ -168,12 +171,14 @@ def forward_contracts(
     Why derived from the slim forward itself: what it relies on is the module attributes it reads (every
     ``self.<name>`` in its source), the input arriving first, and the cache and mask arriving by their names (decoder
     layers pass them by keyword). Deriving them keeps the contract in step with the code that needs it; the check
-    against the installed transformers is what catches drift.
+    against the installed transformers is what catches drift. ``alternatives``: attributes the forward reads only
+    where they exist (one forward serving classes that name a module differently), left out of the contract.
     """
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     names = [p.name for p in inspect.signature(forward).parameters.values() if p.kind in positional][1:]
     keywords = tuple(name for name in ("past_key_values", "attention_mask") if name in names)
-    attributes = tuple(sorted(set(re.findall(r"\bself\.([A-Za-z_]\w*)", inspect.getsource(forward)))))
+    read = set(re.findall(r"\bself\.([A-Za-z_]\w*)", inspect.getsource(forward))) - set(alternatives)
+    attributes = tuple(sorted(read))
     contracts = [
         Contract(owner, "forward", parameters=tuple(names[:1]), keywords=keywords, attributes=attributes)
         for owner in attention

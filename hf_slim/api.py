@@ -345,8 +345,6 @@ def _forced_layer_modes(sites, architecture, layer_modes, residual_ranks, k_weig
         if mode == "k" and site.k_mode_refusal:
             raise ValueError(f"layer_modes[{name!r}] = 'k' is not exact here: {site.k_mode_refusal}; use 'kv'")
         rank = residual_ranks.get(name, 0)
-        if rank and site.rotary is not None:
-            raise ValueError(f"residual_ranks[{name!r}] = {rank}: RoPE layers take the plain K cache (r = 0) for now")
         if mode == "k" and k_weights is not None and name in k_weights:
             weights[name] = k_weights[name]
             if name in residual_ranks and rank != weights[name].residual_rank:

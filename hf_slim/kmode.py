@@ -341,9 +341,8 @@ def choose_residual_rank(
 ) -> KModeChoice:
     """The smallest residual rank on :func:`residual_rank_grid` whose rebuilt values pass :func:`k_mode_is_exact`.
 
-    RoPE layers (``round_trip`` given: their keys are cached rotated, see :class:`RotaryRoundTrip`) try ``r = 0``
-    only: the K+R residual is not wired through the RoPE decode path yet, so such a layer gets the plain K cache or
-    keeps the model's own K and V.
+    RoPE layers pass ``round_trip`` (their keys are cached rotated, see :class:`RotaryRoundTrip`): the errors then
+    include that round trip; the residual ``Z = X U_r`` is not rotated.
 
     Returns
     -------
@@ -360,8 +359,8 @@ def choose_residual_rank(
     probe = ValueErrorProbe(inputs, projections, dtype, round_trip)
     d_model, inner = projections.w_k.shape
     numbers: dict = {}
-    max_rank = 0 if round_trip is not None else max_residual_rank(d_model)
-    for rank in [0] if round_trip is not None else residual_rank_grid(d_model):
+    max_rank = max_residual_rank(d_model)
+    for rank in residual_rank_grid(d_model):
         try:
             weights = svd.weights(rank, device=projections.w_k.device)
         except SingularKeyProjection:

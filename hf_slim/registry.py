@@ -104,6 +104,9 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+#: Patch modules whose attention sites include cross-attention, so a composite (encoder + decoder) can use them.
+CROSS_ATTENTION_DECODERS = ("hf_slim.patches.bart", "hf_slim.patches.gpt2", "hf_slim.patches.trocr")
+
 #: Encoder-only families whose configs can also build a causal decoder (``is_decoder=True``), refused differently.
 ENCODER_ONLY = ("bert", "roberta")
 #: Configurations of supported model types that are refused, with the reason: ``model_type -> [(test, reason)]``.
@@ -180,6 +183,11 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
             raise UnsupportedModelError(f"{model_type!r} config has no decoder config")
         try:
             inner = architecture_for(decoder, mode)
+            if inner.patch_module not in CROSS_ATTENTION_DECODERS:
+                raise UnsupportedModelError(
+                    f"its patch has no cross-attention (a {inner.positions} decoder-only family); composites take "
+                    "decoders with cross-attention: " + ", ".join(sorted(CROSS_ATTENTION_DECODERS))
+                )
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"{model_type!r} with a {decoder.model_type!r} decoder: {error}") from error
         return Architecture(SUPPORTED[model_type].patch_module, positions=inner.positions)

@@ -104,4 +104,5 @@ CONTRACTS = forward_contracts(
     slim_partial_rotary_attention_forward,
     attention=(PhiAttention, StableLmAttention),
     cache_owners=(PhiModel, StableLmModel),
+    alternatives=("dense", "o_proj"),
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,11 @@ def test_bf16_where_k_accepted_as_accurate_as_vanilla_and_same_greedy_choices(na
     vanilla = copy.deepcopy(reference).to(torch.bfloat16)
     slim = slimify(copy.deepcopy(vanilla))
     assert set(slim_record(slim).layer_modes.values()) == {"k"}, slim_record(slim).calibration
+    _assert_bf16_as_accurate_as_vanilla(reference, vanilla, slim)
+
+
+def _assert_bf16_as_accurate_as_vanilla(reference, vanilla, slim) -> None:
+    """The bf16 bar of the docstring above, against the fp32 ``reference``."""
     sequences = _generate(vanilla, do_sample=False).sequences
     logits = {
         label: _teacher_forced(model, sequences, cache)
@@ -206,14 +212,22 @@ def _teacher_forced(model, sequences: torch.Tensor, cache) -> torch.Tensor:
     return torch.cat(out, dim=1).float()
 
 
-def test_bf16_refuses_ill_conditioned_layers():
-    """Random W_K (cond ~2e2): the bf16 K cache is 20x less accurate than the model, so every layer keeps K/V."""
-    vanilla = tiny_rope("llama", dtype=torch.bfloat16)
-    with pytest.warns(SlimFallbackWarning, match="bfloat16 keys has relative error"):
+def test_bf16_takes_k_plus_r_where_plain_k_is_inexact():
+    """Random W_K (cond ~2e2): the plain bf16 K cache is ~20x less accurate than the model, so the calibration keeps
+    ``r > 0`` input directions beside the rotated keys (K+R), as exact as the unmodified model, or the own K/V; the
+    model is then as accurate as the unpatched bf16 model (the bar of the test above)."""
+    reference = tiny_rope("llama")
+    vanilla = copy.deepcopy(reference).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlimFallbackWarning)
         slim = slimify(copy.deepcopy(vanilla))
-    assert set(slim_record(slim).layer_modes.values()) == {"kv"}
-    expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
-    assert_same_tokens(actual.sequences, expected.sequences, "bf16 greedy, own K/V")
+    record = slim_record(slim)
+    k_layers = [name for name, mode in record.layer_modes.items() if mode == "k"]
+    assert k_layers and all(record.residual_ranks[name] > 0 for name in k_layers), record.calibration
+    for name in k_layers:
+        numbers = record.calibration[name]
+        assert numbers["k_error"] <= 4 * numbers["vanilla_error"], numbers
+    _assert_bf16_as_accurate_as_vanilla(reference, vanilla, slim)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -231,9 +245,12 @@ def test_forced_mixed_cache_matches(attn):
         assert_same_tokens(actual.sequences, expected.sequences, f"mixed cache greedy {kwargs}")
 
 
-def test_refused_layers_keep_own_kv_with_warning():
+def test_refused_layers_keep_own_kv_with_warning(monkeypatch):
     """A layer whose K cache calibrates inexact keeps the model's own K and V, with the numbers in the warning."""
-    vanilla = tiny_rope("qwen2", seed=0)  # seed 0: cond(W_K) ~3e3 on both layers, above the fp32 floor
+    import hf_slim.kmode
+
+    vanilla = tiny_rope("qwen2", seed=0)  # seed 0: cond(W_K) ~3e3 on both layers: r = 0 is above the fp32 floor
+    monkeypatch.setattr(hf_slim.kmode, "max_residual_rank", lambda d_model: 0)  # no K+R: K alone or the own K/V
     with pytest.warns(SlimFallbackWarning, match="keep the model's own keys and values") as record:
         slim = slimify(copy.deepcopy(vanilla))
     assert "relative error" in str(record[0].message)
@@ -420,3 +437,25 @@ def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
     assert main(["memory", "--config", str(path), "--seq-len", "131072", "--dtype", "fp16"]) == 0
     out = capsys.readouterr().out
     assert "Phi3Attention[self 31]" in out and "rotary cos/sin table" in out and "2.00x" in out, out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn):
+    """K+R on RoPE layers: the cache holds the rotated keys and ``Z = X U_r`` (never rotated); values come from the
+    un-rotated keys and Z. Forced r = 16 of 64 on every layer matches the unpatched model; zeroing the residual
+    projection (dropping Z) does not."""
+    vanilla = tiny_rope("llama", attn=attn)
+    names = [f"LlamaAttention[self {i}]" for i in range(2)]
+    slim = slimify(
+        copy.deepcopy(vanilla), layer_modes=dict.fromkeys(names, "k"), residual_ranks=dict.fromkeys(names, 16)
+    )
+    assert slim_record(slim).residual_ranks == dict.fromkeys(names, 16)
+    caches = _decode_logits(vanilla, slim, steps=20)
+    assert caches["slim"].layers[0].states.shape[-1] == 64 + 16
+    expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
+    assert_same_tokens(actual.sequences, expected.sequences, "K+R greedy")
+    with torch.no_grad():
+        for layer in slim.model.layers:
+            layer.self_attn.hf_slim_z_proj.zero_()
+    with pytest.raises(AssertionError, match="relative max difference"):
+        _decode_logits(vanilla, slim, steps=2)
