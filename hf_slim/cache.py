@@ -280,7 +280,7 @@ class SlimCache(DynamicCache):
             Cache.__init__(self, layer_class_to_replicate=SlimLayer)
         else:
             Cache.__init__(self, layers=[self._new_layer(i in kv_layers, max_cache_len) for i in range(num_layers)])
-        self.max_cache_len = max_cache_len
+        self._static_length = max_cache_len  # (Cache.max_cache_len is a read-only property in older transformers)
         self.rotary: SlimLayer | None = None
 
     @staticmethod
@@ -332,7 +332,7 @@ class SlimCache(DynamicCache):
         (a static table has ``max_cache_len`` rows; unwritten rows are masked by the attention anyway)."""
         layer = self.layers[layer_idx]
         if self.rotary is None:
-            self.rotary = SlimLayer() if self.max_cache_len is None else StaticSlimLayer(self.max_cache_len)
+            self.rotary = SlimLayer() if self._static_length is None else StaticSlimLayer(self._static_length)
         if isinstance(self.rotary, StaticSlimLayer):
             return self.rotary.overwrite_last(cos_sin, layer.cumulative_length)
         if self.rotary.get_seq_length() < layer.get_seq_length():
