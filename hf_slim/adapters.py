@@ -44,7 +44,8 @@ class LowRank:
 
 
 def _is_peft_layer(layer: torch.nn.Module) -> bool:
-    return hasattr(layer, "base_layer") and hasattr(layer, "active_adapters")
+    # a dict lookup, not hasattr: this runs at every decode step, and a missing nn.Module attribute raises inside
+    return "base_layer" in layer._modules and hasattr(layer, "active_adapters")
 
 
 def _low_rank_terms(layer: torch.nn.Module, where: str) -> tuple[LowRank, ...]:
