@@ -13,7 +13,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eag
 
 from hf_slim._compat import Contract
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
-from hf_slim.sites import AttentionSite
+from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 #: What the adapted forward and the cache wrapper rely on in transformers (checked by slimify, see hf_slim._compat).
 CONTRACTS = (
@@ -135,8 +135,4 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, GPT2Model)]
 
 
-def default_calibration_inputs(model: torch.nn.Module) -> dict:
-    """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
-    return {"input_ids": input_ids.to(model.device)}
+default_calibration_inputs = token_calibration_inputs

@@ -9,7 +9,7 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, app
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, slim_self_attention, split_heads
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite
+from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -96,11 +96,7 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ == "GPTJModel"]
 
 
-def default_calibration_inputs(model: torch.nn.Module) -> dict:
-    """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
-    return {"input_ids": input_ids.to(model.device)}
+default_calibration_inputs = token_calibration_inputs
 
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).

@@ -24,7 +24,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite
+from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 _ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "OlmoAttention", "Olmo2Attention")
 _BASE_MODEL_CLASSES = ("LlamaModel", "Qwen2Model", "OlmoModel", "Olmo2Model")
@@ -111,11 +111,7 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in _BASE_MODEL_CLASSES]
 
 
-def default_calibration_inputs(model: torch.nn.Module) -> dict:
-    """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
-    return {"input_ids": input_ids.to(model.device)}
+default_calibration_inputs = token_calibration_inputs
 
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
