@@ -83,3 +83,42 @@ def token_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
     return {"input_ids": input_ids.to(model.device)}
+
+
+def instances_of(model: torch.nn.Module, classes: tuple[type, ...]) -> list[torch.nn.Module]:
+    """The submodules of ``model`` (itself included) whose exact type is one of ``classes``, in module order.
+
+    Exact types, not ``isinstance``: a family's patch serves the classes it was adapted from, not subclasses that
+    other model types may define on top of them.
+    """
+    return [module for module in model.modules() if type(module) in classes]
+
+
+def rope_attention_sites(
+    model: torch.nn.Module,
+    classes: tuple[type, ...],
+    projections: Callable[[torch.nn.Module], Projections],
+    forward: Callable,
+    rotary: RotaryLayout,
+    *,
+    k_mode_refusal: Callable[[torch.nn.Module], str | None] = lambda module: None,
+    head_dim: Callable[[torch.nn.Module], int] | None = None,
+) -> list[AttentionSite]:
+    """The self-attention sites of a RoPE family: every module of ``classes``, all heads of ``config``'s count.
+
+    ``k_mode_refusal(module)`` says why a layer cannot take the K cache (it then keeps its own K and V);
+    ``head_dim(module)`` reads a head width the module does not call ``head_dim``.
+    """
+    return [
+        AttentionSite.of(
+            module,
+            "self",
+            projections,
+            forward,
+            num_heads=module.config.num_attention_heads,
+            head_dim=None if head_dim is None else head_dim(module),
+            rotary=rotary,
+            k_mode_refusal=k_mode_refusal(module),
+        )
+        for module in instances_of(model, classes)
+    ]

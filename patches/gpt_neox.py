@@ -14,7 +14,11 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, interleaved_qkv_projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+
+#: The attention classes this patch adapts, and the base models whose forward creates the cache.
+ATTENTION_CLASSES = (GPTNeoXAttention,)
+BASE_MODEL_CLASSES = (GPTNeoXModel,)
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -55,24 +59,19 @@ def slim_gpt_neox_attention_forward(
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """The attention module of every layer."""
-    return [
-        AttentionSite.of(
-            module,
-            "self",
-            _projections,
-            slim_gpt_neox_attention_forward,
-            num_heads=module.config.num_attention_heads,
-            head_dim=module.head_size,
-            rotary=RotaryLayout("half"),
-        )
-        for module in model.modules()
-        if type(module).__name__ == "GPTNeoXAttention"
-    ]
+    return rope_attention_sites(
+        model,
+        ATTENTION_CLASSES,
+        _projections,
+        slim_gpt_neox_attention_forward,
+        RotaryLayout("half"),
+        head_dim=lambda module: module.head_size,
+    )
 
 
 def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     """GPTNeoXModel.forward creates the cache when none is given."""
-    return [module for module in model.modules() if type(module).__name__ == "GPTNeoXModel"]
+    return instances_of(model, BASE_MODEL_CLASSES)
 
 
 default_calibration_inputs = token_calibration_inputs
@@ -80,5 +79,7 @@ default_calibration_inputs = token_calibration_inputs
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
 CONTRACTS = forward_contracts(
-    slim_gpt_neox_attention_forward, attention=(GPTNeoXAttention,), cache_owners=(GPTNeoXModel,)
+    slim_gpt_neox_attention_forward,
+    attention=ATTENTION_CLASSES,
+    cache_owners=BASE_MODEL_CLASSES,
 )

@@ -9,7 +9,11 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, app
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, slim_self_attention, split_heads
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+
+#: The attention classes this patch adapts, and the base models whose forward creates the cache.
+ATTENTION_CLASSES = (GPTJAttention,)
+BASE_MODEL_CLASSES = (GPTJModel,)
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -71,18 +75,9 @@ def slim_gptj_attention_forward(
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """The attention module of every block."""
-    return [
-        AttentionSite.of(
-            module,
-            "self",
-            _projections,
-            slim_gptj_attention_forward,
-            num_heads=module.num_attention_heads,
-            rotary=RotaryLayout("interleaved"),
-        )
-        for module in model.modules()
-        if type(module).__name__ == "GPTJAttention"
-    ]
+    return rope_attention_sites(
+        model, ATTENTION_CLASSES, _projections, slim_gptj_attention_forward, RotaryLayout("interleaved")
+    )
 
 
 def rotary_dim(model: torch.nn.Module) -> int:
@@ -93,11 +88,15 @@ def rotary_dim(model: torch.nn.Module) -> int:
 
 def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     """GPTJModel.forward creates the cache when none is given."""
-    return [module for module in model.modules() if type(module).__name__ == "GPTJModel"]
+    return instances_of(model, BASE_MODEL_CLASSES)
 
 
 default_calibration_inputs = token_calibration_inputs
 
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(slim_gptj_attention_forward, attention=(GPTJAttention,), cache_owners=(GPTJModel,))
+CONTRACTS = forward_contracts(
+    slim_gptj_attention_forward,
+    attention=ATTENTION_CLASSES,
+    cache_owners=BASE_MODEL_CLASSES,
+)

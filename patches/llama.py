@@ -24,10 +24,11 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
-_ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "OlmoAttention", "Olmo2Attention")
-_BASE_MODEL_CLASSES = ("LlamaModel", "Qwen2Model", "OlmoModel", "Olmo2Model")
+#: The attention classes this patch adapts, and the base models whose forward creates the cache.
+ATTENTION_CLASSES = (LlamaAttention, Qwen2Attention, OlmoAttention, Olmo2Attention)
+BASE_MODEL_CLASSES = (LlamaModel, Qwen2Model, OlmoModel, Olmo2Model)
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -91,24 +92,19 @@ def _k_mode_refusal(module: torch.nn.Module) -> str | None:
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """The self-attention module of every decoder layer."""
-    return [
-        AttentionSite.of(
-            module,
-            "self",
-            _projections,
-            slim_llama_attention_forward,
-            num_heads=module.config.num_attention_heads,
-            rotary=RotaryLayout("half"),
-            k_mode_refusal=_k_mode_refusal(module),
-        )
-        for module in model.modules()
-        if type(module).__name__ in _ATTENTION_CLASSES
-    ]
+    return rope_attention_sites(
+        model,
+        ATTENTION_CLASSES,
+        _projections,
+        slim_llama_attention_forward,
+        RotaryLayout("half"),
+        k_mode_refusal=_k_mode_refusal,
+    )
 
 
 def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The base model's forward creates the cache when none is given."""
-    return [module for module in model.modules() if type(module).__name__ in _BASE_MODEL_CLASSES]
+    return instances_of(model, BASE_MODEL_CLASSES)
 
 
 default_calibration_inputs = token_calibration_inputs
@@ -117,6 +113,6 @@ default_calibration_inputs = token_calibration_inputs
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
 CONTRACTS = forward_contracts(
     slim_llama_attention_forward,
-    attention=(LlamaAttention, Qwen2Attention, OlmoAttention, Olmo2Attention),
-    cache_owners=(LlamaModel, Qwen2Model, OlmoModel, Olmo2Model),
+    attention=ATTENTION_CLASSES,
+    cache_owners=BASE_MODEL_CLASSES,
 )

@@ -19,7 +19,11 @@ from transformers.models.phi3.modeling_phi3 import (
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, rope_self_attention
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+
+#: The attention classes this patch adapts, and the base models whose forward creates the cache.
+ATTENTION_CLASSES = (Phi3Attention,)
+BASE_MODEL_CLASSES = (Phi3Model,)
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -61,27 +65,22 @@ def slim_phi3_attention_forward(
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """The self-attention module of every decoder layer."""
-    return [
-        AttentionSite.of(
-            module,
-            "self",
-            _projections,
-            slim_phi3_attention_forward,
-            num_heads=module.config.num_attention_heads,
-            rotary=RotaryLayout("half"),
-        )
-        for module in model.modules()
-        if type(module).__name__ == "Phi3Attention"
-    ]
+    return rope_attention_sites(
+        model, ATTENTION_CLASSES, _projections, slim_phi3_attention_forward, RotaryLayout("half")
+    )
 
 
 def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Phi3Model.forward creates the cache when none is given."""
-    return [module for module in model.modules() if type(module).__name__ == "Phi3Model"]
+    return instances_of(model, BASE_MODEL_CLASSES)
 
 
 default_calibration_inputs = token_calibration_inputs
 
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(slim_phi3_attention_forward, attention=(Phi3Attention,), cache_owners=(Phi3Model,))
+CONTRACTS = forward_contracts(
+    slim_phi3_attention_forward,
+    attention=ATTENTION_CLASSES,
+    cache_owners=BASE_MODEL_CLASSES,
+)
