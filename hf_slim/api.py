@@ -475,13 +475,16 @@ def _use_cache_requested(owner: torch.nn.Module, arguments: dict) -> bool:
 
 
 def _forward_with_slim_cache(owner: torch.nn.Module, record: SlimRecord) -> PatchedMethod:
-    """Wrap the forward that would create a DynamicCache so that it starts from a slim cache instead."""
-    return PatchedMethod(_slim_cache_owner_forward, owner, record, signature_of=type(owner).forward)
+    """Wrap the forward that would create a DynamicCache so that it starts from a slim cache instead.
+
+    The forward's parameter names are read once here (not at every call: this wrapper runs at every decode step).
+    """
+    names = tuple(inspect.signature(type(owner).forward).parameters)[1:]  # after self
+    return PatchedMethod(_slim_cache_owner_forward, owner, record, names, signature_of=type(owner).forward)
 
 
-def _slim_cache_owner_forward(owner: torch.nn.Module, record: SlimRecord, *args, **kwargs):
+def _slim_cache_owner_forward(owner: torch.nn.Module, record: SlimRecord, names: tuple[str, ...], *args, **kwargs):
     original = type(owner).forward  # what forward_attribute(owner) held: the class forward (accelerate's hook wraps us)
-    names = list(inspect.signature(original).parameters)[1:]
     position = names.index("past_key_values")
     arguments = {**dict(zip(names, args, strict=False)), **kwargs}
     cache = arguments.get("past_key_values")

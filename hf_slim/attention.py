@@ -236,16 +236,16 @@ def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def rebuild_kv(
-    module: torch.nn.Module, states: torch.Tensor, plain_keys: torch.Tensor | None = None
+    module: torch.nn.Module, states: torch.Tensor, projections: Projections, plain_keys: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute full keys and values ``(batch, heads, seq, head_dim)`` from a layer's slim tensor.
 
     Used for chunked prefill (many new queries on top of a cache), where the ordinary attention kernel is faster
-    than the absorbed path. ``plain_keys``: a RoPE layer's un-rotated keys, which the values are computed from (its
-    cache holds the rotated keys the scores use).
+    than the absorbed path. ``projections``: the layer's live projections, as the caller already checked them
+    (:meth:`SlimAttentionState.live_projections`). ``plain_keys``: a RoPE layer's un-rotated keys, which the values
+    are computed from (its cache holds the rotated keys the scores use).
     """
     state: SlimAttentionState = module.hf_slim
-    projections = state.live_projections()
     if state.mode == "k":
         keys = states[..., : state.num_heads * state.head_dim]  # (b, n, e): K without the residual Z
         if plain_keys is None:
@@ -347,7 +347,7 @@ def slim_self_attention(
     if state.rotary is not None:
         plain_keys = unrotate_keys(states, table, state.num_heads, state.head_dim, state.rotary)  # (b, n, w) fp32
     if not absorbed:
-        full_key, full_value = rebuild_kv(module, states, plain_keys)
+        full_key, full_value = rebuild_kv(module, states, projections, plain_keys)
         return run_attention(query, full_key, full_value, attention_mask)
 
     if static:
