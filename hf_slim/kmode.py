@@ -273,19 +273,6 @@ class ValueErrorProbe:
         return self._error(rebuilt)
 
 
-def value_errors(
-    inputs: torch.Tensor,
-    projections: Projections,
-    weights: KModeWeights,
-    dtype: torch.dtype,
-    rotary: RotaryRoundTrip | None = None,
-) -> tuple[float, float]:
-    """``(k_mode_error, vanilla_error)`` of V in ``dtype`` for one set of weights (see :class:`ValueErrorProbe`, which
-    :func:`choose_residual_rank` uses to try many ranks on one reference)."""
-    probe = ValueErrorProbe(inputs, projections, dtype, rotary)
-    return probe.k_mode_error(weights), probe.vanilla_error
-
-
 @dataclass(frozen=True)
 class RotaryRoundTrip:
     """Rotate keys in their dtype and un-rotate them in float32, as a RoPE K-cache layer does, for the calibration.
