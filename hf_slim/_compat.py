@@ -164,6 +164,7 @@ def forward_contracts(
     attention: tuple[type, ...],
     cache_owners: tuple[type, ...] = (),
     alternatives: tuple[str, ...] = (),
+    also_reads: tuple[str, ...] = (),
 ) -> tuple[Contract, ...]:
     """Contracts for a slim attention ``forward`` adapted from the forwards of the ``attention`` classes, and for the
     ``cache_owners`` whose forwards create the cache.
@@ -173,11 +174,14 @@ def forward_contracts(
     layers pass them by keyword). Deriving them keeps the contract in step with the code that needs it; the check
     against the installed transformers is what catches drift. ``alternatives``: attributes the forward reads only
     where they exist (one forward serving classes that name a module differently), left out of the contract.
+    ``also_reads``: attributes a shared helper the forward calls reads (e.g.
+    :data:`hf_slim.attention.DECODER_ATTENTION_READS`).
     """
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     names = [p.name for p in inspect.signature(forward).parameters.values() if p.kind in positional][1:]
     keywords = tuple(name for name in ("past_key_values", "attention_mask") if name in names)
     read = set(re.findall(r"\bself\.([A-Za-z_]\w*)", inspect.getsource(forward))) - set(alternatives)
+    read |= set(also_reads)
     attributes = tuple(sorted(read))
     contracts = [
         Contract(owner, "forward", parameters=tuple(names[:1]), keywords=keywords, attributes=attributes)

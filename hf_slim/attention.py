@@ -440,6 +440,75 @@ def encoder_cross_attention(
     return out, weights
 
 
+#: the module attributes :func:`decoder_attention` reads (for the forward contracts of the patches that call it)
+DECODER_ATTENTION_READS = ("k_proj", "v_proj", "head_dim")
+
+
+def decoder_attention(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    query: torch.Tensor,
+    key_value_states: torch.Tensor | None,
+    past_key_values,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    run_attention: RunAttention,
+    *,
+    want_weights: bool,
+    dropout: float,
+    contiguous_heads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The body the encoder-decoder attention classes share (BART and its copies, Whisper, TrOCR): decoder
+    self-attention over a slim cache, or cross-attention over the encoder output with no cache.
+
+    Why one place: these classes differ only in how they scale the query, which attention call they make and their
+    output projection, so their adapted forwards compute those and hand the rest here. The module's own ``k_proj`` /
+    ``v_proj`` project the new tokens (self) or, when attention dropout is on (training), the encoder output, whose
+    probabilities over explicit K/V the dropout needs.
+
+    Parameters
+    ----------
+    hidden_states:
+        ``(batch, new, d_model)``, the attention input.
+    query:
+        ``(batch, heads, new, head_dim)``, projected and scaled as the model does.
+    key_value_states:
+        the encoder output ``(inputs, frames, d_enc)`` for cross-attention (``batch % inputs == 0``), or None.
+    contiguous_heads:
+        make the split key/value heads contiguous, as the model's own forward does (Whisper): the attention kernels
+        round differently on strided inputs, and the prefill must be the model's bit for bit.
+
+    Returns
+    -------
+    ``(batch, new, heads, head_dim)`` and the weights ``(batch, heads, new, keys)`` or None.
+    """
+
+    def heads(states: torch.Tensor) -> torch.Tensor:
+        split = split_heads(states, module.head_dim)  # (b, h, n, dk)
+        return split.contiguous() if contiguous_heads else split
+
+    if key_value_states is None:
+        key, value = heads(module.k_proj(hidden_states)), heads(module.v_proj(hidden_states))  # (b, h, t, dk)
+        return slim_self_attention(
+            module,
+            hidden_states,
+            query,
+            key,
+            value,
+            past_key_values,
+            attention_mask,
+            scale,
+            run_attention,
+            want_weights=want_weights,
+        )
+    if dropout > 0.0:
+        key, value = heads(module.k_proj(key_value_states)), heads(module.v_proj(key_value_states))  # (b, h, f, dk)
+        return run_attention(query, key, value, attention_mask)
+    return encoder_cross_attention(
+        module, query, key_value_states, attention_mask, scale, run_attention, want_weights=want_weights
+    )
+
+
 def _fold_bias(bias: torch.Tensor, inputs: int, group: int, heads: int, num_queries: int) -> torch.Tensor:
     """Reshape a bias with one row per decoder row (``inputs*group``), per input (``inputs``, when the model built
     the encoder mask from the unexpanded encoder output) or shared (1) to ``(inputs, h|1, group*t, n)``."""

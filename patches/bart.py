@@ -48,7 +48,7 @@ from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, 
 from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
 
 from hf_slim._compat import forward_contracts
-from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
+from hf_slim.attention import DECODER_ATTENTION_READS, Projections, decoder_attention, split_heads
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.patching import InstancePatch
 from hf_slim.registry import UnsupportedModelError
@@ -114,32 +114,19 @@ def slim_bart_attention_forward(
     def run_attention(query, key, value, mask):
         return interface(self, query, key, value, mask, dropout=dropout, scaling=self.scaling, **kwargs)
 
-    want_weights = implementation == "eager"
     query = split_heads(self.q_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
-    if key_value_states is not None:
-        if dropout > 0.0:  # attention dropout needs the probabilities over K/V: compute them (training only)
-            key = split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
-            value = split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
-            attn_output, attn_weights = run_attention(query, key, value, attention_mask)
-        else:
-            attn_output, attn_weights = encoder_cross_attention(
-                self, query, key_value_states, attention_mask, self.scaling, run_attention, want_weights=want_weights
-            )
-    else:
-        key = split_heads(self.k_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
-        value = split_heads(self.v_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
-        attn_output, attn_weights = slim_self_attention(
-            self,
-            hidden_states,
-            query,
-            key,
-            value,
-            past_key_values,
-            attention_mask,
-            self.scaling,
-            run_attention,
-            want_weights=want_weights,
-        )
+    attn_output, attn_weights = decoder_attention(
+        self,
+        hidden_states,
+        query,
+        key_value_states,
+        past_key_values,
+        attention_mask,
+        self.scaling,
+        run_attention,
+        want_weights=implementation == "eager",
+        dropout=dropout,
+    )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
     return self.out_proj(attn_output), attn_weights
 
@@ -193,4 +180,6 @@ def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
 
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(slim_bart_attention_forward, attention=ATTENTIONS, cache_owners=DECODERS)
+CONTRACTS = forward_contracts(
+    slim_bart_attention_forward, attention=ATTENTIONS, cache_owners=DECODERS, also_reads=DECODER_ATTENTION_READS
+)

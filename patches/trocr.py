@@ -17,7 +17,7 @@ import torch
 from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRDecoder
 
 from hf_slim._compat import forward_contracts
-from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
+from hf_slim.attention import DECODER_ATTENTION_READS, Projections, decoder_attention, split_heads
 from hf_slim.sites import AttentionSite
 
 
@@ -62,30 +62,18 @@ def slim_trocr_attention_forward(
         return _trocr_attention(self, query, key, value, mask)
 
     query = split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim)  # (b, h, t, dk)
-    if key_value_states is not None:
-        if self.training and self.dropout > 0.0:  # dropout needs the probabilities over K/V (training only)
-            key = split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
-            value = split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
-            attn_output, attn_weights = run_attention(query, key, value, attention_mask)
-        else:
-            attn_output, attn_weights = encoder_cross_attention(
-                self, query, key_value_states, attention_mask, 1.0, run_attention, want_weights=bool(output_attentions)
-            )
-    else:
-        key = split_heads(self.k_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
-        value = split_heads(self.v_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
-        attn_output, attn_weights = slim_self_attention(
-            self,
-            hidden_states,
-            query,
-            key,
-            value,
-            past_key_values,
-            attention_mask,
-            1.0,
-            run_attention,
-            want_weights=bool(output_attentions),
-        )
+    attn_output, attn_weights = decoder_attention(
+        self,
+        hidden_states,
+        query,
+        key_value_states,
+        past_key_values,
+        attention_mask,
+        1.0,
+        run_attention,
+        want_weights=bool(output_attentions),
+        dropout=self.dropout if self.training else 0.0,
+    )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
     return self.out_proj(attn_output), attn_weights if output_attentions else None
 
@@ -118,4 +106,9 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
 
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(slim_trocr_attention_forward, attention=(TrOCRAttention,), cache_owners=(TrOCRDecoder,))
+CONTRACTS = forward_contracts(
+    slim_trocr_attention_forward,
+    attention=(TrOCRAttention,),
+    cache_owners=(TrOCRDecoder,),
+    also_reads=DECODER_ATTENTION_READS,
+)

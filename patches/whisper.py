@@ -30,7 +30,7 @@ from transformers.models.whisper.modeling_whisper import (
 )
 
 from hf_slim._compat import Contract
-from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
+from hf_slim.attention import Projections, decoder_attention, split_heads
 from hf_slim.cache import SlimCache
 from hf_slim.generation import expand_inputs_keeping_encoder_output
 from hf_slim.patching import InstancePatch, PatchedMethod
@@ -125,33 +125,21 @@ def slim_whisper_attention_forward(
             self, query, key, value, mask, dropout=dropout, scaling=1.0, output_attentions=output_attentions, **kwargs
         )
 
-    want_weights = implementation == "eager"
     # Whisper scales the query before the dot product (see the source) and calls the attention with scaling=1.0.
     query = split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim).contiguous()  # (b, h, t, dk)
-    if key_value_states is not None:
-        if dropout > 0.0:  # attention dropout needs the probabilities over K/V: compute them (training only)
-            key = split_heads(self.k_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
-            value = split_heads(self.v_proj(key_value_states), self.head_dim)  # (b, h, frames, dk)
-            attn_output, attn_weights = run_attention(query, key, value, attention_mask)
-        else:
-            attn_output, attn_weights = encoder_cross_attention(
-                self, query, key_value_states, attention_mask, 1.0, run_attention, want_weights=want_weights
-            )
-    else:
-        key = split_heads(self.k_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
-        value = split_heads(self.v_proj(hidden_states), self.head_dim).contiguous()  # (b, h, t, dk)
-        attn_output, attn_weights = slim_self_attention(
-            self,
-            hidden_states,
-            query,
-            key,
-            value,
-            past_key_values,
-            attention_mask,
-            1.0,
-            run_attention,
-            want_weights=want_weights,
-        )
+    attn_output, attn_weights = decoder_attention(
+        self,
+        hidden_states,
+        query,
+        key_value_states,
+        past_key_values,
+        attention_mask,
+        1.0,
+        run_attention,
+        want_weights=implementation == "eager",
+        dropout=dropout,
+        contiguous_heads=True,
+    )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
     return self.out_proj(attn_output), attn_weights
 
