@@ -127,6 +127,11 @@ class Contract:
         parameter names that must exist anywhere in the signature (read by name, e.g. ``past_key_values``).
     attributes:
         instance attributes the adapted code reads (weights, sizes, flags), checked on every instance in the model.
+    where:
+        where the method is looked up when not on ``owner``: a module, for a module-level function that an instance
+        patch stands in for and must take the arguments of (``create_masks_for_generate`` in
+        ``transformers.generation.utils``, which generate() calls unless the model has a method of that name).
+        ``owner`` still says when the contract applies.
     """
 
     owner: type
@@ -134,23 +139,25 @@ class Contract:
     parameters: tuple[str, ...] = ()
     keywords: tuple[str, ...] = ()
     attributes: tuple[str, ...] = ()
+    where: object | None = None
 
     def signature_problems(self) -> list[str]:
         """How the method's signature differs from the contract (empty when it holds)."""
-        function = getattr(self.owner, self.method, None)
+        source = self.owner if self.where is None else self.where
+        name = f"{source.__name__}.{self.method}"
+        function = getattr(source, self.method, None)
         if function is None:
-            return [f"{self.owner.__name__}.{self.method} does not exist"]
+            return [f"{name} does not exist"]
         names = [p.name for p in inspect.signature(function).parameters.values() if p.kind != p.VAR_KEYWORD]
         names = names[1:] if names and names[0] == "self" else names  # a staticmethod has no self
         problems = []
         if tuple(names[: len(self.parameters)]) != self.parameters:
             problems.append(
-                f"{self.owner.__name__}.{self.method} takes ({', '.join(names)}), hf_slim expects it to start with "
-                f"({', '.join(self.parameters)})"
+                f"{name} takes ({', '.join(names)}), hf_slim expects it to start with ({', '.join(self.parameters)})"
             )
-        missing = [name for name in self.keywords if name not in names]
+        missing = [keyword for keyword in self.keywords if keyword not in names]
         if missing:
-            problems.append(f"{self.owner.__name__}.{self.method} has no parameter(s) {', '.join(missing)}")
+            problems.append(f"{name} has no parameter(s) {', '.join(missing)}")
         return problems
 
     def attribute_problems(self, instance: object) -> list[str]:

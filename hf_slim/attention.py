@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .adapters import LowRank, apply_low_rank, projection_weights
-from .cache import SlimCache, SlimLayout, slim_cache_for
+from .cache import SlimLayout, slim_cache_for
 from .rope import RotaryLayout, cos_sin_table, unrotate_keys
 
 if TYPE_CHECKING:
@@ -307,9 +306,12 @@ def slim_self_attention(
         return attention probabilities from the absorbed path (eager ``output_attentions``).
     position_bias:
         additive score bias ``(1|b, 1|h, new|1, seq)`` (T5 relative positions, ALiBi, windowed masks), applied on
-        both paths by the caller's ``run_attention`` and here on the absorbed path; or a function of the key length
-        ``seq`` (the cached tokens a step attends over, ``max_cache_len`` for a static cache) returning that bias, for
-        biases the model slices by key length.
+        both paths by the caller's ``run_attention`` and here on the absorbed path; or a function
+        ``position_bias(seq, query_slots)`` returning that bias, for biases the model slices by key length or by the
+        queries' cache slots: ``seq`` is the number of cache slots a step attends over (``max_cache_len`` for a
+        static cache), ``query_slots: (new,)`` the slots the new tokens were written to (``seq - new ..`` for a
+        dynamic cache, the written length less ``new`` for a static one). Where ``run_attention`` runs over a static
+        cache (prefill, chunks) it gets the written slots only, K/V and mask as long as a dynamic cache's.
     rotary:
         ``(cos, sin)``, each ``(batch|1, new, rotary_dim)``, that rotated ``query`` and ``key`` (RoPE layers, whose
         ``key`` is the rotated one: :mod:`hf_slim.rope`).
@@ -340,9 +342,14 @@ def slim_self_attention(
     plain_keys = None
     if state.rotary is not None:
         table = cache.update_rotary(cos_sin_table(*rotary, batch), state.layer_idx)  # (b, n, 2r)
+    if static and not absorbed:
+        # The model's own attention gets the written slots only, as from a dynamic cache: models that slice a mask or
+        # a bias by key length (GPT-Neo's window rows, ALiBi) then see the same lengths; later slots are unwritten.
+        written = past + num_queries
+        states = states[:, :written]  # (b, past + t, w)
+        table = table[:, :written] if state.rotary is not None else None
+        attention_mask = None if attention_mask is None else attention_mask[..., :written]
     if past == 0:
-        if static and attention_mask is not None:
-            attention_mask = attention_mask[..., :num_queries]
         return run_attention(query, key, value, attention_mask)
     if state.rotary is not None:
         plain_keys = unrotate_keys(states, table, state.num_heads, state.head_dim, state.rotary)  # (b, n, w) fp32
@@ -357,7 +364,7 @@ def slim_self_attention(
     else:
         bias = _bias_for_decode(attention_mask, num_queries, states.shape[1], states.device)
     if callable(position_bias):
-        position_bias = position_bias(states.shape[1])
+        position_bias = position_bias(states.shape[1], cache.layers[state.layer_idx].query_slots(num_queries))
     if position_bias is not None:
         bias = position_bias.float() if bias is None else bias + position_bias.float()
     if state.mode == "k":
@@ -365,15 +372,6 @@ def slim_self_attention(
     else:
         out, weights = _decode_input_mode(state, projections, query, states, bias, scale, want_weights)
     return out.to(query.dtype).transpose(1, 2), weights
-
-
-def is_static_slim_cache(past_key_values, layer_idx: int) -> bool:
-    """Whether ``past_key_values`` holds a preallocated (static) slim layer at ``layer_idx``."""
-    cache = past_key_values
-    if isinstance(cache, EncoderDecoderCache):
-        cache = cache.self_attention_cache
-    layers = getattr(cache, "layers", [])
-    return isinstance(cache, SlimCache) and layer_idx < len(layers) and layers[layer_idx].is_compileable
 
 
 def encoder_cross_attention(

@@ -121,6 +121,12 @@ class SlimLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return 0 if self.states is None else self.states.shape[1]
 
+    def query_slots(self, num_queries: int) -> torch.Tensor:
+        """The slots ``(num_queries,)`` (long) of the last ``num_queries`` written tokens: the rows of a mask
+        indexed by cache slot (GPT-Neo's window) that the newest queries read."""
+        length = self.get_seq_length()
+        return torch.arange(length - num_queries, length, device=self.states.device)
+
     def get_max_length(self) -> int:
         return -1
 
@@ -208,13 +214,16 @@ class StaticSlimLayer(SlimLayer):
         self.cumulative_length.copy_(length)
         return self.states
 
+    def query_slots(self, num_queries: int) -> torch.Tensor:
+        """As :meth:`SlimLayer.query_slots`, from the length tensor (no host sync, no recompile per step)."""
+        return torch.arange(num_queries, device=self.device) + self.cumulative_length - num_queries  # (t,)
+
     def causal_bias(self, num_queries: int) -> torch.Tensor:
         """``(1, 1, queries, max_cache_len)`` float32 bias for the last ``num_queries`` written tokens: 0 where the
         slot is written and not in the query's future, dtype-min elsewhere (computed from the length tensor, so it
         needs no host sync)."""
         key_pos = torch.arange(self.max_cache_len, device=self.device)  # (n,)
-        query_pos = torch.arange(num_queries, device=self.device) + self.cumulative_length - num_queries  # (t,)
-        visible = key_pos[None, :] <= query_pos[:, None]  # (t, n)
+        visible = key_pos[None, :] <= self.query_slots(num_queries)[:, None]  # (t, n)
         return torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

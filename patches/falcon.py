@@ -11,8 +11,13 @@ the slim path follows the model exactly:
 * the eager path computes ``(q k^T + alibi) / sqrt(head_dim) + mask``, i.e. it adds the (scaled) ALiBi a second time
   on top of the mask's copy. The absorbed decode therefore adds ``alibi / sqrt(head_dim)`` once more for eager.
 
-Static caches are refused: transformers' own Falcon fails with one in 5.23.0 (its ALiBi follows the 2-D mask length,
-not the cache length), so there is no output to match.
+Static caches (``generate(cache_implementation="static")``) give the tokens of the unpatched model with its default
+*dynamic* cache; transformers' own static cache cannot be the reference, it fails for Falcon in 5.23.0 (FalconModel
+builds ALiBi from a 2-D mask, and generate() hands compileable caches the 4-D mask of ``create_masks_for_generate``).
+The slim model gets a per-instance ``create_masks_for_generate`` (:func:`masks_for_generate`, installed by
+:func:`extra_patches`) that keeps the 2-D mask and pads it to the cache length, as transformers' BLOOM does for its
+own ALiBi: FalconModel then builds ALiBi and the 4-D mask over ``max_cache_len`` keys, and the slim attention slices
+them to the keys it attends over.
 """
 
 from __future__ import annotations
@@ -23,17 +28,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.falcon.modeling_falcon import FalconAttention, FalconModel
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.generation import utils as generation_utils
+from transformers.models.falcon.configuration_falcon import FalconConfig
+from transformers.models.falcon.modeling_falcon import FalconAttention, FalconForCausalLM, FalconModel
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import interleaved_qkv_projections, is_static_slim_cache, slim_self_attention
+from hf_slim._compat import Contract, forward_contracts
+from hf_slim.attention import interleaved_qkv_projections, slim_self_attention
+from hf_slim.patching import InstancePatch, PatchedMethod
 from hf_slim.sites import AttentionSite, token_calibration_inputs
-
-#: why generate(cache_implementation="static") is refused (read by hf_slim.api)
-STATIC_CACHE_REFUSAL = (
-    "hf_slim does not support a static cache for Falcon: transformers' own Falcon fails with one (it builds ALiBi from "
-    "a 2-D mask, and generate() hands it a 4-D one for static caches); use the default dynamic cache"
-)
 
 
 def _projections(module: FalconAttention):
@@ -53,6 +57,7 @@ def _own_attention(module: FalconAttention, alibi: torch.Tensor, eager: bool, qu
     the probabilities ``(b, h, t, n)`` (None for SDPA).
     """
     batch, heads, num_queries, _ = query.shape
+    alibi = alibi[..., : key.shape[-2]]  # a static cache's prefill and chunks attend over the written keys only
     if not eager:
         dropout = module.attention_dropout.p if module.training else 0.0
         is_causal = mask is None and num_queries > 1
@@ -83,8 +88,6 @@ def slim_falcon_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if alibi is None:  # refused by the registry; a config edited after slimify must not run silently wrong
         raise RuntimeError("hf_slim patched this Falcon layer for ALiBi but the model passed none (RoPE)")
-    if is_static_slim_cache(layer_past, self.layer_idx):
-        raise NotImplementedError(STATIC_CACHE_REFUSAL)
     batch, num_queries, _ = hidden_states.shape
     query, key, value = self._split_heads(self.query_key_value(hidden_states))  # (b, t, h, dk) each
     query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (b, h, t, dk)
@@ -108,6 +111,36 @@ def slim_falcon_attention_forward(
     return self.dense(context), probs
 
 
+def masks_for_generate(
+    model: FalconForCausalLM,
+    config: FalconConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Cache | None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """generate()'s mask for a compileable (static) cache: the 2-D padding mask ``(b, n)``, zero-padded to
+    ``(b, max_cache_len)``, instead of transformers' 4-D one.
+
+    Why: FalconModel builds ALiBi from a 2-D mask (a 4-D one is a ValueError) and then its own 4-D mask with ALiBi
+    folded in; padded to the cache length, both have one column per cache slot, the shape a static cache needs (the
+    padded slots are unwritten, masked as the future). What transformers' ``BloomForCausalLM.create_masks_for_generate``
+    does for BLOOM's ALiBi, installed per instance by slimify (a :class:`~hf_slim.patching.PatchedMethod`).
+    """
+    if attention_mask is None or attention_mask.ndim == 4:
+        return attention_mask
+    padding = past_key_values.get_max_length() - attention_mask.shape[-1]
+    return F.pad(attention_mask, (0, padding)) if padding > 0 else attention_mask
+
+
+def extra_patches(model: nn.Module) -> list[InstancePatch]:
+    """The static-cache mask hook of :func:`masks_for_generate`, on a model that generates."""
+    if not isinstance(model, GenerationMixin):
+        return []
+    hook = PatchedMethod(masks_for_generate, model, signature_of=masks_for_generate)
+    return [InstancePatch(model, "create_masks_for_generate", hook)]
+
+
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """The self-attention of every decoder layer."""
     return [
@@ -127,4 +160,13 @@ default_calibration_inputs = token_calibration_inputs
 
 
 #: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(slim_falcon_attention_forward, attention=(FalconAttention,), cache_owners=(FalconModel,))
+#: :func:`masks_for_generate` stands in for generate()'s default mask function, so it must take its arguments.
+CONTRACTS = (
+    *forward_contracts(slim_falcon_attention_forward, attention=(FalconAttention,), cache_owners=(FalconModel,)),
+    Contract(
+        GenerationMixin,
+        "create_masks_for_generate",
+        parameters=("config", "inputs_embeds", "attention_mask", "past_key_values"),
+        where=generation_utils,
+    ),
+)

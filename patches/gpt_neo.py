@@ -5,13 +5,17 @@ Why the input cache applies: positions are added to the embeddings, and the loca
 change of keys. GPT-Neo does not scale its scores (scale 1.0) and computes them in float32.
 
 The window: each :class:`GPTNeoSelfAttention` owns a boolean ``bias`` buffer ``(1, 1, max_positions, max_positions)``,
-causal for global layers and causal within the last ``window_size`` tokens for local ones, and slices it by key length
-(rows ``key_length - query_length .. key_length``). Prefill and chunked prefill run the module's own ``_attn`` (which
-applies it); the absorbed decode adds the same rows as an additive bias (:func:`_window_bias`), so a slim cache keeps
-every token of a local layer, as transformers' own dynamic cache does for GPT-Neo.
+causal for global layers and causal within the last ``window_size`` tokens for local ones, indexed by cache slot; its
+``_attn`` slices it by key length (rows ``key_length - query_length .. key_length``). Prefill and chunked prefill run
+that ``_attn`` (which applies it); the absorbed decode adds the rows of the queries' cache slots as an additive bias
+(:func:`_window_bias`), so a slim cache keeps every token of a local layer, as transformers' own dynamic cache does.
 
-Static caches are refused: the unpatched model slices its window by the static cache's ``max_cache_len`` and
-transformers marks GPT-Neo as not compilable (no hybrid cache), so there is no correct behaviour to match.
+Static caches: the slim model gives the tokens of the unpatched model with its default *dynamic* cache. transformers'
+own static cache cannot be the reference, it is wrong for GPT-Neo in 5.23.0: ``_attn`` then slices the window rows
+by ``max_cache_len`` instead of the written length (transformers marks GPT-Neo as not compilable: "needs a hybrid
+cache"). The slim path is right with either cache because the absorbed decode indexes the window rows by the queries'
+slots, and :func:`hf_slim.attention.slim_self_attention` hands ``_attn`` only the written slots of a static cache
+(K/V and mask as long as a dynamic cache's).
 """
 
 from __future__ import annotations
@@ -19,30 +23,33 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoModel, GPTNeoSelfAttention
 
 from hf_slim._compat import forward_contracts
 from hf_slim.absorbed import additive_bias
-from hf_slim.attention import Projections, is_static_slim_cache, slim_self_attention, split_heads
+from hf_slim.attention import Projections, slim_self_attention, split_heads
 from hf_slim.sites import AttentionSite, token_calibration_inputs
-
-#: why generate(cache_implementation="static") is refused (read by hf_slim.api)
-STATIC_CACHE_REFUSAL = (
-    "hf_slim does not support a static cache for GPT-Neo: transformers' own GPT-Neo slices its local window by the "
-    "static cache length (it has no hybrid cache), so there is no correct output to match; use the default dynamic "
-    "cache"
-)
 
 
 def _projections(module: GPTNeoSelfAttention):
     return Projections.of(module.k_proj, module.v_proj)
 
 
-def _window_bias(module: GPTNeoSelfAttention, num_queries: int, key_length: int) -> torch.Tensor:
-    """The module's causal/window mask rows for the last ``num_queries`` of ``key_length`` keys, as an additive
-    float32 bias ``(1, 1, num_queries, key_length)`` (0 visible, dtype minimum hidden), as ``_attn`` slices it."""
-    return additive_bias(module.bias[:, :, key_length - num_queries : key_length, :key_length])
+def _window_bias(module: GPTNeoSelfAttention, key_length: int, query_slots: torch.Tensor) -> torch.Tensor:
+    """The module's causal/window mask rows of the queries' cache slots ``query_slots: (t,)`` over the first
+    ``key_length`` slots, as an additive float32 bias ``(1, 1, t, key_length)`` (0 visible, dtype minimum hidden).
+
+    Why by slot and not by key length as ``_attn`` slices them: the two agree for a dynamic cache (whose key length is
+    the written length) but a static cache's key length is ``max_cache_len``. Slots past the buffer (a static cache
+    longer than ``max_position_embeddings``) are hidden: no query can reach them (its own slot would be past it).
+    """
+    rows = module.bias[0, 0].index_select(0, query_slots.to(module.bias.device))  # (t, max_positions) bool
+    bias = additive_bias(rows[:, :key_length])  # (t, min(key_length, max_positions))
+    if bias.shape[-1] < key_length:
+        bias = F.pad(bias, (0, key_length - bias.shape[-1]), value=torch.finfo(bias.dtype).min)
+    return bias[None, None]  # (1, 1, t, key_length)
 
 
 def _own_attention(module: GPTNeoSelfAttention, query, key, value, mask):
@@ -62,8 +69,6 @@ def slim_gpt_neo_attention_forward(
     output_attentions: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if is_static_slim_cache(layer_past, self.layer_id):
-        raise NotImplementedError(STATIC_CACHE_REFUSAL)
     query, key, value = (
         split_heads(projection(hidden_states), self.head_dim) for projection in (self.q_proj, self.k_proj, self.v_proj)
     )  # (b, h, t, dk)
@@ -78,7 +83,7 @@ def slim_gpt_neo_attention_forward(
         1.0,
         functools.partial(_own_attention, self),
         want_weights=True,
-        position_bias=functools.partial(_window_bias, self, query.shape[2]),
+        position_bias=functools.partial(_window_bias, self),
     )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
     attn_output = self.resid_dropout(self.out_proj(attn_output))

@@ -30,8 +30,9 @@ def _projections(module: MptAttention) -> Projections:
     return Projections.of(module.Wqkv, module.Wqkv, slice(e, 2 * e), slice(2 * e, None))  # Wqkv rows [Q | K | V]
 
 
-def _alibi_bias(alibi: torch.Tensor, key_length: int) -> torch.Tensor:
-    """The last ``key_length`` ALiBi columns, ``(1, h, 1, key_length)``, as MptAttention.forward slices them."""
+def _alibi_bias(alibi: torch.Tensor, key_length: int, query_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The last ``key_length`` ALiBi columns, ``(1, h, 1, key_length)``, as MptAttention.forward slices them
+    (relative to the last slot for every query: ``query_slots`` are not needed, softmax is shift invariant)."""
     return alibi[None, :, :, max(0, alibi.shape[-1] - key_length) :]
 
 

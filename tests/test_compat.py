@@ -154,3 +154,22 @@ def test_missing_attribute_is_refused_with_its_name():
     with pytest.raises(TransformersContractError, match=rf"no attribute\(s\) split_size.*transformers{TESTED_RANGE}"):
         slimify(model)
     assert not is_slim(model)
+
+
+def _masks_with_other_arguments(config, input_embeds, mask, cache, **kwargs):
+    raise AssertionError("never called: slimify refuses first")
+
+
+def test_changed_generic_mask_function_is_refused_for_falcon(monkeypatch):
+    """The slim Falcon's create_masks_for_generate stands in for generate()'s default mask function: an untested
+    transformers that calls it with other arguments makes slimify refuse, with the model untouched."""
+    import transformers.generation.utils
+    from tiny_models import tiny_decoder
+
+    model = tiny_decoder("falcon")
+    monkeypatch.setattr(transformers.generation.utils, "create_masks_for_generate", _masks_with_other_arguments)
+    before = snapshot(model)
+    with pytest.raises(TransformersContractError, match=r"generation\.utils\.create_masks_for_generate takes \(config"):
+        slimify(model)
+    assert not is_slim(model)
+    assert_unchanged(model, before)
