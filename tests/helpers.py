@@ -33,6 +33,34 @@ def assert_same_tokens(actual: torch.Tensor, expected: torch.Tensor, what: str =
         )
 
 
+def bf16_steps(top: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``(top - second) / (2**-7 * max(|top|, |second|))``: a score gap in bf16 steps (2**-7 relative) at its size.
+
+    Two bf16 models that round at different places (slim vs unpatched differ by about one such step) can pick
+    different greedy tokens only where the gap is about 1 or less.
+    """
+    top, second = top.float(), second.float()
+    return (top - second) / (2.0**-7 * torch.maximum(top.abs(), second.abs()))
+
+
+def greedy_margins(scores: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Top-1 margins in bf16 steps (:func:`bf16_steps`) of generate()'s ``output_scores`` (processed scores, one
+    ``(batch, vocab)`` per step): ``(batch, steps)``."""
+    top = torch.stack([step.float().topk(2, dim=-1).values for step in scores], dim=1)  # (b, steps, 2)
+    return bf16_steps(top[..., 0], top[..., 1])
+
+
+def logit_difference_in_bf16_steps(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
+    """Largest ``|actual - expected|`` over generate()'s ``output_logits`` (one ``(batch, vocab)`` per step), in bf16
+    steps of each row's largest expected logit (``2**-7 * max |expected|``): comparable with :func:`greedy_margins`."""
+    worst = 0.0
+    for got, want in zip(actual, expected, strict=True):
+        got, want = got.float(), want.float()
+        steps = (got - want).abs().amax(dim=-1) / (2.0**-7 * want.abs().amax(dim=-1))  # (batch,)
+        worst = max(worst, float(steps.max()))
+    return worst
+
+
 def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, set[str]]]:
     """A copy of the weights and each module's instance attribute names, for :func:`assert_unchanged`."""
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
