@@ -14,11 +14,10 @@ import pytest
 import torch
 from helpers import (
     LOGITS_RTOL,
+    assert_bf16_greedy_identical,
     assert_close_relative,
     assert_same_tokens,
     assert_unchanged,
-    greedy_margins,
-    logit_difference_in_bf16_steps,
     snapshot,
 )
 from tiny_encdec import BART_FAMILY, VOCAB, sharpen_greedy, source_batch, tiny_bart
@@ -45,11 +44,6 @@ CAUSAL_TYPES = [t for t, (_, _, causal, _) in BART_FAMILY.items() if causal is n
 GENERATE = dict(
     max_new_tokens=24, min_new_tokens=24, no_repeat_ngram_size=2, return_dict_in_generate=True, output_scores=True
 )
-
-#: bf16 steps (2**-7 relative) by which every greedy token of the sharpened models must lead the runner-up (measured
-#: minimum 32.0-54.9 over the ten model types), and by which slim and unpatched bf16 logits may differ on that path
-#: (measured at most 1.4; a dropped value bias gives 10-33): the margin is 4x the allowed difference.
-BF16_MIN_MARGIN, BF16_MAX_DIFFERENCE = 16.0, 4.0
 
 
 def attn_for(model_type: str) -> str:
@@ -227,23 +221,15 @@ def test_bf16_greedy_identical_and_as_accurate(model_type):
     identity would be luck. So the model is first trained on its own greedy path until every token leads by 32
     steps (:func:`tiny_encdec.sharpen_greedy`, peaked like a trained model), and the test checks on the unpatched
     bf16 model's path that every margin is at least ``BF16_MIN_MARGIN`` and the slim logits differ by at most
-    ``BF16_MAX_DIFFERENCE``: identical tokens then follow from the numbers, and a token or logit difference is a
-    slim attention bug, not a tie.
+    ``BF16_MAX_DIFFERENCE`` (:func:`helpers.assert_bf16_greedy_identical`): identical tokens then follow from the
+    numbers, and a token or logit difference is a slim attention bug, not a tie.
     """
     reference = tiny_bart(model_type, attn_for(model_type))
     source = source_batch(3, padding_side="left")
     path, _ = sharpen_greedy(reference, source, GENERATE)
     vanilla = copy.deepcopy(reference).to(torch.bfloat16)
     slim = slimify(copy.deepcopy(vanilla))
-    greedy = dict(GENERATE, output_logits=True)
-    expected, actual = vanilla.generate(**source, **greedy), slim.generate(**source, **greedy)
-    margin = float(greedy_margins(expected.scores).min())
-    assert margin >= BF16_MIN_MARGIN, f"unpatched bf16 top-1 margin {margin:.1f} bf16 steps: the model is not peaked"
-    assert torch.equal(expected.sequences, path), "the unpatched bf16 model left the float32 greedy path"
-    assert len(set(map(tuple, expected.sequences.tolist()))) == 3, "rows generated the same tokens"
-    assert_same_tokens(actual.sequences, expected.sequences, f"{model_type} bf16 greedy (margins >= {margin:.1f})")
-    difference = logit_difference_in_bf16_steps(actual.logits, expected.logits)
-    assert difference <= BF16_MAX_DIFFERENCE, f"slim vs unpatched bf16 logits differ by {difference:.2f} bf16 steps"
+    assert_bf16_greedy_identical(vanilla, slim, source, path, GENERATE, model_type)
 
     ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
     ids[:, 0] = reference.config.decoder_start_token_id

@@ -163,8 +163,9 @@ def sharpen_greedy(
     (:func:`helpers.bf16_steps`). Then greedy decoding follows the same path, each step by that margin (logits
     processors only lower other tokens). Every weight moves a little; biases and norms stay random and non-zero.
 
-    ``inputs``: the encoder inputs (``input_ids``, ``attention_mask``). Returns the path ``(batch, 1 + new)`` and the
-    smallest margin reached (below ``target`` when ``max_steps`` did not reach it).
+    ``inputs``: the encoder inputs (``input_ids``, ``attention_mask``; ``pixel_values`` or ``input_values`` of a
+    composite). Returns the path ``(batch, 1 + new)`` and the smallest margin reached (below ``target`` when
+    ``max_steps`` did not reach it).
     """
     with torch.no_grad():
         path = model.generate(**inputs, **generate_kwargs)
