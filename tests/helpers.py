@@ -63,7 +63,7 @@ def logit_difference_in_bf16_steps(actual: tuple[torch.Tensor, ...], expected: t
 
 #: bf16 steps (:func:`bf16_steps`) by which every greedy token of a sharpened tiny model
 #: (:func:`tiny_encdec.sharpen_greedy`) must lead the runner-up, and by which slim and unpatched bf16 logits may
-#: differ on that path. Measured: margins 31.8-54.9, differences at most 1.34 (a dropped value bias gives 7-27).
+#: differ on that path. Measured: margins 31.8-54.9, differences at most 1.34 (a dropped value bias gives 4.9-27).
 BF16_MIN_MARGIN, BF16_MAX_DIFFERENCE = 16.0, 4.0
 
 
