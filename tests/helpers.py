@@ -33,6 +33,66 @@ def assert_same_tokens(actual: torch.Tensor, expected: torch.Tensor, what: str =
         )
 
 
+def bf16_steps(top: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``(top - second) / (2**-7 * max(|top|, |second|))``: a score gap in bf16 steps (2**-7 relative) at its size.
+
+    Two bf16 models that round at different places (slim vs unpatched differ by about one such step) can pick
+    different greedy tokens only where the gap is about 1 or less.
+    """
+    top, second = top.float(), second.float()
+    return (top - second) / (2.0**-7 * torch.maximum(top.abs(), second.abs()))
+
+
+def greedy_margins(scores: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Top-1 margins in bf16 steps (:func:`bf16_steps`) of generate()'s ``output_scores`` (processed scores, one
+    ``(batch, vocab)`` per step): ``(batch, steps)``."""
+    top = torch.stack([step.float().topk(2, dim=-1).values for step in scores], dim=1)  # (b, steps, 2)
+    return bf16_steps(top[..., 0], top[..., 1])
+
+
+def logit_difference_in_bf16_steps(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
+    """Largest ``|actual - expected|`` over generate()'s ``output_logits`` (one ``(batch, vocab)`` per step), in bf16
+    steps of each row's largest expected logit (``2**-7 * max |expected|``): comparable with :func:`greedy_margins`."""
+    worst = 0.0
+    for got, want in zip(actual, expected, strict=True):
+        got, want = got.float(), want.float()
+        steps = (got - want).abs().amax(dim=-1) / (2.0**-7 * want.abs().amax(dim=-1))  # (batch,)
+        worst = max(worst, float(steps.max()))
+    return worst
+
+
+#: bf16 steps (:func:`bf16_steps`) by which every greedy token of a sharpened tiny model
+#: (:func:`tiny_encdec.sharpen_greedy`) must lead the runner-up, and by which slim and unpatched bf16 logits may
+#: differ on that path. Measured: margins 31.8-54.9, differences at most 1.34 (a dropped value bias gives 4.9-27).
+BF16_MIN_MARGIN, BF16_MAX_DIFFERENCE = 16.0, 4.0
+
+
+def assert_bf16_greedy_identical(
+    vanilla: torch.nn.Module,
+    slim: torch.nn.Module,
+    inputs: dict,
+    path: torch.Tensor,
+    generate_kwargs: dict,
+    what: str,
+) -> None:
+    """Greedy tokens of the slim bf16 model equal the unpatched bf16 model's, strictly, and for a reason.
+
+    On the unpatched model's path: every top-1 margin is at least ``BF16_MIN_MARGIN`` bf16 steps (else the model is
+    not peaked and a token difference could be a tie), the path is ``path`` (the float32 model's, that
+    ``sharpen_greedy`` made confident), rows differ, the tokens are identical, and the slim logits differ from the
+    unpatched ones by at most ``BF16_MAX_DIFFERENCE`` steps (4x below the margin, so identity is no luck).
+    """
+    greedy = dict(generate_kwargs, output_logits=True, output_scores=True, return_dict_in_generate=True)
+    expected, actual = vanilla.generate(**inputs, **greedy), slim.generate(**inputs, **greedy)
+    margin = float(greedy_margins(expected.scores).min())
+    assert margin >= BF16_MIN_MARGIN, f"{what}: unpatched bf16 top-1 margin {margin:.1f} bf16 steps: not peaked"
+    assert torch.equal(expected.sequences, path), f"{what}: the unpatched bf16 model left the float32 greedy path"
+    assert len(set(map(tuple, expected.sequences.tolist()))) == len(path), f"{what}: rows generated the same tokens"
+    assert_same_tokens(actual.sequences, expected.sequences, f"{what} bf16 greedy (margins >= {margin:.1f})")
+    difference = logit_difference_in_bf16_steps(actual.logits, expected.logits)
+    assert difference <= BF16_MAX_DIFFERENCE, f"{what}: slim vs unpatched bf16 logits differ by {difference:.2f} steps"
+
+
 def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, set[str]]]:
     """A copy of the weights and each module's instance attribute names, for :func:`assert_unchanged`."""
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -10,8 +10,15 @@ import warnings
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
-from tiny_encdec import VOCAB, tiny_config
+from helpers import (
+    LOGITS_RTOL,
+    assert_bf16_greedy_identical,
+    assert_close_relative,
+    assert_same_tokens,
+    assert_unchanged,
+    snapshot,
+)
+from tiny_encdec import VOCAB, sharpen_greedy, tiny_config
 from tiny_models import randomize_biases
 from transformers import (
     BartForCausalLM,
@@ -187,6 +194,20 @@ def test_greedy_beams_and_sampling_identical_with_one_encoder_copy(encoder, deco
     finally:
         handle.remove()
     assert set(rows) == {3}, f"slim cross-attention saw encoder outputs with rows {set(rows)}, want one per input"
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), CASES)
+def test_bf16_greedy_identical(encoder, decoder):
+    """bf16 greedy tokens (3 inputs, padded audio, 24 new tokens) identical to the unpatched bf16 model's, on the tiny
+    composite trained on its own greedy path until it is peaked (random, its top-1 margins are 0-1.6 bf16 steps:
+    ties; see ``test_bart.test_bf16_greedy_identical_and_as_accurate``)."""
+    reference = tiny_composite(encoder, decoder)
+    inputs = encoder_inputs(encoder)
+    path, _ = sharpen_greedy(reference, inputs, GENERATE)
+    vanilla = copy.deepcopy(reference).to(torch.bfloat16)
+    slim = slimify(copy.deepcopy(vanilla))
+    inputs = {name: x.to(torch.bfloat16) if x.is_floating_point() else x for name, x in inputs.items()}
+    assert_bf16_greedy_identical(vanilla, slim, inputs, path, GENERATE, f"{encoder}+{decoder}")
 
 
 @pytest.mark.parametrize(("encoder", "decoder"), [("vision", "trocr"), ("vision", "mbart")])
