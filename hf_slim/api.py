@@ -427,6 +427,7 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
             k_source=k_source,
             residual_rank=k_weights[site.name].residual_rank if mode == "k" else 0,
             rotary=site.rotary if mode == "k" else None,
+            rotary_source=site.rotary_source if mode == "k" else None,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
         if mode == "k":
@@ -497,12 +498,21 @@ def _slim_cache_owner_forward(owner: torch.nn.Module, record: SlimRecord, names:
         # does (Whisper's decoder would otherwise replace an empty one by a K/V EncoderDecoderCache)
         cache = EncoderDecoderCache(cache, SlimCache(0))
     else:
-        return original(owner, *args, **kwargs)
+        return _ending_step(cache, original(owner, *args, **kwargs))
     if len(args) > position:
         args = (*args[:position], cache, *args[position + 1 :])
     else:
         kwargs["past_key_values"] = cache
-    return original(owner, *args, **kwargs)
+    return _ending_step(cache, original(owner, *args, **kwargs))
+
+
+def _ending_step(cache, output):
+    """Drop the slim cache's per-step working state (the rotary table of the step) once the forward is done: it is
+    not part of the cache and must not hold memory between steps."""
+    inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    if isinstance(inner, SlimCache):
+        inner.end_step()
+    return output
 
 
 def _prepare_slim_cache(model: torch.nn.Module, record: SlimRecord) -> PatchedMethod:

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .adapters import LowRank, apply_low_rank, projection_weights
 from .cache import SlimLayout, slim_cache_for
-from .rope import RotaryLayout, cos_sin_table, unrotate_keys
+from .rope import RotaryLayout, RotarySource, cos_sin_table, unrotate_keys
 
 if TYPE_CHECKING:
     from .kmode import KSourceStamp
@@ -115,6 +115,9 @@ class SlimAttentionState:
         ``module.hf_slim_w_kv: (e + r, e)``. ``0`` is the plain K cache.
     rotary:
         the RoPE layout of a K-mode layer whose keys are cached rotated (:mod:`hf_slim.rope`), else None.
+    rotary_source:
+        how such a layer's cos/sin are recomputed from positions (the model's rotary module or GPT-J's sinusoid
+        buffer), or None: its cache then keeps the cos/sin table.
     """
 
     mode: str
@@ -128,6 +131,7 @@ class SlimAttentionState:
     k_source: KSourceStamp | None = None
     residual_rank: int = 0
     rotary: RotaryLayout | None = None
+    rotary_source: RotarySource | None = None
 
     def live_projections(self) -> Projections:
         """The layer's projections now; for a K-mode layer, after checking ``W_KV`` still fits them (O(1)).
@@ -282,6 +286,7 @@ def slim_self_attention(
     want_weights: bool = False,
     position_bias: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One self-attention step with a slim cache.
 
@@ -315,6 +320,9 @@ def slim_self_attention(
     rotary:
         ``(cos, sin)``, each ``(batch|1, new, rotary_dim)``, that rotated ``query`` and ``key`` (RoPE layers, whose
         ``key`` is the rotated one: :mod:`hf_slim.rope`).
+    position_ids:
+        ``(batch|1, new)``, the positions ``rotary`` was computed for (RoPE layers): the cache keeps them and
+        recomputes cos/sin from them (:class:`~hf_slim.cache.RotaryPositions`).
 
     Returns
     -------
@@ -341,7 +349,8 @@ def slim_self_attention(
     states = cache.update_slim(new_states, state.layer_idx, state.layout)  # (b, n, w)
     plain_keys = None
     if state.rotary is not None:
-        table = cache.update_rotary(cos_sin_table(*rotary, batch), state.layer_idx)  # (b, n, 2r)
+        cos_sin = cos_sin_table(*rotary, batch)  # (b, t, 2r)
+        table = cache.update_rotary(cos_sin, state.layer_idx, position_ids, state.rotary_source)  # (b, n, 2r)
     if static and not absorbed:
         # The model's own attention gets the written slots only, as from a dynamic cache: models that slice a mask or
         # a bias by key length (GPT-Neo's window rows, ALiBi) then see the same lengths; later slots are unwritten.
@@ -558,6 +567,7 @@ def rope_self_attention(
     """
     implementation = module.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    position_ids = kwargs.get("position_ids")  # the decoder layers pass them on (None: the cache keeps cos/sin)
     kwargs = {key: val for key, val in kwargs.items() if key not in ("use_cache", "position_ids", "output_attentions")}
 
     def run(q, k, v, mask):
@@ -575,5 +585,6 @@ def rope_self_attention(
         run,
         want_weights=implementation == "eager",
         rotary=cos_sin,
+        position_ids=position_ids,
     )
     return out.reshape(*out.shape[:-2], -1).contiguous(), weights  # (b, t, e)

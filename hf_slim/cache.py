@@ -12,6 +12,7 @@ an unpatched model fails loudly instead of silently mixing layouts.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from transformers.cache_utils import (
     EncoderDecoderCache,
     StaticLayer,
 )
+
+from .rope import RotaryFallbackWarning, RotarySource
 
 _NOT_KV_MESSAGE = (
     "this cache is an hf_slim SlimCache: it stores one slim tensor per token (the attention input or the keys), not "
@@ -204,8 +207,8 @@ class StaticSlimLayer(SlimLayer):
     def overwrite_last(self, states: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """Write ``states: (batch, new, width)`` at slots ``[length - new, length)`` and set the length to ``length``.
 
-        Idempotent, so every layer of a step can write the same rows without a data-dependent "already written?"
-        branch under ``torch.compile`` (the rotary table of :class:`SlimCache`).
+        Used for the per-cache side tensors of :class:`RotaryPositions`, whose length follows the layer that wrote
+        (a tensor: no host sync, no data-dependent branch under ``torch.compile``).
         """
         if not self.is_initialized:
             self.lazy_initialization(states)
@@ -255,6 +258,226 @@ class StaticSlimLayer(SlimLayer):
         raise NotImplementedError("a static slim cache has a fixed batch size")
 
 
+class RotaryPositions:
+    """What a :class:`SlimCache` keeps so that its RoPE K-mode layers can un-rotate their keys (:mod:`hf_slim.rope`),
+    once for all layers.
+
+    * ``positions``: a slim layer of int32 ``(batch, seq, 1)``, the position id each token was rotated at, or
+      ``(batch, seq, 2)`` with the token's regime id in the second column for history-dependent rope types;
+    * ``regimes``: ``(R, rotary_dim / 2)`` float32, the distinct ``inv_freq`` seen at write time (``scales``: their
+      ``attention_scaling``), ``R`` rows of a buffer grown by doubling (:attr:`regime_buffer`);
+    * ``table``: only after a fallback, the ``(batch, seq, 2 * rotary_dim)`` cos | sin table as the model handed it.
+
+    The first K-mode layer that writes (the *leader*) records the new tokens, recomputes the working table
+    ``(batch, seq, 2 * rotary_dim)`` for the whole cache (checking the new rows against the model's on eager calls)
+    and keeps it for the other layers of the same step in ``step_table``, which is not part of the cache:
+    :meth:`end_step` drops it after each forward, and nothing counts it in the cache's bytes.
+    """
+
+    def __init__(self, static_length: int | None = None) -> None:
+        self.static_length = static_length
+        self.positions: SlimLayer | None = None  # (b, n, 1|2) int32
+        self.table: SlimLayer | None = None  # (b, n, 2r), after a fallback only
+        self.regime_buffer: torch.Tensor | None = None  # (capacity, r/2) float32; the first num_regimes rows are used
+        self.scales: list[float] = []
+        self.leader: int | None = None
+        self.step_table: torch.Tensor | None = None  # (b, n, 2r), this step's working table, not cached
+
+    @property
+    def regimes(self) -> torch.Tensor | None:
+        """``(R, rotary_dim / 2)`` float32: the recorded frequency sets, in registration order."""
+        return None if self.regime_buffer is None else self.regime_buffer[: len(self.scales)]
+
+    def _new_layer(self) -> SlimLayer:
+        return SlimLayer() if self.static_length is None else StaticSlimLayer(self.static_length)
+
+    def update(
+        self,
+        layer: SlimLayer,
+        layer_idx: int,
+        cos_sin: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        source: RotarySource | None,
+    ) -> torch.Tensor:
+        """The cos | sin table ``(batch, seq, 2 * rotary_dim)`` of layer ``layer_idx`` after it wrote its new tokens
+        (a static cache: ``max_cache_len`` rows; unwritten rows are masked by the attention).
+
+        Parameters
+        ----------
+        layer:
+            the slim layer just written (its length counts the new tokens).
+        cos_sin:
+            ``(batch, new, 2 * rotary_dim)``, what the model handed the attention for the new tokens.
+        position_ids:
+            ``(batch|1, new)`` the positions they were computed for, as the model's forward got them, or None.
+        source:
+            how to recompute cos/sin from positions (:class:`~hf_slim.rope.RotaryFrequencies`,
+            :class:`~hf_slim.rope.SinusoidPositions`), or None.
+        """
+        if self.leader is None:
+            self.leader = layer_idx
+        if layer_idx != self.leader:
+            return self._current_step_table(layer)
+        batch, new, _ = cos_sin.shape
+        if self.table is None:
+            reason = _not_recomputable(source, position_ids, batch, new)
+            if reason is not None:
+                old = None
+                if self.positions is not None and self.positions.states is not None:
+                    if source is None:
+                        raise RuntimeError(f"hf_slim: cannot recompute the cached tokens' cos/sin: {reason}")
+                    old = self._recompute(self.positions.states, source, cos_sin.dtype)  # (b, n - t | L, 2r)
+                self.step_table = self._fall_back(old, cos_sin, layer, reason)
+                return self.step_table
+            self.step_table = self._record(layer, cos_sin, position_ids, source)
+            return self.step_table
+        if isinstance(self.table, StaticSlimLayer):
+            self.step_table = self.table.overwrite_last(cos_sin, layer.cumulative_length)
+        else:
+            self.step_table = self.table.update_slim(cos_sin)
+        return self.step_table
+
+    def _record(self, layer, cos_sin, position_ids, source) -> torch.Tensor:
+        """Append the new tokens' positions (and regime), recompute the table, check the new rows on eager calls."""
+        batch, new, _ = cos_sin.shape
+        columns = position_ids.to(torch.int32).expand(batch, new)[..., None]  # (b, t, 1)
+        if not source.position_pure:
+            regime = self._regime_id(source, cos_sin.device)
+            columns = torch.cat([columns, torch.full_like(columns, regime)], dim=-1)  # (b, t, 2)
+        elif self.regime_buffer is None and source.frequencies() is not None:
+            self._regime_id(source, cos_sin.device)  # the one fixed set, registered at the first write
+        if self.positions is None:
+            self.positions = self._new_layer()
+        if isinstance(self.positions, StaticSlimLayer):
+            states = self.positions.overwrite_last(columns, layer.cumulative_length)  # (b, L, 1|2)
+        else:
+            states = self.positions.update_slim(columns)  # (b, n, 1|2)
+        table = self._recompute(states, source, cos_sin.dtype)  # (b, n, 2r)
+        if not torch.compiler.is_compiling() and not torch.equal(self._last_rows(table, new, layer), cos_sin):
+            old = table if isinstance(self.positions, StaticSlimLayer) else table[:, :-new]
+            return self._fall_back(
+                old, cos_sin, layer, "the cos/sin recomputed from the positions differ from the model's"
+            )
+        return table
+
+    def _recompute(self, states: torch.Tensor, source: RotarySource, dtype: torch.dtype) -> torch.Tensor:
+        """``states: (batch, n, 1|2)`` positions (| regime ids) -> ``(batch, n, 2 * rotary_dim)`` cos | sin."""
+        positions = states[..., 0]  # (b, n)
+        regimes = self.regimes
+        if regimes is None:  # GPT-J: a fixed table
+            return source.table(positions, None, None, dtype)
+        if states.shape[-1] == 1:  # position-pure: one regime
+            return source.table(positions, regimes[0], self.scales[0], dtype)
+        ids = states[..., 1].long()  # (b, n)
+        scaling = self.scales[0]
+        if any(scale != scaling for scale in self.scales):
+            scaling = torch.tensor(self.scales, device=states.device)[ids][..., None]  # (b, n, 1)
+        return source.table(positions, regimes[ids], scaling, dtype)  # per-token frequencies (b, n, r/2)
+
+    @staticmethod
+    def _last_rows(table: torch.Tensor, new: int, layer: SlimLayer) -> torch.Tensor:
+        """The rows of the ``new`` tokens just written: ``(batch, new, 2 * rotary_dim)``."""
+        if isinstance(layer, StaticSlimLayer):
+            rows = torch.arange(new, device=table.device) + layer.cumulative_length.to(table.device) - new
+            return table.index_select(1, rows)
+        return table[:, -new:]
+
+    @torch.compiler.disable
+    def _regime_id(self, source: RotarySource, device: torch.device) -> int:
+        """Index of the source's current frequencies among the recorded ones, registering them if new (eager even
+        under ``torch.compile``: history-dependent types graph-break here, as transformers' dynamic update does)."""
+        inv_freq, scaling = source.frequencies()
+        inv_freq = inv_freq.detach().to(device=device, dtype=torch.float32)  # (r/2,)
+        regimes = self.regimes
+        if regimes is not None:
+            last = len(self.scales) - 1
+            if self.scales[last] == scaling and torch.equal(regimes[last], inv_freq):
+                return last
+            for index in torch.nonzero((regimes == inv_freq).all(dim=-1)).flatten().tolist():
+                if self.scales[index] == scaling:
+                    return index
+        count = len(self.scales)
+        if self.regime_buffer is None or count == self.regime_buffer.shape[0]:
+            grown = inv_freq.new_empty((max(2 * count, 1), inv_freq.numel()))  # doubling: O(1) amortised per regime
+            if count:
+                grown[:count] = self.regime_buffer
+            self.regime_buffer = grown
+        self.regime_buffer[count] = inv_freq
+        self.scales.append(scaling)
+        return count
+
+    def _fall_back(
+        self, old: torch.Tensor | None, cos_sin: torch.Tensor, layer: SlimLayer, reason: str
+    ) -> torch.Tensor:
+        """Switch this cache to storing the cos | sin table: ``old`` (the recomputed rows of earlier tokens, checked
+        when they were written; a static cache's full table) followed by the model's ``cos_sin`` for the new ones."""
+        warnings.warn(
+            f"hf_slim: {reason}; this slim cache keeps the cos/sin table from now on (exact, 2 * rotary_dim numbers "
+            "per token more than positions)",
+            RotaryFallbackWarning,
+            stacklevel=2,
+        )
+        self.table = self._new_layer()
+        self.positions, self.regime_buffer, self.scales = None, None, []
+        if isinstance(self.table, StaticSlimLayer):
+            if old is not None:
+                self.table.lazy_initialization(old)
+                self.table.states.copy_(old)
+            return self.table.overwrite_last(cos_sin, layer.cumulative_length)
+        return self.table.update_slim(cos_sin if old is None else torch.cat([old, cos_sin], dim=1))
+
+    def _current_step_table(self, layer: SlimLayer) -> torch.Tensor:
+        """The table the leader built in this step, for a following layer."""
+        table = self.step_table
+        stale = table is None or (
+            not isinstance(layer, StaticSlimLayer)
+            and not torch.compiler.is_compiling()
+            and table.shape[1] != layer.get_seq_length()
+        )
+        if stale:
+            raise RuntimeError(
+                f"hf_slim: slim layer {layer!r} needs the rotary table of this step, which layer {self.leader} (the "
+                "first K-mode layer) builds: run the whole model forward at each step"
+            )
+        return table
+
+    def end_step(self) -> None:
+        """Drop the working table (called after every forward of a model that owns the cache)."""
+        self.step_table = None
+
+    def layers(self) -> list[SlimLayer]:
+        return [layer for layer in (self.positions, self.table) if layer is not None]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this keeps between steps (what :func:`cache_nbytes` counts)."""
+        kept = [layer.states for layer in self.layers() if layer.states is not None]
+        return kept + ([self.regime_buffer] if self.regime_buffer is not None else [])
+
+    def reset(self) -> None:
+        """Forget every token and regime; static layers keep their storage (fixed addresses)."""
+        for layer in self.layers():
+            layer.reset()
+        self.regime_buffer, self.scales, self.leader, self.step_table = None, [], None, None
+
+
+def _not_recomputable(
+    source: RotarySource | None, position_ids: torch.Tensor | None, batch: int, new: int
+) -> str | None:
+    """Why the cos/sin of ``new`` tokens cannot be recomputed from their positions, or None."""
+    if source is None:
+        return "found no rotary embedding module to recompute cos/sin from in this model"
+    if position_ids is None:
+        return "the attention got no position_ids"
+    if (
+        position_ids.dim() != 2
+        or position_ids.is_floating_point()
+        or position_ids.shape[-1] != new
+        or position_ids.shape[0] not in (1, batch)
+    ):
+        return f"position_ids {tuple(position_ids.shape)} do not give one position per new token of {batch} rows"
+    return None
+
+
 class SlimCache(DynamicCache):
     """A cache of :class:`SlimLayer` s, one per attention layer that keeps per-token state.
 
@@ -263,11 +486,10 @@ class SlimCache(DynamicCache):
     * a *mixed* cache: the layers listed in ``kv_layers`` are ordinary transformers K/V layers, written by unpatched
       attention modules through :meth:`update` (layers where the K cache would not be exact keep the model's own K
       and V);
-    * a *rotary table*, ``rotary: (batch, seq, 2 * rotary_dim)``, the ``cos | sin`` each position's keys were rotated
-      with when they were written, shared by every layer (all layers of a step rotate with the same cos/sin). A
-      K-cache layer needs them to un-rotate its keys for the values; storing them (rather than recomputing from
-      positions) matches transformers exactly when dynamic NTK or longrope change the frequencies as the sequence
-      grows. It is reordered, cropped and batch-selected with the layers.
+    * the *rotary positions*, :attr:`rotary` (:class:`RotaryPositions`), shared by every layer (all layers of a step
+      rotate with the same cos/sin): each token's position id (int32) and, for dynamic NTK / longrope, the
+      frequency regime it was written with, from which the K-cache layers recompute the cos/sin that un-rotate their
+      keys for the values. They are reordered, cropped and batch-selected with the layers.
 
     Parameters
     ----------
@@ -290,7 +512,7 @@ class SlimCache(DynamicCache):
         else:
             Cache.__init__(self, layers=[self._new_layer(i in kv_layers, max_cache_len) for i in range(num_layers)])
         self._static_length = max_cache_len  # (Cache.max_cache_len is a read-only property in older transformers)
-        self.rotary: SlimLayer | None = None
+        self.rotary: RotaryPositions | None = None
 
     @staticmethod
     def _new_layer(kv: bool, max_cache_len: int | None) -> CacheLayerMixin:
@@ -335,44 +557,62 @@ class SlimCache(DynamicCache):
             self.layers = [self._new_layer(i in kv_layers, None) for i in range(num_layers)]
             self.layer_class_to_replicate = None
 
-    def update_rotary(self, cos_sin: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Record ``cos_sin: (batch, new, 2 * rotary_dim)`` for the tokens layer ``layer_idx`` just wrote (the first
-        layer of a step appends, the others find them there) and return the table, ``(batch, seq, 2 * rotary_dim)``
-        (a static table has ``max_cache_len`` rows; unwritten rows are masked by the attention anyway)."""
-        layer = self.layers[layer_idx]
+    def update_rotary(
+        self,
+        cos_sin: torch.Tensor,
+        layer_idx: int,
+        position_ids: torch.Tensor | None = None,
+        source: RotarySource | None = None,
+    ) -> torch.Tensor:
+        """Record the rotary state of the tokens layer ``layer_idx`` just wrote and return the cos | sin table that
+        un-rotates the layer's keys, ``(batch, seq, 2 * rotary_dim)`` (see :class:`RotaryPositions`: the first layer
+        of a step records and builds the table, the others reuse it).
+
+        ``cos_sin: (batch, new, 2 * rotary_dim)`` is what the model handed the attention, ``position_ids:
+        (batch|1, new)`` the positions they were computed for, ``source`` how to recompute them.
+        """
         if self.rotary is None:
-            self.rotary = SlimLayer() if self._static_length is None else StaticSlimLayer(self._static_length)
-        if isinstance(self.rotary, StaticSlimLayer):
-            return self.rotary.overwrite_last(cos_sin, layer.cumulative_length)
-        if self.rotary.get_seq_length() < layer.get_seq_length():
-            self.rotary.update_slim(cos_sin)
-        return self.rotary.states
+            self.rotary = RotaryPositions(self._static_length)
+        return self.rotary.update(self.layers[layer_idx], layer_idx, cos_sin, position_ids, source)
+
+    def end_step(self) -> None:
+        """Drop per-step working state (the rotary table of the step); the cache's owner calls it after a forward."""
+        if self.rotary is not None:
+            self.rotary.end_step()
 
     def _side_layers(self) -> list[SlimLayer]:
-        return [] if self.rotary is None else [self.rotary]
+        return [] if self.rotary is None else self.rotary.layers()
+
+    def _side_tensors(self) -> list[torch.Tensor]:
+        """Tensors kept beside the layers, for all of them (RoPE positions, regimes or the cos/sin table)."""
+        return [] if self.rotary is None else self.rotary.tensors()
 
     def reset(self) -> None:
         super().reset()
-        for layer in self._side_layers():
-            layer.reset()
+        if self.rotary is not None:
+            self.rotary.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
+        self.end_step()
         for layer in self._side_layers():
             layer.reorder_cache(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
+        self.end_step()
         for layer in self._side_layers():
             layer.crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
+        self.end_step()
         for layer in self._side_layers():
             layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self.end_step()
         for layer in self._side_layers():
             layer.batch_select_indices(indices)
 
@@ -411,13 +651,13 @@ def cache_nbytes(past_key_values: Cache | None) -> int:
         return 0
     if isinstance(past_key_values, EncoderDecoderCache):
         return cache_nbytes(past_key_values.self_attention_cache) + cache_nbytes(past_key_values.cross_attention_cache)
+    tensors = [getattr(layer, name, None) for layer in past_key_values.layers for name in ("keys", "values", "states")]
+    if isinstance(past_key_values, SlimCache):
+        tensors += past_key_values._side_tensors()
     total = 0
     seen: set[int] = set()
-    side = past_key_values._side_layers() if isinstance(past_key_values, SlimCache) else []
-    for layer in [*past_key_values.layers, *side]:
-        for name in ("keys", "values", "states"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
     return total

@@ -14,6 +14,7 @@ import torch
 
 from .api import is_slim, slim_record
 from .registry import SUPPORTED
+from .rope import RotarySource
 
 
 @dataclass
@@ -33,8 +34,11 @@ class CacheReport:
     ``encoder_bytes`` is the encoder output (``batch * num_beams, encoder_len, d_model``) that encoder-decoder
     generation holds next to the vanilla cache (transformers repeats it per beam); the slim model keeps one copy per
     input (``slim_encoder_bytes``). ``*_with_encoder`` totals count each side's own.
-    ``rotary_bytes`` is the cos/sin table a RoPE K cache keeps once for all layers (``batch, seq, 2 * rotary_dim``,
-    :mod:`hf_slim.rope`), counted in the slim total.
+    ``rotary_bytes`` is what a RoPE K cache keeps once for all layers to un-rotate its keys (:mod:`hf_slim.rope`),
+    counted in the slim total, and ``rotary_stored`` says what that is: ``"positions"`` (one int32 per token),
+    ``"positions + regimes"`` (dynamic NTK, longrope: an int32 regime id per token beside it, and each regime's
+    float32 ``inv_freq``, at most as many as the cache can register for ``seq_len`` tokens) or ``"cos/sin table"``
+    (``2 * rotary_dim`` numbers per token, where cos/sin cannot be recomputed from positions).
     """
 
     model_type: str
@@ -46,6 +50,7 @@ class CacheReport:
     encoder_bytes: int = 0
     num_beams: int = 1
     rotary_bytes: int = 0
+    rotary_stored: str = ""
 
     @property
     def slim_encoder_bytes(self) -> int:
@@ -62,7 +67,7 @@ class CacheReport:
     @property
     def layers_ratio(self) -> float:
         """Vanilla / slim bytes of the attention layers alone (2.0 exactly when every layer keeps one tensor of the
-        width of K): the ratio without the shared rotary table."""
+        width of K): the ratio without the shared rotary positions."""
         return self.vanilla_bytes / max(sum(layer.slim for layer in self.layers), 1)
 
     @property
@@ -84,7 +89,8 @@ class CacheReport:
         size = format_bytes
         lines += [f"{r.name:<34} {r.mode:<8} {size(r.vanilla):>12} {size(r.slim):>12}" for r in self.layers]
         if self.rotary_bytes:
-            lines.append(f"{'rotary cos/sin table (all layers)':<43} {'':>12} {size(self.rotary_bytes):>12}")
+            label = f"rotary {self.rotary_stored} (all layers)"
+            lines.append(f"{label:<43} {'':>12} {size(self.rotary_bytes):>12}")
             lines.append(f"{'layers only':<43} {'':>12} {'':>12}  {self.layers_ratio:.2f}x")
         lines.append(f"{'total':<43} {size(self.vanilla_bytes):>12} {size(self.slim_bytes):>12}  {self.ratio:.2f}x")
         if self.encoder_bytes:
@@ -105,6 +111,22 @@ def rotary_dim(model: torch.nn.Module, patch_module) -> int:
         if isinstance(inv_freq, torch.Tensor):
             return 2 * inv_freq.numel()
     raise ValueError(f"found no rotary embedding (inv_freq) in {type(model).__name__}")
+
+
+def rotary_bytes(
+    model: torch.nn.Module, patch_module, source: RotarySource | None, rows: int, seq_len: int, size: int
+) -> tuple[str, int]:
+    """What a slim cache of ``rows`` x ``seq_len`` tokens keeps to un-rotate RoPE keys, and its bytes, as
+    :class:`hf_slim.cache.RotaryPositions` holds it: int32 positions (and regime ids), the regimes' float32
+    ``inv_freq`` in a buffer grown by doubling (power-of-two rows), or the cos/sin table (``size``-byte numbers)."""
+    if source is None:
+        return "cos/sin table", rows * seq_len * 2 * rotary_dim(model, patch_module) * size
+    regimes = source.max_regimes(seq_len)
+    capacity = 1 << (regimes - 1).bit_length() if regimes else 0
+    regime_bytes = capacity * (source.rotary_dim // 2) * 4
+    if source.position_pure:
+        return "positions", rows * seq_len * 4 + regime_bytes
+    return "positions + regimes", rows * seq_len * 2 * 4 + regime_bytes
 
 
 def format_bytes(nbytes: float, digits: int = 1) -> str:
@@ -188,8 +210,10 @@ def cache_report(
             vanilla = 2 * rows * seq_len * inner
             slim = rows * seq_len * {"k": inner + ranks.get(site.name, 0), "kv": 2 * inner}.get(mode, d_in)
         report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
-    if any(site.rotary is not None and layer.mode == "k" for site, layer in zip(sites, report.layers, strict=True)):
-        report.rotary_bytes = rows * seq_len * 2 * rotary_dim(model, patch_module) * size
+    rotary = [site for site, layer in zip(sites, report.layers, strict=True) if site.rotary and layer.mode == "k"]
+    if rotary:
+        source = rotary[0].rotary_source  # the leading K layer's: the cache follows it
+        report.rotary_stored, report.rotary_bytes = rotary_bytes(model, patch_module, source, rows, seq_len, size)
     if model.config.is_encoder_decoder:
         report.encoder_bytes = rows * encoder_len * d_model * size
     if verbose:

@@ -11,13 +11,31 @@ own cache holds, and the values un-rotate them:
   NTK, YaRN, longrope, llama3) and every layout (partial, interleaved) is whatever the model's own rotary module and
   ``apply_rotary_pos_emb`` did when the keys were written: nothing to re-implement for the scores;
 * values need ``K_j = R_j^-1 Krot_j`` for each cached position ``j``, with the ``cos``/``sin`` that rotated it.
-  With dynamic NTK and longrope the frequencies change as the sequence grows (the factor switch), and the vanilla
-  cache keeps old keys rotated with the *old* frequencies; recomputing cos/sin from positions with today's
-  frequencies would not match it. So the slim cache keeps the cos/sin each position was written with, once for all
-  layers (:attr:`hf_slim.cache.SlimCache.rotary`, ``2 * rotary_dim`` numbers per token against ``layers * e`` for
-  the keys: 0.2% for Llama-2-7B).
 
-Un-rotation is the exact inverse of the 2x2 map each column pair went through: with ``c, s`` the stored cos/sin
+What the cache keeps for that (:class:`hf_slim.cache.RotaryPositions`, once for all layers), and why:
+
+* **the position id** each token was rotated at, int32 ``(batch, seq)``: 4 bytes per token against ``2 * layers * e``
+  numbers for K/V (Llama-2-7B: 4 B vs 512 KiB), so the cache is 2.00x smaller than transformers' (the cos/sin table it
+  used to keep, ``2 * rotary_dim`` numbers per token, cost 0.2%);
+* for the **history-dependent** rope types only (dynamic NTK: frequencies depend on the length when written;
+  longrope: short vs long factors; any type not known to be position-pure), the **regime** each token was written
+  with: a per-cache list of the distinct ``(inv_freq, attention_scaling)`` sets registered as they appear, plus an
+  int32 regime id per token (Phi-3 longrope: two regimes; dynamic NTK past its original context: one per step);
+* cos/sin are recomputed on read from those, exactly as the model computed them (:func:`frequency_table`: the
+  rotary module's float32 ``position * inv_freq``, ``cat``, ``cos``/``sin``, ``* attention_scaling``, cast; GPT-J:
+  rows of its own ``embed_positions`` buffer, :func:`sinusoid_table`), once per step for all layers (the working
+  table is dropped at the end of the step, never kept between steps).
+
+Never silently wrong: on every eager write the leading layer checks that the recomputed rows of the new tokens equal
+(``torch.equal``) the cos/sin the model handed its attention. If they do not (a rotary implementation this recompute
+does not mirror, custom ``position_embeddings``, no ``position_ids``), that cache falls back to storing the cos/sin
+table as handed (earlier rows, verified when written, are recomputed into it) and warns once
+(:class:`RotaryFallbackWarning`): it stays exact and only loses the 0.2%. Falling back rather than raising keeps
+working models working (custom position embeddings are legitimate in transformers) while the warning makes the
+memory cost visible. Inside a ``torch.compile`` trace the check is left out (it is a data-dependent branch); a static
+cache's prefill runs eagerly and is checked.
+
+Un-rotation is the exact inverse of the 2x2 map each column pair went through: with ``c, s`` the cos/sin
 (``attention_scaling`` of YaRN/longrope included), ``x = (y c - rot(y) s) / (c^2 + s^2)``, computed in float32.
 """
 
@@ -30,6 +48,15 @@ import torch
 #: Rotation layouts: ``"half"`` pairs column ``i`` with ``i + rotary_dim / 2`` (``rotate_half``: Llama, NeoX, Phi);
 #: ``"interleaved"`` pairs ``2i`` with ``2i + 1`` (``rotate_every_two``: GPT-J).
 ROTARY_STYLES = ("half", "interleaved")
+
+#: transformers ``rope_type`` s whose cos/sin are a function of the position alone (fixed frequencies): their
+#: cache keeps positions only. Any other type is treated as history-dependent (frequencies tracked per regime).
+POSITION_PURE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class RotaryFallbackWarning(UserWarning):
+    """A slim cache could not reproduce the cos/sin the model handed its attention from positions, and keeps the
+    cos/sin table instead (exact, ``2 * rotary_dim`` numbers per token more)."""
 
 
 @dataclass(frozen=True)
@@ -91,3 +118,118 @@ def unrotate_keys(
     if key_width < width:
         out = torch.cat((out, keys[..., key_width:].float()), dim=-1)  # (b, n, e + extra)
     return out
+
+
+def frequency_table(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float | torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The cos | sin a transformers rotary module (Llama's ``LlamaRotaryEmbedding.forward`` and its copies) hands the
+    attention, recomputed: ``(batch, seq, 2 * rotary_dim)`` in ``dtype``.
+
+    Mirrors the module's forward step by step (float32 ``position * inv_freq``, ``cat((freqs, freqs))``, ``cos`` /
+    ``sin``, ``* attention_scaling``, cast), so the rows are bit for bit the module's: every step is an elementwise
+    float32 operation whose result does not depend on the batch or the other positions.
+
+    Parameters
+    ----------
+    positions:
+        ``(batch, seq)`` integer position ids.
+    inv_freq:
+        ``(rotary_dim / 2,)`` float32, or ``(batch, seq, rotary_dim / 2)``: each token's own frequencies.
+    scaling:
+        ``attention_scaling`` as the module holds it (a Python float), or ``(batch, seq, 1)`` float32 per token.
+    """
+    freqs = positions[..., None].float() * inv_freq  # (b, n, r/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (b, n, r)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling  # (b, n, r) each
+    return torch.cat((cos.to(dtype), sin.to(dtype)), dim=-1)  # (b, n, 2r)
+
+
+def sinusoid_table(embed_positions: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """GPT-J's cos | sin: rows of its fixed ``embed_positions: (max_positions, rotary_dim)`` buffer (``sin | cos``),
+    cast as its forward casts them, each entry repeated for its column pair (``rotate_every_two`` layout):
+    ``positions: (batch, seq)`` -> ``(batch, seq, 2 * rotary_dim)``. A gather: exact by construction."""
+    sincos = embed_positions.to(positions.device)[positions.long()].to(dtype)  # (b, n, r)
+    sin, cos = sincos.chunk(2, dim=-1)  # (b, n, r/2) each
+    return torch.cat((cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)), dim=-1)  # (b, n, 2r)
+
+
+class RotaryFrequencies:
+    """Where a Llama-style RoPE model's cos/sin come from: its rotary embedding module (``inv_freq``,
+    ``attention_scaling``, ``rope_type``), shared by all layers (Llama, Qwen2, OLMo, Phi, Phi-3, StableLM, GPT-NeoX).
+
+    Holds the module, not copies: dynamic NTK replaces ``inv_freq`` and longrope rewrites it as sequences grow, so
+    :meth:`frequencies` reads the frequencies the module used for the forward running now.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    @property
+    def position_pure(self) -> bool:
+        """Whether cos/sin depend on the position alone (:data:`POSITION_PURE_ROPE_TYPES`)."""
+        return getattr(self.module, "rope_type", None) in POSITION_PURE_ROPE_TYPES
+
+    def frequencies(self) -> tuple[torch.Tensor, float]:
+        """The module's current ``(inv_freq (rotary_dim / 2,), attention_scaling)``."""
+        return self.module.inv_freq, float(self.module.attention_scaling)
+
+    def table(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float | torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """:func:`frequency_table` with the given (recorded) frequencies."""
+        return frequency_table(positions, inv_freq, scaling, dtype)
+
+    def max_regimes(self, seq_len: int) -> int:
+        """Upper bound of the regimes a cache of ``seq_len`` tokens registers (for :func:`hf_slim.cache_report`):
+        1 for position-pure types, 2 for longrope (short, long factors), and for dynamic NTK (or an unknown type) one
+        more per step past the original context (the frequencies grow with every longer sequence)."""
+        if self.position_pure:
+            return 1
+        if getattr(self.module, "rope_type", None) == "longrope":
+            return 2
+        original = getattr(self.module, "original_max_seq_len", 0)
+        return 1 + max(0, seq_len - original)
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.module.inv_freq.numel()
+
+
+class SinusoidPositions:
+    """Where GPT-J's cos/sin come from: the attention module's own fixed ``embed_positions`` buffer (position-pure,
+    no frequencies to record)."""
+
+    position_pure = True
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def frequencies(self) -> None:
+        return None
+
+    def table(self, positions: torch.Tensor, inv_freq, scaling, dtype: torch.dtype) -> torch.Tensor:
+        """:func:`sinusoid_table` of the module's buffer (``inv_freq``, ``scaling``: unused)."""
+        return sinusoid_table(self.module.embed_positions, positions, dtype)
+
+    def max_regimes(self, seq_len: int) -> int:
+        return 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.module.embed_positions.shape[-1]
+
+
+#: What a K-mode RoPE layer recomputes its cos/sin with.
+RotarySource = RotaryFrequencies | SinusoidPositions
+
+
+def find_rotary_frequencies(model: torch.nn.Module) -> RotaryFrequencies | None:
+    """The model's one rotary embedding module (a module holding ``inv_freq`` and ``attention_scaling``), or None
+    when there is none or several (then the cache keeps the cos/sin table: exact, 0.2% larger)."""
+    found = [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "attention_scaling")
+    ]
+    return RotaryFrequencies(found[0]) if len(found) == 1 else None

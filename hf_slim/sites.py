@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import Projections
-from .rope import RotaryLayout
+from .rope import RotaryLayout, RotarySource, find_rotary_frequencies
 
 
 @dataclass
@@ -31,6 +31,9 @@ class AttentionSite:
         the replacement forward, a plain function taking the module as first argument.
     rotary:
         RoPE layout (keys cached rotated, un-rotated for the values), or None for models without RoPE.
+    rotary_source:
+        how the layer's cos/sin are recomputed from positions (:mod:`hf_slim.rope`), or None (RoPE layers: the
+        cache then keeps the cos/sin table).
     k_mode_refusal:
         why this layer cannot use the K cache exactly (e.g. OLMo's clamped keys), or None; such a layer keeps the
         model's own K and V.
@@ -45,6 +48,7 @@ class AttentionSite:
     forward: Callable
     rotary: RotaryLayout | None = None
     k_mode_refusal: str | None = None
+    rotary_source: RotarySource | None = None
 
     @classmethod
     def of(
@@ -58,6 +62,7 @@ class AttentionSite:
         head_dim: int | None = None,
         rotary: RotaryLayout | None = None,
         k_mode_refusal: str | None = None,
+        rotary_source: RotarySource | None = None,
     ) -> AttentionSite:
         """A site for ``module``, reading ``layer_idx``, ``num_heads`` and ``head_dim`` from it unless given."""
         return cls(
@@ -70,6 +75,7 @@ class AttentionSite:
             forward=forward,
             rotary=rotary,
             k_mode_refusal=k_mode_refusal,
+            rotary_source=rotary_source,
         )
 
     @property
@@ -103,12 +109,16 @@ def rope_attention_sites(
     *,
     k_mode_refusal: Callable[[torch.nn.Module], str | None] = lambda module: None,
     head_dim: Callable[[torch.nn.Module], int] | None = None,
+    rotary_source: Callable[[torch.nn.Module], RotarySource] | None = None,
 ) -> list[AttentionSite]:
     """The self-attention sites of a RoPE family: every module of ``classes``, all heads of ``config``'s count.
 
     ``k_mode_refusal(module)`` says why a layer cannot take the K cache (it then keeps its own K and V);
-    ``head_dim(module)`` reads a head width the module does not call ``head_dim``.
+    ``head_dim(module)`` reads a head width the module does not call ``head_dim``; ``rotary_source(module)`` says
+    where a layer's cos/sin come from (default: the model's one rotary embedding module,
+    :func:`~hf_slim.rope.find_rotary_frequencies`).
     """
+    shared = find_rotary_frequencies(model) if rotary_source is None else None
     return [
         AttentionSite.of(
             module,
@@ -119,6 +129,7 @@ def rope_attention_sites(
             head_dim=None if head_dim is None else head_dim(module),
             rotary=rotary,
             k_mode_refusal=k_mode_refusal(module),
+            rotary_source=shared if rotary_source is None else rotary_source(module),
         )
         for module in instances_of(model, classes)
     ]

@@ -8,7 +8,7 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, app
 
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import Projections, slim_self_attention, split_heads
-from hf_slim.rope import RotaryLayout
+from hf_slim.rope import RotaryLayout, SinusoidPositions
 from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
 #: The attention classes this patch adapts, and the base models whose forward creates the cache.
@@ -68,6 +68,7 @@ def slim_gptj_attention_forward(
         _run_attention(self),
         want_weights=True,
         rotary=cos_sin,
+        position_ids=position_ids,
     )
     out = out.reshape(*out.shape[:-2], -1)  # (b, t, e)
     return self.resid_dropout(self.out_proj(out)), weights
@@ -76,7 +77,12 @@ def slim_gptj_attention_forward(
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """The attention module of every block."""
     return rope_attention_sites(
-        model, ATTENTION_CLASSES, _projections, slim_gptj_attention_forward, RotaryLayout("interleaved")
+        model,
+        ATTENTION_CLASSES,
+        _projections,
+        slim_gptj_attention_forward,
+        RotaryLayout("interleaved"),
+        rotary_source=SinusoidPositions,  # each attention module's own embed_positions buffer
     )
 
 

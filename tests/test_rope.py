@@ -67,13 +67,20 @@ def test_prefill_and_40_decode_steps_match_logits(name, attn):
     vanilla, slim = pair(name, attn=attn)
     caches = _decode_logits(vanilla, slim)
     assert caches["slim"].get_seq_length() == caches["vanilla"].get_seq_length()
-    _assert_half_plus_rotary_table(caches["slim"], caches["vanilla"])
+    _assert_half_plus_positions(caches["slim"], caches["vanilla"])
 
 
-def _assert_half_plus_rotary_table(slim_cache, vanilla_cache):
-    """Slim bytes = half the K/V bytes + the shared cos/sin table, ``(batch, seq, 2 * rotary_dim)``."""
-    table = slim_cache.rotary.states
-    assert cache_nbytes(slim_cache) == cache_nbytes(vanilla_cache) // 2 + table.numel() * table.element_size()
+def _assert_half_plus_positions(slim_cache, vanilla_cache):
+    """Slim bytes = half the K/V bytes + one int32 position per token (history-dependent rope types: a regime id
+    beside it, and the regimes' frequencies); no cos/sin table: the recompute reproduced the model's exactly."""
+    rotary = slim_cache.rotary
+    assert rotary.table is None, "fell back to storing the cos/sin table"
+    positions = rotary.positions.states  # (b, n, 1|2)
+    assert positions.dtype == torch.int32 and positions.shape[1] == slim_cache.layers[0].states.shape[1]
+    regimes = 0 if rotary.regime_buffer is None else rotary.regime_buffer.numel() * 4
+    extra = positions.numel() * 4 + regimes
+    assert cache_nbytes(slim_cache) == cache_nbytes(vanilla_cache) // 2 + extra
+    return rotary
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -130,7 +137,7 @@ def test_static_cache_generate_matches(name):
     common = dict(cache_implementation="static", do_sample=False)
     expected, actual = _generate(vanilla, **common), _generate(slim, **common)
     assert_same_tokens(actual.sequences, expected.sequences, "static cache")
-    _assert_half_plus_rotary_table(actual.past_key_values, expected.past_key_values)
+    _assert_half_plus_positions(actual.past_key_values, expected.past_key_values)
 
 
 @torch.no_grad()
@@ -331,8 +338,9 @@ def test_cache_report_llama_2_7b_at_4k_is_2x():
     report = cache_report(model, batch_size=1, seq_len=4096, verbose=False)
     assert report.vanilla_bytes == 2 * 32 * 4096 * 4096 * 2  # 2 GiB
     assert report.layers_ratio == 2.0
-    assert f"{report.ratio:.2f}" == "2.00"
-    assert report.rotary_bytes == 4096 * 2 * 128 * 2
+    assert abs(report.ratio - 2) < 1e-3 and f"{report.ratio:.2f}x" in str(report) and "2.00x" in str(report)
+    assert report.rotary_stored == "positions"  # default rope: position-pure, no regime ids
+    assert report.rotary_bytes == 4096 * 4 + 64 * 4  # an int32 position per token + the one inv_freq (64 float32)
 
 
 NOT_LINEAR_IN_K = {
@@ -421,7 +429,8 @@ PHI3_MINI_128K.update(original_max_position_embeddings=4096, sliding_window=2621
 
 
 def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
-    """The issue's stake: 48 GiB of fp16 K/V at 128k tokens; all layers K: 24 GiB plus the shared cos/sin table."""
+    """The issue's stake: 48 GiB of fp16 K/V at 128k tokens; all layers K: 24 GiB plus 8 bytes per token (int32
+    position and longrope regime id) and the two regimes' frequencies: 2.00x."""
     from hf_slim.cli import main
 
     factors = dict(short_factor=[1.0] * 48, long_factor=[2.0] * 48, original_max_position_embeddings=4096)
@@ -430,13 +439,15 @@ def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
     report = cache_report(model, batch_size=1, seq_len=131072, verbose=False)
     assert report.vanilla_bytes == 48 * 2**30
     assert sum(layer.slim for layer in report.layers) == 24 * 2**30
-    assert report.layers_ratio == 2.0 and f"{report.ratio:.2f}" == "2.00"
-    assert report.rotary_bytes == 131072 * 2 * 96 * 2  # 48 MiB: cos|sin of head_dim 96 per token, fp16
+    assert report.layers_ratio == 2.0 and abs(report.ratio - 2) < 1e-3
+    assert report.rotary_stored == "positions + regimes"
+    assert report.rotary_bytes == 131072 * (4 + 4) + 2 * 48 * 4  # 1 MiB (was 48 MiB of fp16 cos|sin) + 2 regimes
     path = tmp_path / "phi3.json"
     path.write_text(__import__("json").dumps(dict(config, model_type="phi3", architectures=["Phi3ForCausalLM"])))
     assert main(["memory", "--config", str(path), "--seq-len", "131072", "--dtype", "fp16"]) == 0
     out = capsys.readouterr().out
-    assert "Phi3Attention[self 31]" in out and "rotary cos/sin table" in out and "2.00x" in out, out
+    assert "Phi3Attention[self 31]" in out and "rotary positions + regimes (all layers)" in out, out
+    assert "2.00x" in out and "1.0 MiB" in out, out
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
