@@ -41,6 +41,7 @@ from .patching import (
     revert_all,
 )
 from .registry import UnsupportedModelError, architecture_for
+from .rope import rotary_state_kept
 from .sites import AttentionSite
 
 MODES = ("auto", "input", "k")
@@ -389,7 +390,8 @@ def _collect_attention_inputs(model, sites, calibration_inputs) -> dict[str, tor
 
         handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        model(**calibration_inputs, use_cache=False)
+        with rotary_state_kept(model):  # dynamic NTK / longrope: the pass must not change the frequencies
+            model(**calibration_inputs, use_cache=False)
     except Exception as error:  # the model's own error, often deep inside: say which argument is at fault
         shapes = {key: tuple(value.shape) for key, value in calibration_inputs.items() if hasattr(value, "shape")}
         raise ValueError(

@@ -353,7 +353,7 @@ class RotaryPositions:
         else:
             states = self.positions.update_slim(columns)  # (b, n, 1|2)
         table = self._recompute(states, source, cos_sin.dtype)  # (b, n, 2r)
-        if not torch.compiler.is_compiling() and not torch.equal(self._last_rows(table, new, layer), cos_sin):
+        if not torch.compiler.is_compiling() and not reproduces(self._last_rows(table, new, layer), cos_sin):
             old = table if isinstance(self.positions, StaticSlimLayer) else table[:, :-new]
             return self._fall_back(
                 old, cos_sin, layer, "the cos/sin recomputed from the positions differ from the model's"
@@ -458,6 +458,12 @@ class RotaryPositions:
         for layer in self.layers():
             layer.reset()
         self.regime_buffer, self.scales, self.leader, self.step_table = None, [], None, None
+
+
+def reproduces(recomputed: torch.Tensor, handed: torch.Tensor) -> bool:
+    """Whether the recomputed cos | sin rows of the new tokens are bit for bit the ones the model handed its
+    attention, ``(batch, new, 2 * rotary_dim)`` each (one host sync per step, on the leading layer only)."""
+    return torch.equal(recomputed, handed)
 
 
 def _not_recomputable(

@@ -41,6 +41,8 @@ Un-rotation is the exact inverse of the 2x2 map each column pair went through: w
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -233,3 +235,33 @@ def find_rotary_frequencies(model: torch.nn.Module) -> RotaryFrequencies | None:
         if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "attention_scaling")
     ]
     return RotaryFrequencies(found[0]) if len(found) == 1 else None
+
+
+@contextlib.contextmanager
+def rotary_state_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Run forwards that leave no trace in the model's rotary modules.
+
+    Why: dynamic NTK and longrope update their frequencies as a side effect of every forward (dynamic NTK keeps the
+    frequencies of the longest sequence seen, ``max_seq_len_cached``, until a forward shorter than the original
+    context resets them). slimify's calibration pass would otherwise leave the slim model starting from other
+    frequencies than the unpatched one: a 40-token prefill after a 64-token calibration (context 32) would rotate
+    with the 64-token frequencies. Buffers are restored in place (same tensors, same addresses), plain attributes
+    are put back and attributes the forward added (longrope's ``long_inv_freq``) are removed.
+    """
+    saved = []
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            buffers = {name: (tensor, tensor.clone()) for name, tensor in module._buffers.items() if tensor is not None}
+            attributes = {name: value for name, value in vars(module).items() if not name.startswith("_")}
+            saved.append((module, buffers, attributes))
+    try:
+        yield
+    finally:
+        for module, buffers, attributes in saved:
+            for name, (tensor, values) in buffers.items():
+                tensor.copy_(values)
+                module._buffers[name] = tensor
+            for name in [name for name in vars(module) if not name.startswith("_") and name not in attributes]:
+                delattr(module, name)
+            for name, value in attributes.items():
+                setattr(module, name, value)

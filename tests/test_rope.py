@@ -470,3 +470,140 @@ def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn):
             layer.self_attn.hf_slim_z_proj.zero_()
     with pytest.raises(AssertionError, match="relative max difference"):
         _decode_logits(vanilla, slim, steps=2)
+
+
+# ------------------------------------------------------------------- positions instead of cos/sin: checks, mutations
+
+
+def _noisy_rotary(monkeypatch, start: int) -> None:
+    """Make every Llama rotary module hand out cos values 0.1% off from position ``start`` on (a rotary
+    implementation the slim cache's recompute does not know): both models then rotate with them."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    original = LlamaRotaryEmbedding.forward
+
+    def noisy(self, x, position_ids):
+        cos, sin = original(self, x, position_ids)
+        return torch.where(position_ids[..., None] >= start, cos * 1.001, cos), sin
+
+    monkeypatch.setattr(LlamaRotaryEmbedding, "forward", noisy)
+
+
+@pytest.mark.parametrize("start", [0, 20])
+def test_unreproducible_cos_sin_fall_back_to_the_table(monkeypatch, start):
+    """cos/sin that are not a function of the recorded positions and frequencies (here: noise from position
+    ``start``, i.e. at the prefill or mid-generation) are detected on write: the cache warns, keeps the model's table
+    from then on (recomputing the earlier, checked rows into it) and stays exact, dynamic and static."""
+    from hf_slim.rope import RotaryFallbackWarning
+
+    _noisy_rotary(monkeypatch, start)
+    vanilla, slim = pair("llama")
+    with pytest.warns(RotaryFallbackWarning, match="recomputed from the positions differ"):
+        caches = _decode_logits(vanilla, slim, steps=16)
+    rotary = caches["slim"].rotary
+    assert rotary.positions is None and rotary.table.states.shape == (3, caches["slim"].get_seq_length(), 32)
+    common = dict(cache_implementation="static", do_sample=False)
+    with pytest.warns(RotaryFallbackWarning):
+        actual = _generate(slim, **common)
+    assert_same_tokens(actual.sequences, _generate(vanilla, **common).sequences, "static cache, fallback")
+
+
+def test_missing_position_ids_fall_back_to_the_table():
+    """An attention call without ``position_ids`` (nothing to recompute from) keeps the cos/sin table, exactly."""
+    from hf_slim.rope import RotaryFallbackWarning
+
+    vanilla, slim = pair("llama")
+    ids = torch.randint(0, vanilla.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    cache = SlimCache()
+    with torch.no_grad():
+        hidden = slim.model.embed_tokens(ids)
+        cos_sin = slim.model.rotary_emb(hidden, torch.arange(8)[None])
+        attention = slim.model.layers[0].self_attn
+        with pytest.warns(RotaryFallbackWarning, match="no position_ids"):
+            attention(hidden_states=hidden, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
+    assert cache.rotary.table.states.shape == (1, 8, 32) and cache.rotary.positions is None
+
+
+RECOMPUTE_MUTATIONS = {
+    "position off by one": ("llama", "position"),
+    "position off by one, dynamic NTK": ("llama-dynamic", "position"),
+    "position off by one, GPT-J": ("gptj", "position"),
+    "regime ignored, dynamic NTK": ("llama-dynamic", "regime"),
+    "regime ignored, longrope": ("phi3-longrope", "regime"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECOMPUTE_MUTATIONS))
+def test_recompute_mutations_are_caught(monkeypatch, case):
+    """A wrong recompute (positions shifted by one; every token read with the first regime's frequencies, i.e.
+    dynamic NTK / longrope without regimes) is caught by the check on write (fallback, exact logits); with the
+    check disabled, the 40-step logits comparison fails: both guards can fail."""
+    import hf_slim.cache
+    import hf_slim.rope
+    from hf_slim.cache import RotaryPositions
+    from hf_slim.rope import RotaryFallbackWarning
+
+    name, what = RECOMPUTE_MUTATIONS[case]
+    if what == "position":
+        frequency_table, sinusoid_table = hf_slim.rope.frequency_table, hf_slim.rope.sinusoid_table
+        monkeypatch.setattr(
+            hf_slim.rope, "frequency_table", lambda positions, *rest: frequency_table(positions + 1, *rest)
+        )
+        monkeypatch.setattr(
+            hf_slim.rope, "sinusoid_table", lambda table, positions, dtype: sinusoid_table(table, positions + 1, dtype)
+        )
+    else:
+        register = RotaryPositions._regime_id
+        monkeypatch.setattr(
+            RotaryPositions, "_regime_id", lambda self, source, device: 0 * register(self, source, device)
+        )
+    vanilla, slim = pair(name)
+    with pytest.warns(RotaryFallbackWarning):
+        caches = _decode_logits(vanilla, slim)
+    assert caches["slim"].rotary.table is not None
+    monkeypatch.setattr(hf_slim.cache, "reproduces", lambda recomputed, handed: True)
+    with pytest.raises(AssertionError, match="relative max difference"):
+        _decode_logits(vanilla, slim)
+
+
+@pytest.mark.parametrize("name", ["llama-dynamic", "phi3-longrope", "gptj"])
+def test_crop_and_continue_match(name):
+    """Cropping back below the original context (assisted decoding does) and decoding on: positions are cropped with
+    the layers, and dynamic NTK / longrope return to their original frequencies, found among the recorded regimes."""
+    vanilla, slim = pair(name)
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, vanilla.config.vocab_size, (2, 40), generator=generator)
+    steps = torch.randint(0, vanilla.config.vocab_size, (2, 12), generator=generator)
+    caches = {"vanilla": DynamicCache(), "slim": SlimCache()}
+    logits = {}
+    with torch.no_grad():
+        for label, model in (("vanilla", vanilla), ("slim", slim)):
+            model(input_ids=ids, past_key_values=caches[label])
+            caches[label].crop(-20)  # 20 tokens left, then 12 more: within the original context
+            logits[label] = torch.cat(
+                [model(input_ids=steps[:, i : i + 1], past_key_values=caches[label]).logits for i in range(12)], 1
+            )
+    assert_close_relative(logits["slim"], logits["vanilla"], LOGITS_RTOL[torch.float32], "crop and continue")
+    rotary = _assert_half_plus_positions(caches["slim"], caches["vanilla"])
+    assert rotary.positions.states.shape[1] == 32
+    if name != "gptj":
+        assert len(rotary.scales) == 2, rotary.scales  # the frequencies at 40 tokens, then the original ones
+
+
+@torch.no_grad()
+def test_longrope_decode_compiles_across_the_factor_switch():
+    """A history-dependent type under ``torch.compile`` with a static cache: the regime registration graph-breaks
+    (as transformers' own dynamic update may), compiled decode steps across the longrope switch match eager ones."""
+    slim = pair("phi3-longrope")[1]
+    ids = torch.randint(0, slim.config.vocab_size, (1, 34), generator=torch.Generator().manual_seed(6))
+    caches = [SlimCache(2, max_cache_len=36) for _ in range(2)]
+    for cache in caches:
+        slim(input_ids=ids[:, :31], past_key_values=cache)
+    compiled = torch.compile(slim.forward, dynamic=False)
+    for position in range(31, 34):
+        step = dict(input_ids=ids[:, position : position + 1], position_ids=torch.tensor([[position]]))
+        step["attention_mask"] = torch.ones(1, 36)
+        eager = slim(**step, past_key_values=caches[0]).logits
+        traced = compiled(**step, past_key_values=caches[1]).logits
+        assert_close_relative(traced, eager, 1e-5, f"compiled vs eager decode step at {position}")
+    assert len(caches[1].rotary.scales) == 2, "the short and long factors"
