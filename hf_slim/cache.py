@@ -624,7 +624,8 @@ class SlimCache(DynamicCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cached tensors (what the memory claims count), rotary table included."""
+        """Bytes held by the cached tensors (what the memory claims count), RoPE positions and regimes included (not
+        the per-step working table, which no step keeps)."""
         return cache_nbytes(self)
 
 

@@ -64,7 +64,7 @@ class RotaryFallbackWarning(UserWarning):
 @dataclass(frozen=True)
 class RotaryLayout:
     """How a layer rotates its keys: the pairing style; the rotated columns are the first ``rotary_dim`` of each head,
-    where ``rotary_dim`` is the width of the cos/sin the model hands its attention (read from the cache's table)."""
+    where ``rotary_dim`` is the width of the cos/sin the model hands its attention (read from the table's width)."""
 
     style: str = "half"
 
@@ -84,7 +84,7 @@ def rotate(x: torch.Tensor, style: str) -> torch.Tensor:
 
 def cos_sin_table(cos: torch.Tensor, sin: torch.Tensor, batch: int) -> torch.Tensor:
     """``cos, sin: (batch|1, new, rotary_dim)`` as the model hands them to attention -> ``(batch, new, 2*rotary_dim)``,
-    one row per cached token (what :meth:`hf_slim.cache.SlimCache.update_rotary` stores)."""
+    one row per new token (what :meth:`hf_slim.cache.SlimCache.update_rotary` checks the recomputed rows against)."""
     table = torch.cat((cos, sin), dim=-1)  # (b|1, t, 2r)
     return table.expand(batch, *table.shape[1:])
 
