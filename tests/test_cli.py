@@ -20,7 +20,7 @@ from test_input_errors import BAD_WAV
 from tiny_models import tiny_gpt2, tiny_t5_tokenizer, tiny_tokenizer
 from transformers import AutoTokenizer, BertConfig, BertModel, GPT2LMHeadModel
 
-from hf_slim import is_slim, load_slim, slim_record
+from hf_slim import is_slim, kmode, load_slim, slim_record
 from hf_slim.cli import main
 from hf_slim.export import CONFIG_KEY, SIDECAR
 
@@ -175,7 +175,9 @@ def test_export_then_generate_from_the_slim_checkpoint(env, gpt2_dir, tmp_path):
     )
     assert "outputs identical: yes" in result.stdout, result.stdout
     slim, vanilla, ratio = cache_numbers(result.stdout)
-    assert vanilla == 2 * slim and ratio == 2.0
+    widths = [64 + rank for rank in settings["residual_ranks"].values()]  # e + r per K+R layer
+    assert vanilla * sum(widths) == 2 * 64 * len(widths) * slim, (vanilla, slim, widths)
+    assert ratio == pytest.approx(2 * 64 * len(widths) / sum(widths), abs=0.01)
 
 
 def test_generate_t5_in_process(t5_dir, capsys):
@@ -194,16 +196,14 @@ def test_verify_reports_per_layer_errors_and_greedy_equality(env, gpt2_dir):
     assert len(rows) == 2 and all(row[2] == "k" for row in rows), result.stdout
     for row in rows:
         rank, k_error, vanilla_error = int(row[4]), float(row[5]), float(row[6])
-        assert rank == 0, "random GPT-2 weights are well conditioned: the plain K cache is exact in float32"
-        assert 0 < vanilla_error <= k_error < 1e-4
+        # random GPT-2 W_K (cond ~1e2): the plain fp32 K cache is off by 2-6e-6, above the floor; r = 16 is exact
+        assert rank == 16 and 0 < vanilla_error <= k_error <= max(4 * vanilla_error, kmode.K_MODE_ABSOLUTE_FLOOR), row
     assert "greedy outputs: identical to the unpatched model" in result.stdout
 
 
 def test_verify_bf16_in_process_reports_k_plus_r_ranks_and_fallbacks(gpt2_dir, capsys, monkeypatch):
     """bf16 rounding of the keys is amplified by cond(W_K): the plain K cache is inexact, K+R keeps r > 0 input
     directions beside K (rank and cache ratio per layer); with the rank cap at 0 the input cache is kept instead."""
-    from hf_slim import kmode
-
     argv = ["verify", "--model", str(gpt2_dir), "--dtype", "bf16", "--mode", "k", "--max-new-tokens", "8"]
     assert main(argv) == 0
     captured = capsys.readouterr()

@@ -15,20 +15,24 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
+import warnings
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, relative_difference
 from safetensors.torch import load_file, save_file
 from test_whisper import random_features, tiny_whisper
-from tiny_models import tiny_gpt2, tiny_tokenizer
+from tiny_models import tiny_gpt2, tiny_rope, tiny_tokenizer
 from transformers import DynamicCache, EncoderDecoderCache
 
 from hf_slim import (
     SlimCache,
     SlimCheckpointError,
+    SlimFallbackWarning,
     cache_nbytes,
     cache_report,
+    kmode,
     load_slim,
     slim_record,
     slimify,
@@ -138,6 +142,59 @@ def test_chosen_rank_is_the_smallest_exact_one_in_half_precision(dtype):
     for rank in smaller:  # every smaller rank on the grid fails the rule
         assert not k_mode_is_exact(probe.k_mode_error(solve_k_mode(layer, rank)), probe.vanilla_error), rank
     assert probe.k_mode_error(solve_k_mode(layer, 0)) > 50 * probe.vanilla_error
+
+
+@torch.no_grad()
+def geometric_key_spectrum(model, cond: float):
+    """``model`` (a tiny RoPE LM) with every W_K's singular values replaced by ``s_1 * logspace(0, -log10(cond), d)``
+    (same singular vectors): a chosen condition number, so a chosen fp32 K-cache error."""
+    for layer in model.model.layers:
+        weight = layer.self_attn.k_proj.weight  # (e, d)
+        u, s, vh = torch.linalg.svd(weight.double())
+        spectrum = s[0] * torch.logspace(0, -math.log10(cond), s.shape[0], dtype=torch.float64)
+        weight.copy_(u @ torch.diag(spectrum) @ vh)
+    return model
+
+
+def worst_decode_difference(vanilla, slim, steps: int = 40) -> float:
+    """Worst relative logit difference over a left-padded prefill and ``steps`` random single-token steps."""
+    batch = left_padded_gpt2_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    caches = DynamicCache(), SlimCache()
+    generator, worst = torch.Generator().manual_seed(1), 0.0
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            expected = vanilla(input_ids=ids, attention_mask=mask, past_key_values=caches[0]).logits
+            actual = slim(input_ids=ids, attention_mask=mask, past_key_values=caches[1]).logits
+            worst = max(worst, relative_difference(actual, expected))
+            ids = torch.randint(0, vanilla.config.vocab_size, (ids.shape[0], 1), generator=generator)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    return worst
+
+
+def test_fp32_layer_between_the_old_and_the_new_floor_is_not_taken_as_plain_k(monkeypatch):
+    """cond(W_K) = 500 on a tiny Qwen2 (RoPE): the plain fp32 K cache rebuilds V to ~8e-6, under the old floor
+    (1e-5, the logits tolerance itself), and its logits drift ~3e-5, 3x the tolerance. The calibration must give
+    those layers r > 0 (or their own K/V), and the logits of what it chose must stay within 1e-5."""
+    vanilla = geometric_key_spectrum(tiny_rope("qwen2", seed=0), 500.0)
+    names = [f"Qwen2Attention[self {i}]" for i in range(2)]
+    plain = slimify(copy.deepcopy(vanilla), layer_modes=dict.fromkeys(names, "k"))  # forced r = 0, no calibration
+    with monkeypatch.context() as patch, warnings.catch_warnings():  # the calibration's numbers for r = 0 alone
+        patch.setattr(kmode, "max_residual_rank", lambda d_model: 0)
+        warnings.simplefilter("ignore", SlimFallbackWarning)  # r = 0 refused: the layers fall back (as they should)
+        plain_numbers = slim_record(slimify(copy.deepcopy(vanilla))).calibration
+    assert all(1e-6 < plain_numbers[name]["k_error"] < 1e-5 for name in names), plain_numbers
+    drift = worst_decode_difference(vanilla, plain)
+    assert drift > LOGITS_RTOL[torch.float32], f"premise: plain K drifts {drift:.2e}, within the tolerance"
+
+    slim = slimify(copy.deepcopy(vanilla))
+    record = slim_record(slim)
+    for name in names:
+        assert record.layer_modes[name] == "kv" or record.residual_ranks[name] > 0, record.calibration
+        if record.layer_modes[name] == "k":
+            assert record.calibration[name]["k_error"] <= kmode.K_MODE_ABSOLUTE_FLOOR, record.calibration
+    difference = worst_decode_difference(vanilla, slim)
+    assert difference <= LOGITS_RTOL[torch.float32], f"calibrated model drifts {difference:.2e} ({record.calibration})"
 
 
 # ------------------------------------------------------------------------------------------- reference attention
