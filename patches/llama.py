@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.models.olmo.modeling_olmo import OlmoAttention, OlmoModel
+from transformers.models.olmo.modeling_olmo import apply_rotary_pos_emb as olmo_apply_rotary_pos_emb
 from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 
@@ -36,7 +37,8 @@ def _projections(module: torch.nn.Module) -> Projections:
 
 
 # Adapted from transformers 5.23.0, models/llama/modeling_llama.py, LlamaAttention.forward (and
-# models/qwen2/modeling_qwen2.py, Qwen2Attention.forward: the same with ``sliding_window``; OLMo's clamping layers are
+# models/qwen2/modeling_qwen2.py, Qwen2Attention.forward: the same with ``sliding_window``;
+# models/olmo/modeling_olmo.py, OlmoAttention.forward: the same with OLMo's own rotation, and its clamping layers are
 # never patched): the cache update and attention call go through the slim cache, projections, RoPE and the output
 # projection are the model's own.
 def slim_llama_attention_forward(
@@ -52,7 +54,7 @@ def slim_llama_attention_forward(
     key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
     cos, sin = position_embeddings  # (b|1, t, dk) each
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = _APPLY_ROTARY.get(type(self), apply_rotary_pos_emb)(query, key, cos, sin)
     out, weights = rope_self_attention(
         self,
         hidden_states,
@@ -68,6 +70,12 @@ def slim_llama_attention_forward(
         **_sliding_window(self),
     )
     return self.o_proj(out), weights
+
+
+#: OLMo's rotary module hands over float32 cos/sin in every dtype and its ``apply_rotary_pos_emb`` casts the rotated
+#: query/key back to their dtype; Llama's (whose cos/sin come in the model dtype) does not cast, so with OLMo's
+#: float32 cos/sin it would give float32 keys beside bf16/fp16 values. Each family rotates with its own function.
+_APPLY_ROTARY = {OlmoAttention: olmo_apply_rotary_pos_emb}
 
 
 def _sliding_window(module: torch.nn.Module) -> dict:
