@@ -253,3 +253,47 @@ def tiny_rope(
     model = randomize_biases(AutoModelForCausalLM.from_config(config)).eval().to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+#: The final norm of each RoPE family's base model (its input is the residual stream the unembedding reads).
+FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
+
+
+@torch.no_grad()
+def peak_logits(model: torch.nn.Module, embedding_ratio: float = 2.0, seed: int = 11) -> torch.nn.Module:
+    """Give a random causal LM next-token logits with a clear winner at every step, like a trained model's.
+
+    Why: a random model's greedy choice is the top of ~300 Gaussian logits, whose top two are often less than a bf16
+    step apart (0 to 1 step at the closest of the 108 greedy decisions of each tiny RoPE config): any rounding decides
+    such a step, so bf16 token-identity tests would test luck. Scaling weights does not help (the top-1 margin in bf16
+    steps is scale invariant), so the winner is built into the weights instead:
+
+    * the unembedding becomes a successor table: tokens, eos left out, are put in one random cycle and the output row
+      of each token's successor is that token's unit embedding (eos gets a zero row, so generation never stops early);
+    * the token embeddings are scaled to ``embedding_ratio`` times the RMS norm of what the layers add to the
+      residual stream (measured here, on random tokens), so the current token's own embedding decides the argmax
+      with a margin of 76 to 117 bf16 steps at the closest decision of each tiny RoPE config (2.0), while attention
+      and MLPs still move every logit (dropping K+R's residual Z makes bf16 logits 9-22x less accurate).
+
+    Weights other than the two embeddings (W_K, W_V, biases, norms) are untouched. Returns ``model`` (float32 in,
+    changed in place).
+    """
+    embedding = model.get_input_embeddings().weight  # (vocab, d)
+    unembedding = model.get_output_embeddings().weight  # (vocab, d)
+    final_norm = next(getattr(model.base_model, name) for name in FINAL_NORMS if hasattr(model.base_model, name))
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, embedding.shape[0], (2, 48), generator=generator)
+    captured = []
+    hook = final_norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        model(input_ids=ids)
+    finally:
+        hook.remove()
+    added = captured[0] - embedding[ids]  # (2, 48, d): everything the layers wrote into the residual stream
+    scale = embedding_ratio * added.norm(dim=-1).square().mean().sqrt() / embedding.norm(dim=-1).square().mean().sqrt()
+    embedding.mul_(scale)
+    eos = model.config.eos_token_id
+    cycle = torch.tensor([t for t in torch.randperm(embedding.shape[0], generator=generator).tolist() if t != eos])
+    unembedding.zero_()
+    unembedding[cycle.roll(-1)] = embedding[cycle] / embedding[cycle].norm(dim=-1, keepdim=True)  # successor rows
+    return model
