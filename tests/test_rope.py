@@ -277,14 +277,18 @@ def _teacher_forced(model, sequences: torch.Tensor, cache) -> torch.Tensor:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_forced_mixed_cache_matches(attn):
-    """Some layers K, some the model's own K/V: the mixed cache gives the same logits and tokens."""
-    vanilla = tiny_rope("llama", seed=0, num_hidden_layers=3, attn=attn)  # forced K: no calibration gate
+    """Layer 0 plain K (r = 0), layer 1 the model's own K/V, layer 2 K+R (r = 16): the mixed cache gives the same
+    logits and tokens."""
+    vanilla = tiny_rope("llama", seed=0, num_hidden_layers=3, attn=attn)  # forced modes: no calibration gate
     names = [f"LlamaAttention[self {i}]" for i in range(3)]
-    slim = slimify(copy.deepcopy(vanilla), layer_modes=dict(zip(names, ["k", "kv", "k"], strict=True)))
-    assert slim_record(slim).kv_layers == (1,)
+    modes = dict(zip(names, ["k", "kv", "k"], strict=True))
+    slim = slimify(copy.deepcopy(vanilla), layer_modes=modes, residual_ranks={names[0]: 0, names[2]: 16})
+    record = slim_record(slim)
+    assert record.kv_layers == (1,) and record.residual_ranks == {names[0]: 0, names[2]: 16}, record.residual_ranks
     caches = _decode_logits(vanilla, slim, steps=20)
-    layers = caches["slim"].layers
-    assert layers[1].keys is not None and layers[0].states is not None and layers[2].states is not None
+    layers, inner = caches["slim"].layers, vanilla.config.hidden_size
+    assert layers[1].keys is not None and layers[1].values is not None
+    assert layers[0].states.shape[-1] == inner and layers[2].states.shape[-1] == inner + 16
     for kwargs in (dict(), dict(cache_implementation="static")):
         expected, actual = _generate(vanilla, do_sample=False, **kwargs), _generate(slim, do_sample=False, **kwargs)
         assert_same_tokens(actual.sequences, expected.sequences, f"mixed cache greedy {kwargs}")
