@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from hf_slim import SlimCache, UnsupportedModelError, cache_nbytes, cache_report, slim_record, slimify, unslimify
 from hf_slim.api import SlimFallbackWarning
+from hf_slim.cache import StaticSlimLayer
 
 NAMES = list(ROPE_CONFIGS)
 PROMPTS = ["the quick brown fox", "slim attention keeps one tensor per token instead of", "memory"]
@@ -95,18 +96,26 @@ def _assert_half_plus_positions(slim, slim_cache, vanilla_cache):
 @pytest.mark.parametrize("name", NAMES)
 def test_chunked_prefill_matches(name):
     """Chunks larger than head_dim rebuild K/V (values from un-rotated keys); small chunks use the absorbed path.
-    Compared with the unpatched model fed the same chunks (dynamic NTK picks frequencies per forward call)."""
+    Compared with the unpatched model fed the same chunks (dynamic NTK picks frequencies per forward call), with a
+    dynamic and a static (preallocated, 72 slots) slim cache."""
     vanilla, slim = pair(name)
     ids = torch.randint(0, vanilla.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(2))
+    static = SlimCache(slim_record(slim).num_cache_layers, max_cache_len=72)
     logits = {}
     with torch.no_grad():
-        for label, model, cache in (("vanilla", vanilla, DynamicCache()), ("slim", slim, SlimCache())):
+        for label, model, cache in (
+            ("vanilla", vanilla, DynamicCache()),
+            ("slim", slim, SlimCache()),
+            ("slim static", slim, static),
+        ):
             pieces, start = [], 0
             for size in (10, 25, 3, 1, 21):
                 pieces.append(model(input_ids=ids[:, start : start + size], past_key_values=cache).logits)
                 start += size
             logits[label] = torch.cat(pieces, dim=1)
-    assert_close_relative(logits["slim"], logits["vanilla"], LOGITS_RTOL[torch.float32], "chunked prefill")
+    for label in ("slim", "slim static"):
+        assert_close_relative(logits[label], logits["vanilla"], LOGITS_RTOL[torch.float32], f"{label} chunked prefill")
+    assert isinstance(static.layers[0], StaticSlimLayer)
 
 
 def _generate(model, max_new_tokens: int = 36, **kwargs):
