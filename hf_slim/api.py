@@ -417,6 +417,7 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
         projections = functools.partial(site.projections, module)
         with resident_weights(module):
             k_source = KSourceStamp.of(projections()) if mode == "k" else None
+            key_scale = mode == "k" and projections().key_norm is not None  # keys normalised per token: keep s
         state = SlimAttentionState(
             mode=mode,
             layer_idx=site.layer_idx,
@@ -430,6 +431,7 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
             residual_rank=k_weights[site.name].residual_rank if mode == "k" else 0,
             rotary=site.rotary if mode == "k" else None,
             rotary_source=site.rotary_source if mode == "k" else None,
+            key_scale=key_scale,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
         if mode == "k":

@@ -35,6 +35,40 @@ if TYPE_CHECKING:
 RunAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
 
 
+@dataclass(frozen=True)
+class KeyNorm:
+    """An RMSNorm over the full key width, applied per token between the key projection and RoPE (OLMo-2's
+    ``k_norm``): ``K = w * k / s`` with ``k = X W_K + b_K`` and the token's key scale ``s = sqrt(mean(k^2) + eps)``,
+    computed in float32 and cast to the model dtype.
+
+    Why the K cache can still serve such a layer: ``k = s * K / w``, so with each token's ``s`` kept beside its keys
+    (one number) and ``diag(1/w)`` folded into ``W_KV``, ``V = (s * K) W_KV' + offset`` is linear again
+    (:mod:`hf_slim.kmode`). Shapes: ``weight: (e,)``.
+    """
+
+    weight: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, norm: torch.nn.Module) -> KeyNorm:
+        """Read the live weight and epsilon of a transformers RMSNorm module (``variance_epsilon`` or ``eps``)."""
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None:
+            raise ValueError(f"{type(norm).__name__} has no variance_epsilon/eps: not an RMSNorm hf_slim can invert")
+        return cls(norm.weight, float(eps))
+
+    def scale(self, raw_keys: torch.Tensor) -> torch.Tensor:
+        """Each token's ``s = sqrt(mean(k^2) + eps)``, float32: ``(..., e) -> (..., 1)``, from the keys before the
+        norm, as the norm computes its ``rsqrt`` (float32 mean of squares)."""
+        return torch.sqrt(raw_keys.float().pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def normalise(self, raw_keys: torch.Tensor) -> torch.Tensor:
+        """The norm's output as transformers' RMSNorm computes it (float32, ``* weight``, cast to the keys' dtype):
+        for the calibration, which simulates the pipeline (the forward calls the model's own module)."""
+        normalised = raw_keys.float() * torch.rsqrt(raw_keys.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.detach().to(raw_keys.device) * normalised).to(raw_keys.dtype)
+
+
 @dataclass
 class Projections:
     """The key and value projections of one attention layer, as ``K = X @ w_k + b_k (+ LoRA)`` and likewise V.
@@ -43,7 +77,8 @@ class Projections:
     whose rows interleave heads are gathered, see :func:`interleaved_qkv_projections`), so device moves, dtype casts,
     weight edits, PEFT adapters and accelerate offload hooks are followed. Shapes: ``w_k, w_v: (d_in, heads *
     head_dim)``, columns head-major; ``k_low_rank`` / ``v_low_rank``: the active LoRA updates
-    (:class:`~hf_slim.adapters.LowRank`), empty without adapters.
+    (:class:`~hf_slim.adapters.LowRank`), empty without adapters; ``key_norm``: the per-token norm the model applies
+    to the projected keys (:class:`KeyNorm`, OLMo-2), or None.
     """
 
     w_k: torch.Tensor
@@ -54,6 +89,7 @@ class Projections:
     v_low_rank: tuple[LowRank, ...] = ()
     #: the parameters these were read from (K-mode stamps watch them); empty: the four tensors above
     sources: tuple[torch.Tensor, ...] = ()
+    key_norm: KeyNorm | None = None
 
     @classmethod
     def of(
@@ -62,13 +98,19 @@ class Projections:
         v_layer: torch.nn.Module,
         k_columns: slice | torch.Tensor = slice(None),
         v_columns: slice | torch.Tensor = slice(None),
+        *,
+        key_norm: torch.nn.Module | None = None,
     ) -> Projections:
         """Read the live projections from the model's key and value layers (the same fused layer with two column
-        ranges, or index tensors, for a fused ``qkv``), including active PEFT LoRA adapters on them."""
+        ranges, or index tensors, for a fused ``qkv``), including active PEFT LoRA adapters on them; ``key_norm``:
+        the RMSNorm module the model applies to the full-width projected keys (:class:`KeyNorm`), if any."""
         w_k, b_k, k_low_rank, k_sources = projection_weights(k_layer, k_columns, where="the key projection")
         w_v, b_v, v_low_rank, v_sources = projection_weights(v_layer, v_columns, where="the value projection")
         sources = k_sources + tuple(t for t in v_sources if all(t is not s for s in k_sources))
-        return cls(w_k, w_v, b_k, b_v, k_low_rank, v_low_rank, sources)
+        norm = None if key_norm is None else KeyNorm.of(key_norm)
+        if norm is not None:
+            sources = (*sources, norm.weight)
+        return cls(w_k, w_v, b_k, b_v, k_low_rank, v_low_rank, sources, norm)
 
 
 def interleaved_qkv_projections(fused: torch.nn.Linear, num_heads: int, head_dim: int) -> Projections:
@@ -118,6 +160,11 @@ class SlimAttentionState:
     rotary_source:
         how such a layer's cos/sin are recomputed from positions (the model's rotary module or GPT-J's sinusoid
         buffer), or None: its cache then keeps the cos/sin table.
+    key_scale:
+        K mode only: the model normalises its keys per token (:class:`KeyNorm`), so the cache keeps one more column
+        after ``[K | Z]``, each token's key scale ``s``: ``C = [K | Z | s]``, ``(batch, seq, e + r + 1)``. The
+        values are rebuilt from ``[s * K | Z]`` (:func:`scale_keys`; the keys un-rotated first for RoPE), with
+        ``diag(1/w)`` folded into ``W_KV``; Z is not scaled.
     """
 
     mode: str
@@ -132,6 +179,7 @@ class SlimAttentionState:
     residual_rank: int = 0
     rotary: RotaryLayout | None = None
     rotary_source: RotarySource | None = None
+    key_scale: bool = False
 
     def live_projections(self) -> Projections:
         """The layer's projections now; for a K-mode layer, after checking ``W_KV`` still fits them (O(1)).
@@ -219,18 +267,40 @@ def _decode_k_mode(module, query, states, bias, scale, want_weights, values=None
     return project_heads(mixed, module.hf_slim_w_kv, module.hf_slim_v_offset), weights  # (b, h, t, dk)
 
 
-def k_cache_states(module: torch.nn.Module, hidden_states: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """What a K-mode layer caches for new tokens: ``C = [K | Z]``, ``(batch, new, e + r)``, with ``Z = X @ U_r``.
+def k_cache_states(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    key: torch.Tensor,
+    key_norm: KeyNorm | None = None,
+    pre_norm_key: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What a K-mode layer caches for new tokens: ``C = [K | Z]``, ``(batch, new, e + r)``, with ``Z = X @ U_r``;
+    with a key norm ``C = [K | Z | s]``, ``(batch, new, e + r + 1)``, ``s`` each token's key scale.
 
     ``hidden_states: (batch, new, d)`` is the attention input X, ``key: (batch, heads, new, head_dim)`` the model's
-    own keys (bias included), so the cached keys are bit-identical to the ones the unmodified model attends over.
+    own keys (bias and norm included), so the cached keys are bit-identical to the ones the unmodified model attends
+    over. ``pre_norm_key: (batch, new, e)``: the keys before ``key_norm`` (the layer's :class:`KeyNorm`), which ``s``
+    is computed from; ``s`` is stored in the cache dtype (the calibration measures that rounding).
     """
     batch, _, new, _ = key.shape
-    keys = key.transpose(1, 2).reshape(batch, new, -1)  # (b, n, e)
-    if not module.hf_slim.residual_rank:
-        return keys
-    residual = torch.matmul(hidden_states, module.hf_slim_z_proj.to(hidden_states.dtype))  # (b, n, r)
-    return torch.cat([keys, residual.to(keys.dtype)], dim=-1)  # (b, n, e + r)
+    parts = [key.transpose(1, 2).reshape(batch, new, -1)]  # (b, n, e)
+    if module.hf_slim.residual_rank:
+        residual = torch.matmul(hidden_states, module.hf_slim_z_proj.to(hidden_states.dtype))  # (b, n, r)
+        parts.append(residual.to(key.dtype))
+    if module.hf_slim.key_scale:
+        if key_norm is None or pre_norm_key is None:
+            raise ValueError(f"{module.hf_slim.name}: a key-scaled K layer needs its key norm and pre-norm keys")
+        parts.append(key_norm.scale(pre_norm_key).to(key.dtype))  # (b, n, 1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (b, n, e [+ r] [+ 1])
+
+
+def scale_keys(keys: torch.Tensor, key_width: int) -> torch.Tensor:
+    """``[K | Z | s] -> [s * K | Z]`` in float32, ``(batch, seq, e + r + 1) -> (batch, seq, e + r)``: a key-scaled
+    layer's (un-rotated) keys back at the scale ``W_KV`` maps to values (its ``diag(1/w)`` folded in); the residual
+    Z, a plain projection of X, is not scaled."""
+    keys = keys.float()
+    scale = keys[..., -1:]  # (b, n, 1)
+    return torch.cat((keys[..., :key_width] * scale, keys[..., key_width:-1]), dim=-1)  # (b, n, e + r)
 
 
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -245,15 +315,16 @@ def rebuild_kv(
 
     Used for chunked prefill (many new queries on top of a cache), where the ordinary attention kernel is faster
     than the absorbed path. ``projections``: the layer's live projections, as the caller already checked them
-    (:meth:`SlimAttentionState.live_projections`). ``plain_keys``: a RoPE layer's un-rotated keys, which the values
-    are computed from (its cache holds the rotated keys the scores use).
+    (:meth:`SlimAttentionState.live_projections`). ``plain_keys``: a RoPE or key-scaled layer's ``[K | Z]`` at the
+    scale ``W_KV`` maps (un-rotated, times each token's key scale), float32, which the values are computed from (its
+    cache holds the keys the scores use).
     """
     state: SlimAttentionState = module.hf_slim
     if state.mode == "k":
         keys = states[..., : state.num_heads * state.head_dim]  # (b, n, e): K without the residual Z
         if plain_keys is None:
             values = _linear(states, module.hf_slim_w_kv, module.hf_slim_v_offset.to(states.dtype))  # [K | Z] W_KV
-        else:  # RoPE: float32 un-rotated keys, as the decode path mixes them: no extra rounding before W_KV
+        else:  # RoPE / key scale: float32 keys, as the decode path mixes them: no extra rounding before W_KV
             values = _linear(plain_keys, module.hf_slim_w_kv, module.hf_slim_v_offset.float()).to(states.dtype)
     else:
         keys = _linear(states, projections.w_k, projections.b_k, projections.k_low_rank)
@@ -287,6 +358,7 @@ def slim_self_attention(
     position_bias: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     position_ids: torch.Tensor | None = None,
+    pre_norm_key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One self-attention step with a slim cache.
 
@@ -323,6 +395,9 @@ def slim_self_attention(
     position_ids:
         ``(batch|1, new)``, the positions ``rotary`` was computed for (RoPE layers): the cache keeps them and
         recomputes cos/sin from them (:class:`~hf_slim.cache.RotaryPositions`).
+    pre_norm_key:
+        ``(batch, new, e)``, the keys before the model's per-token key norm (layers with a :class:`KeyNorm`, whose
+        ``key`` is the normalised one), for the key scale the K cache keeps.
 
     Returns
     -------
@@ -337,7 +412,10 @@ def slim_self_attention(
         return run_attention(query, key, value, attention_mask)
     projections = state.live_projections()  # K mode: W_KV still fits the weights and dtype (raises otherwise)
     batch, _, num_queries, _ = query.shape
-    new_states = hidden_states if state.mode == "input" else k_cache_states(module, hidden_states, key)  # (b, t, w)
+    if state.mode == "input":
+        new_states = hidden_states  # (b, t, d)
+    else:
+        new_states = k_cache_states(module, hidden_states, key, projections.key_norm, pre_norm_key)  # (b, t, w)
     layer = cache.layers[state.layer_idx] if state.layer_idx < len(cache.layers) else None
     static = layer is not None and layer.is_compileable
     # A static layer decides by query count alone (its length is a tensor: no data-dependent branch under compile);
@@ -362,6 +440,8 @@ def slim_self_attention(
         return run_attention(query, key, value, attention_mask)
     if state.rotary is not None:
         plain_keys = unrotate_keys(states, table, state.num_heads, state.head_dim, state.rotary)  # (b, n, w) fp32
+    if state.key_scale:
+        plain_keys = scale_keys(states if plain_keys is None else plain_keys, state.num_heads * state.head_dim)
     if not absorbed:
         full_key, full_value = rebuild_kv(module, states, projections, plain_keys)
         return run_attention(query, full_key, full_value, attention_mask)
@@ -542,6 +622,7 @@ def rope_self_attention(
     *,
     eager: Callable,
     dropout: float = 0.0,
+    pre_norm_key: torch.Tensor | None = None,
     **interface_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`slim_self_attention` for the RoPE families whose attention is transformers' ``attention_interface``
@@ -560,6 +641,8 @@ def rope_self_attention(
         the model file's own ``eager_attention_forward`` (what ``attn_implementation="eager"`` runs).
     dropout, interface_kwargs:
         what the model's forward passes to its attention interface besides them (``sliding_window=...``).
+    pre_norm_key:
+        ``(batch, new, e)``, the keys before a per-token key norm (OLMo-2's ``k_norm``), else None.
 
     Returns
     -------
@@ -586,5 +669,6 @@ def rope_self_attention(
         want_weights=implementation == "eager",
         rotary=cos_sin,
         position_ids=position_ids,
+        pre_norm_key=pre_norm_key,
     )
     return out.reshape(*out.shape[:-2], -1).contiguous(), weights  # (b, t, e)

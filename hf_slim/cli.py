@@ -598,13 +598,15 @@ def cmd_verify(args) -> int:
         chosen = numbers["k_error"] if layer_mode == "k" else numbers["vanilla_error"]
         # input cache: d per token against 2d for K+V; kv: the model's own K and V
         ratio = numbers["cache_ratio"] if layer_mode == "k" else {"kv": 1.0}.get(layer_mode, 2.0)
+        rank = f"{numbers['residual_rank']}{'+s' if numbers.get('key_scale') else ''}"  # +s: the key scale column
         print(
-            f"{name:<34} {layer_mode:<8} {numbers['cond_w_k']:>10.3g} {numbers['residual_rank']:>5} "
+            f"{name:<34} {layer_mode:<8} {numbers['cond_w_k']:>10.3g} {rank:>5} "
             f"{numbers['k_error']:>16.2e} {numbers['vanilla_error']:>17.2e} {chosen:>16.2e} {ratio:>5.2f}x"
         )
     print(
         "(r: input directions the K+R cache keeps beside K, the smallest that calibrates exact, or the largest tried "
-        "where K mode is refused; V err: relative error of the values against float64, on calibration data, in the "
+        "where K mode is refused, +s: one more column, each token's key scale, for keys normalised per token; "
+        "V err: relative error of the values against float64, on calibration data, in the "
         "model dtype; ratio: K+V bytes / this layer's cache bytes)"
     )
     if "kv" in record.layer_modes.values():

@@ -18,7 +18,9 @@ What a slim checkpoint is, and why it is laid out this way:
   (:data:`SIDECAR`), which transformers never reads. On load, every stored ``W_KV`` is checked against the loaded
   weights before it is used: ``[K | Z] W_KV + v_offset`` must give ``V`` for every input, i.e.
   ``||W_K W_KV[:e] + z_proj W_KV[e:] - W_V|| <= W_KV_RTOL * ||W_V||`` in float64 (``r = 0``: ``W_K W_KV = W_V``),
-  so a sidecar that does not belong to these weights is an error, not a wrong model.
+  so a sidecar that does not belong to these weights is an error, not a wrong model. Layers whose keys are
+  normalised per token (OLMo-2) have ``diag(1/w)`` of the key norm folded into ``W_KV[:e]``: the check multiplies it
+  back with the loaded ``w`` (so a changed key norm is caught too).
 
 ``load_slim`` reproduces the recorded per-layer modes exactly (no re-calibration: a calibration depends on the
 calibration data and could choose differently) and uses the stored ``W_KV`` (no solve: for large layers the float64
@@ -408,6 +410,8 @@ def _verified_k_weights(
             w_k, w_v = projections.w_k.double().cpu(), projections.w_v.double().cpu()  # (d, e)
             b_k = None if projections.b_k is None else projections.b_k.double().cpu()
             b_v = None if projections.b_v is None else projections.b_v.double().cpu()
+            norm = projections.key_norm  # OLMo-2: W_KV's key block carries diag(1/w) of the key norm
+            key_weight = None if norm is None else norm.weight.detach().double().cpu()  # (e,)
         d_model, width = w_v.shape
         z_proj = tensors.get(f"{name}.z_proj", torch.zeros(d_model, 0, dtype=torch.float64))
         for part, tensor, shape in (
@@ -421,6 +425,8 @@ def _verified_k_weights(
                     f"(residual rank {rank})"
                 )
         key_part, residual_part = w_kv[: w_k.shape[1]], w_kv[w_k.shape[1] :]  # (e, e), (r, e)
+        if key_weight is not None:
+            key_part = key_weight[:, None] * key_part  # undo the folded diag(1/w): the map from the pre-norm keys
         rebuilt = w_k @ key_part + z_proj @ residual_part  # the W_V that [K | Z] W_KV implies: (d, e)
         residual = float((rebuilt - w_v).norm() / w_v.norm().clamp_min(1e-300))
         offset = value_offset(key_part, b_k, b_v)  # (e,)

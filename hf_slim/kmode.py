@@ -18,13 +18,22 @@ with the stacked projection ``W_KV = [V_g S_g^-1 U_g^T W_V ; U_r^T W_V]`` of sha
 slice of K); the weighted sum reads all ``e + r`` columns; each head then applies its slice of ``W_KV``. ``r = 0`` is
 the plain K cache (``W_KV = W_K^-1 W_V``), ``r = d`` carries X completely (no memory gain).
 
+Keys normalised per token (OLMo-2's ``k_norm``, :class:`~hf_slim.attention.KeyNorm`): the model caches
+``K_n = w * k / s`` with ``k = X W_K + b_K`` and ``s = sqrt(mean(k^2) + eps)`` per token, so ``k = s * K_n / w``.
+The cache keeps ``s`` as one more column, ``C = [K_n | Z | s]`` (``e + r + 1`` per token), and ``diag(1/w)`` is
+folded into the key block of ``W_KV``: ``V = [s * K_n | Z] @ W_KV + v_offset`` with ``W_KV = [diag(1/w) V_g S_g^-1
+U_g^T W_V ; U_r^T W_V]`` (Z, a projection of X, is not scaled; the offset is unchanged). A weight with zeros is
+refused (those key columns carry nothing). The calibration measures this pipeline (the norm's rounding, ``s`` in the
+model dtype, the RoPE round trip of the normalised keys, ``1/w`` amplifying it) with the same acceptance rule.
+
 Which ``r``: a layer gets the smallest ``r`` on :func:`residual_rank_grid` for which a calibration on real activations
 in the model's dtype shows the rebuilt values are as accurate as the unmodified model's (:func:`k_mode_is_exact`).
 Above :func:`max_residual_rank` (``d / 2``: the cache would be at most 1.33x smaller than K+V, against 2x for the
 input cache) the layer keeps the input cache.
 
 Names other code relies on (stable): the module buffers ``hf_slim_w_kv`` ``(e + r, e)``, ``hf_slim_v_offset``
-``(e,)`` and, for ``r > 0``, ``hf_slim_z_proj`` ``(d, r)`` (``= U_r``); ``SlimAttentionState.residual_rank``.
+``(e,)`` and, for ``r > 0``, ``hf_slim_z_proj`` ``(d, r)`` (``= U_r``); ``SlimAttentionState.residual_rank`` and
+``SlimAttentionState.key_scale``.
 """
 
 from __future__ import annotations
@@ -99,7 +108,8 @@ class KeySVD:
     """Float64 SVD of one layer's key projection, ``W_K = u @ diag(s) @ vh`` (descending ``s``), and its biases.
 
     Computed once per layer; :meth:`weights` then gives the K-mode weights for any residual rank at the cost of two
-    matrix products. Shapes: ``u: (d, d)``, ``s: (d,)``, ``vh: (d, d)``, ``w_v: (d, e)``, ``b_k, b_v: (e,)``.
+    matrix products. Shapes: ``u: (d, d)``, ``s: (d,)``, ``vh: (d, d)``, ``w_v: (d, e)``, ``b_k, b_v: (e,)``;
+    ``key_weight: (e,)``, the weight of a per-token key norm (folded into ``W_KV`` as ``diag(1/w)``), or None.
     """
 
     u: torch.Tensor
@@ -108,6 +118,7 @@ class KeySVD:
     w_v: torch.Tensor
     b_k: torch.Tensor | None
     b_v: torch.Tensor | None
+    key_weight: torch.Tensor | None = None
 
     @property
     def cond(self) -> float:
@@ -133,8 +144,10 @@ class KeySVD:
             )
         u_g, u_r = self.u[:, :g], self.u[:, g:]  # (d, g), (d, r)
         key_part = (self.vh[:g].T / self.s[:g]) @ (u_g.T @ self.w_v)  # V_g S_g^-1 U_g^T W_V: (e, e)
+        offset = value_offset(key_part, self.b_k, self.b_v)  # (e,): of the keys before the norm
+        if self.key_weight is not None:  # the cache holds w * k / s and rebuilds from s * (w * k / s): divide by w
+            key_part = key_part / self.key_weight[:, None]  # diag(1/w) V_g S_g^-1 U_g^T W_V: (e, e)
         w_kv = torch.cat([key_part, u_r.T @ self.w_v])  # (e + r, e)
-        offset = value_offset(key_part, self.b_k, self.b_v)  # (e,)
         return KModeWeights(
             w_kv=w_kv.to(device),
             v_offset=offset.to(device),
@@ -153,7 +166,8 @@ def key_svd(projections: Projections) -> KeySVD:
     Raises
     ------
     SingularKeyProjection
-        when W_K is not square (e != d_model): K then cannot stand in for X.
+        when W_K is not square (e != d_model): K then cannot stand in for X; or when a per-token key norm's weight
+        has zeros (those key columns are 0 whatever the input).
     ValueError
         for meta (not loaded) weights.
     """
@@ -176,6 +190,15 @@ def key_svd(projections: Projections) -> KeySVD:
         raise SingularKeyProjection(
             f"K mode needs a square W_K, got {tuple(w_k.shape)} (d_model != heads*head_dim); use mode='input'"
         )
+    key_weight = None
+    if projections.key_norm is not None:
+        key_weight = projections.key_norm.weight.detach().to(device="cpu", dtype=torch.float64)  # (e,)
+        zeros = int((key_weight == 0).sum())
+        if zeros or not bool(torch.isfinite(key_weight).all()):
+            raise SingularKeyProjection(
+                f"the key norm's weight has {zeros} zero (or non-finite) entries: those key columns are 0 whatever the "
+                "input, so the cached keys cannot rebuild V"
+            )
     u, s, vh = torch.linalg.svd(w_k)  # (d, d), (d,), (d, d)
     signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))  # (1, d)
     signs[signs == 0] = 1
@@ -184,7 +207,7 @@ def key_svd(projections: Projections) -> KeySVD:
     def cpu64(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.detach().to(device="cpu", dtype=torch.float64)
 
-    return KeySVD(u, s, vh, cpu64(projections.w_v), cpu64(projections.b_k), cpu64(projections.b_v))
+    return KeySVD(u, s, vh, cpu64(projections.w_v), cpu64(projections.b_k), cpu64(projections.b_v), key_weight)
 
 
 def solve_k_mode(projections: Projections, residual_rank: int = 0) -> KModeWeights:
@@ -244,6 +267,10 @@ class ValueErrorProbe:
     round_trip:
         for a RoPE layer (:class:`RotaryRoundTrip`), the rotate-in-dtype / un-rotate round trip its cached keys go
         through before the values are rebuilt (one more rounding than the plain K cache).
+
+    With a per-token key norm (``projections.key_norm``) the keys are normalised as the model does (in float32, cast
+    to ``dtype``), each token's scale ``s`` is rounded to ``dtype`` as the cache stores it, and the values are rebuilt
+    from ``s * K_n`` after the round trip, with ``W_KV``'s ``diag(1/w)`` in ``dtype``: the same pipeline as decode.
     """
 
     def __init__(
@@ -259,8 +286,15 @@ class ValueErrorProbe:
         self.v_ref = v_ref
         self.norm = v_ref.norm().clamp_min(1e-300)
         self.keys = self._in_dtype(w_k64, b_k64)  # what the K cache stores, rounded to dtype: (n, e)
+        scale = None
+        if projections.key_norm is not None:  # cached: the normalised keys and each token's scale, both in dtype
+            raw = self.keys.to(dtype)  # (n, e)
+            scale = projections.key_norm.scale(raw).to(dtype).double()  # (n, 1)
+            self.keys = projections.key_norm.normalise(raw).double()  # (n, e)
         if round_trip is not None:  # RoPE: cached rotated in dtype, un-rotated in float32 for the values
             self.keys = round_trip(self.keys.to(dtype)).double()
+        if scale is not None:
+            self.keys = (self.keys.float() * scale.float()).double()  # s * K_n, in float32 as decode mixes it
         self.vanilla_error = self._error(self._in_dtype(w_v64, b_v64))
 
     def _in_dtype(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -318,9 +352,10 @@ def k_mode_is_exact(k_error: float, vanilla_error: float) -> bool:
     return k_error <= max(K_MODE_ERROR_FACTOR * vanilla_error, K_MODE_ABSOLUTE_FLOOR)
 
 
-def cache_ratio(inner: int, residual_rank: int) -> float:
-    """How many times smaller a K+R layer's cache is than the model's own K and V: ``2 e / (e + r)``."""
-    return 2 * inner / (inner + residual_rank)
+def cache_ratio(inner: int, residual_rank: int, key_scale: bool = False) -> float:
+    """How many times smaller a K+R layer's cache is than the model's own K and V: ``2 e / (e + r)``, or
+    ``2 e / (e + r + 1)`` for a layer that keeps each token's key scale."""
+    return 2 * inner / (inner + residual_rank + int(key_scale))
 
 
 @dataclass(frozen=True)
@@ -339,7 +374,8 @@ def choose_residual_rank(
     """The smallest residual rank on :func:`residual_rank_grid` whose rebuilt values pass :func:`k_mode_is_exact`.
 
     RoPE layers pass ``round_trip`` (their keys are cached rotated, see :class:`RotaryRoundTrip`): the errors then
-    include that round trip; the residual ``Z = X U_r`` is not rotated.
+    include that round trip; the residual ``Z = X U_r`` is not rotated. Layers with a per-token key norm are measured
+    with its scale and ``diag(1/w)`` (:class:`ValueErrorProbe`); their ``numbers`` say ``key_scale: True``.
 
     Returns
     -------
@@ -369,9 +405,11 @@ def choose_residual_rank(
             "vanilla_error": probe.vanilla_error,
             "cond_w_k": svd.cond,
             "kept_cond": weights.kept_cond,
-            "cache_ratio": cache_ratio(inner, rank),
+            "cache_ratio": cache_ratio(inner, rank, projections.key_norm is not None),
             "dtype": str(dtype),
         }
+        if projections.key_norm is not None:
+            numbers["key_scale"] = True  # one more cached column per token: the key scale
         if k_mode_is_exact(k_error, probe.vanilla_error):
             return KModeChoice(weights, numbers, max_rank)
     if not numbers:
@@ -399,8 +437,14 @@ def _sketch(tensor: torch.Tensor | None) -> torch.Tensor | None:
 def _versions(projections: Projections) -> tuple[tuple[int, int], ...]:
     """``(version counter, data pointer)`` of each projection tensor: in-place edits bump the first, ``.data = ...``
     assignments and device moves change the second."""
-    parts = projections.sources or (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+    parts = projections.sources or _stamped(projections)
     return tuple((-1, 0) if t is None else (t._version, t.data_ptr()) for t in parts)
+
+
+def _stamped(projections: Projections) -> tuple[torch.Tensor | None, ...]:
+    """The tensors ``W_KV`` is derived from: W_K, W_V, their biases and a key norm's weight (folded in as 1/w)."""
+    key_weight = None if projections.key_norm is None else projections.key_norm.weight
+    return (projections.w_k, projections.w_v, projections.b_k, projections.b_v, key_weight)
 
 
 @dataclass
@@ -421,7 +465,7 @@ class KSourceStamp:
 
     @classmethod
     def of(cls, projections: Projections) -> KSourceStamp:
-        parts = (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+        parts = _stamped(projections)
         return cls(projections.w_k.dtype, _versions(projections), tuple(_sketch(t) for t in parts))
 
     def check(self, projections: Projections, where: str) -> None:
@@ -442,7 +486,7 @@ class KSourceStamp:
         versions = _versions(projections)
         if versions == self.versions:
             return
-        parts = (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+        parts = _stamped(projections)
         for old, tensor in zip(self.sketches, parts, strict=True):
             new = _sketch(tensor)
             if (old is None) != (new is None) or (

@@ -193,7 +193,7 @@ def cache_report(
     if encoder_len is None:
         encoder_len = getattr(model.config, "max_source_positions", seq_len) if model.config.is_encoder_decoder else 0
     modes = slim_record(model).layer_modes if is_slim(model) else {}
-    ranks = slim_record(model).residual_ranks if is_slim(model) else {}  # K+R layers cache e + r per token
+    ranks = slim_record(model).residual_ranks if is_slim(model) else {}  # K+R layers cache e + r (+ 1) per token
     report = CacheReport(model_type, batch_size, seq_len, encoder_len, dtype, num_beams=num_beams)
     rows = batch_size * num_beams
     self_default = "k" if SUPPORTED[model_type].positions == "rope" else "input"  # what slimify(model) would pick
@@ -208,7 +208,9 @@ def cache_report(
             vanilla, slim = 2 * rows * encoder_len * inner, 0
         else:
             vanilla = 2 * rows * seq_len * inner
-            slim = rows * seq_len * {"k": inner + ranks.get(site.name, 0), "kv": 2 * inner}.get(mode, d_in)
+            key_scale = projections.key_norm is not None  # K layers of normalised keys keep each token's scale
+            k_width = inner + ranks.get(site.name, 0) + key_scale
+            slim = rows * seq_len * {"k": k_width, "kv": 2 * inner}.get(mode, d_in)
         report.layers.append(LayerBytes(site.name, mode, vanilla * size, slim * size))
     rotary = [site for site, layer in zip(sites, report.layers, strict=True) if site.rotary and layer.mode == "k"]
     if rotary:

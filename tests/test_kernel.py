@@ -266,12 +266,14 @@ def test_cpu_without_interpreter_raises_clearly():
 
 
 # (batch, heads, queries, seq, width, extra value columns, bias, dtype): RoPE K cache (values = un-rotated keys, fp32)
-# and a K cache carrying extra value columns (K+R); seq 700 runs several splits + combine.
+# and a K cache carrying extra value columns (K+R); seq 700 runs several splits + combine; extra -1: a key-scaled K+R
+# cache [K_n | Z | s] (e = 64, r = 16) whose values [s * K | Z] are one column narrower (OLMo-2).
 VALUES_CASES = [
     (2, 4, 1, 7, 64, 0, "pad", torch.float32),
     (3, 4, 3, 130, 96, 0, None, torch.bfloat16),
     (2, 6, 1, 700, 96, 0, "pad", torch.float16),
     (1, 4, 1, 130, 64, 32, "rand", torch.float32),
+    (2, 4, 1, 130, 81, -1, "pad", torch.bfloat16),
 ]
 
 
@@ -279,7 +281,8 @@ VALUES_CASES = [
 def test_separate_values_match_reference(case):
     """Scores from the cache (head slices), weighted sum over another tensor: the RoPE K-cache decode step."""
     batch, heads, queries, seq, width, extra, bias_kind, dtype = case
-    query, cache = make_inputs(batch, heads, queries, seq, width, head_slice=True, dtype=dtype)
+    residual = 17 if extra < 0 else 0  # cache columns after the keys: Z and the key scale
+    query, cache = make_inputs(batch, heads, queries, seq, width, head_slice=True, dtype=dtype, residual=residual)
     gen = torch.Generator().manual_seed(3)
     values = torch.randn(batch, seq, width + extra, generator=gen).to(DEVICE)  # float32, like un-rotated keys
     bias = make_bias(bias_kind, batch, heads, queries, seq)

@@ -46,9 +46,10 @@ def test_gpt2_generate_through_kernel(kernel_calls, mode):
     assert kernel_calls["count"] >= 2 * 5, "decode steps did not go through the kernel"
 
 
-@pytest.mark.parametrize("name", ["llama-dynamic"])
+@pytest.mark.parametrize("name", ["llama-dynamic", "olmo2"])
 def test_rope_generate_through_kernel(kernel_calls, name):
-    """RoPE K cache: the kernel scores against the rotated keys and mixes the un-rotated ones (its ``values``)."""
+    """RoPE K cache: the kernel scores against the rotated keys and mixes the un-rotated ones (its ``values``; OLMo-2:
+    times each token's key scale, so the values are one column narrower than the cache ``[K_n | Z | s]``)."""
     from tiny_models import tiny_rope
 
     from hf_slim import slim_record

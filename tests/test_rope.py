@@ -71,11 +71,19 @@ def test_prefill_and_40_decode_steps_match_logits(name, attn):
     _assert_half_plus_positions(slim, caches["slim"], caches["vanilla"])
 
 
-def _k_plus_r_ratio(slim) -> float:
-    """K/V bytes over K+R bytes of a model whose layers all use the K cache: ``2e L / sum(e + r)`` (2 when every
-    r = 0; the fp32 calibration gives these random W_K, cond ~1e2, r = 16, see hf_slim.kmode.K_MODE_ABSOLUTE_FLOOR)."""
+def _k_columns(slim) -> list[int]:
+    """Cached columns per token of each K layer: ``e + r``, plus one for OLMo-2's key scale (its keys are normalised
+    per token; the scale makes the values exact again)."""
     ranks, inner = slim_record(slim).residual_ranks.values(), slim.config.hidden_size
-    return 2 * inner * len(ranks) / sum(inner + rank for rank in ranks)
+    return [inner + rank + (slim.config.model_type == "olmo2") for rank in ranks]
+
+
+def _k_plus_r_ratio(slim) -> float:
+    """K/V bytes over K+R bytes of a model whose layers all use the K cache: ``2e L / sum(e + r (+ 1))`` (2 when every
+    r = 0, less for OLMo-2's key scale; the fp32 calibration gives these random W_K, cond ~1e2, r = 16, see
+    hf_slim.kmode.K_MODE_ABSOLUTE_FLOOR)."""
+    columns = _k_columns(slim)
+    return 2 * slim.config.hidden_size * len(columns) / sum(columns)
 
 
 def _assert_half_plus_positions(slim, slim_cache, vanilla_cache):
@@ -87,8 +95,8 @@ def _assert_half_plus_positions(slim, slim_cache, vanilla_cache):
     positions = rotary.positions.states  # (b, n, 1|2)
     assert positions.dtype == torch.int32 and positions.shape[1] == slim_cache.layers[0].states.shape[1]
     regimes = 0 if rotary.regime_buffer is None else rotary.regime_buffer.numel() * 4
-    ranks, inner = slim_record(slim).residual_ranks.values(), slim.config.hidden_size
-    layers = cache_nbytes(vanilla_cache) * sum(inner + rank for rank in ranks) // (2 * inner * len(ranks))
+    columns = _k_columns(slim)
+    layers = cache_nbytes(vanilla_cache) * sum(columns) // (2 * slim.config.hidden_size * len(columns))
     assert cache_nbytes(slim_cache) == layers + positions.numel() * 4 + regimes
     return rotary
 
@@ -149,7 +157,7 @@ def test_generation_identical_past_original_context(name, how):
     assert isinstance(actual.past_key_values, SlimCache)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-dynamic"])
+@pytest.mark.parametrize("name", ["llama", "llama-dynamic", "olmo2"])
 def test_static_cache_generate_matches(name):
     vanilla, slim = pair(name)
     common = dict(cache_implementation="static", do_sample=False)
@@ -159,9 +167,11 @@ def test_static_cache_generate_matches(name):
 
 
 @torch.no_grad()
-def test_decode_step_compiles_fullgraph():
-    """A RoPE decode step with a static slim cache (rotary table included) traces as one graph; compiled = eager."""
-    slim = pair("llama")[1]
+@pytest.mark.parametrize("name", ["llama", "olmo2"])
+def test_decode_step_compiles_fullgraph(name):
+    """A RoPE decode step with a static slim cache (rotary table included; OLMo-2: the key scale) traces as one graph;
+    compiled = eager."""
+    slim = pair(name)[1]
     ids = torch.randint(0, slim.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
@@ -221,8 +231,8 @@ def _bf16_models(name: str, keys=lambda model: model):
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_plain_k_on_every_layer_same_greedy_tokens(name):
     """bf16, well-conditioned W_K: the calibration puts every layer on the plain K cache (r = 0); greedy decoding of
-    a left-padded batch gives exactly vanilla bf16's tokens, and the logits are as accurate as vanilla's. (OLMo-2 is
-    not in :data:`NAMES`: its k-norm keeps every layer on the model's own K/V, exact, nothing to test here.)"""
+    a left-padded batch gives exactly vanilla bf16's tokens, and the logits are as accurate as vanilla's (OLMo-2
+    included: its normalised keys, each token's bf16 key scale and ``diag(1/w)`` pass the same calibration)."""
     reference, vanilla, slim = _bf16_models(name, _orthogonal_keys)
     record = slim_record(slim)
     assert set(record.layer_modes.values()) == {"k"} and not any(record.residual_ranks.values()), record.calibration
@@ -362,8 +372,9 @@ def test_unslimify_restores_exactly_and_copies_work():
     assert_unchanged(model, before)
 
 
-def test_cache_report_matches_measured_bytes():
-    vanilla, slim = pair("llama")
+@pytest.mark.parametrize("name", ["llama", "olmo2"])
+def test_cache_report_matches_measured_bytes(name):
+    vanilla, slim = pair(name)
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
     tokens = actual.past_key_values.get_seq_length()
     report = cache_report(slim, batch_size=3, seq_len=tokens, verbose=False)
@@ -396,7 +407,6 @@ def test_cache_report_llama_2_7b_at_4k_is_2x():
 
 NOT_LINEAR_IN_K = {
     "olmo-clip_qkv": (dict(name="olmo", clip_qkv=0.5), "clip_qkv=0.5 clamps keys"),
-    "olmo2-k_norm": (dict(name="llama", model_type="olmo2"), "RMS-normalises the full-width keys"),
     "phi-qk_layernorm": (dict(name="phi", qk_layernorm=True), "qk_layernorm normalises each head's keys"),
     "stablelm-qk_layernorm": (dict(name="stablelm", qk_layernorm=True), "qk_layernorm normalises each head's keys"),
     "qwen2-sliding": (
@@ -423,7 +433,7 @@ def test_layers_where_v_is_not_a_function_of_k_keep_own_kv_with_reason(case):
 # ------------------------------------------------------------------------------------ checkpoints, offload, CLI
 
 
-@pytest.mark.parametrize("name", ["llama", "phi3-longrope", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("name", ["llama", "phi3-longrope", "gptj", "gpt_neox", "olmo2"])
 def test_save_and_load_slim_reproduce_mixed_cache(name, tmp_path):
     """A mixed model (layer 0 K, layer 1 the model's own K/V) saves and loads with the same modes and outputs."""
     from hf_slim import load_slim
@@ -521,6 +531,128 @@ def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn):
             layer.self_attn.hf_slim_z_proj.zero_()
     with pytest.raises(AssertionError, match="relative max difference"):
         _decode_logits(vanilla, slim, steps=2)
+
+
+# ------------------------------------------------------------------------- OLMo-2: normalised keys, per-token scale
+
+OLMO2_LAYERS = [f"Olmo2Attention[self {i}]" for i in range(2)]
+
+
+def _olmo2_forced(rank: int, attn: str = "sdpa"):
+    """(unpatched, slim) tiny OLMo-2 with both layers forced onto the K cache at residual rank ``rank``; for ``r = 0``
+    W_K is orthogonal (random W_K have cond ~1e2: plain K in fp32 would sit above the K-mode floor)."""
+    vanilla = tiny_rope("olmo2", attn=attn)
+    if rank == 0:
+        vanilla = _orthogonal_keys(vanilla)
+    slim = slimify(
+        copy.deepcopy(vanilla),
+        layer_modes=dict.fromkeys(OLMO2_LAYERS, "k"),
+        residual_ranks=dict.fromkeys(OLMO2_LAYERS, rank),
+    )
+    return vanilla, slim
+
+
+@pytest.mark.parametrize("rank", [0, 16])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_olmo2_key_scale_k_and_k_plus_r_match(attn, rank):
+    """OLMo-2's k_norm: the cache holds the normalised rotated keys (the scores' own), Z (K+R) and each token's key
+    scale, ``e + r + 1`` columns; the values come from ``[s * R^-1(K_n) | Z]`` with ``diag(1/w)`` in W_KV. Prefill and
+    40 decode steps of a left-padded batch match the unpatched model in fp32, greedy and static-cache tokens too."""
+    vanilla, slim = _olmo2_forced(rank, attn)
+    caches = _decode_logits(vanilla, slim)
+    assert caches["slim"].layers[0].states.shape[-1] == 64 + rank + 1
+    _assert_half_plus_positions(slim, caches["slim"], caches["vanilla"])
+    for kwargs in (dict(), dict(cache_implementation="static")):
+        expected, actual = _generate(vanilla, do_sample=False, **kwargs), _generate(slim, do_sample=False, **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"OLMo-2 K (r = {rank}) greedy {kwargs}")
+
+
+def _drop_key_scale(monkeypatch) -> None:
+    """Mutation: rebuild the values from ``[K_n | Z]``, the key scale column ignored."""
+    import hf_slim.attention
+
+    monkeypatch.setattr(hf_slim.attention, "scale_keys", lambda keys, key_width: keys[..., :-1].float())
+
+
+@torch.no_grad()
+def _drop_weight_fold(monkeypatch, slim) -> None:
+    """Mutation: W_KV's key block without ``diag(1/w)`` (as solved for keys that are not normalised)."""
+    for layer in slim.model.layers:
+        attention = layer.self_attn
+        attention.hf_slim_w_kv[:64] *= attention.k_norm.weight[:, None]
+
+
+@pytest.mark.parametrize("mutation", [_drop_key_scale, _drop_weight_fold])
+@pytest.mark.parametrize("rank", [0, 16])
+def test_olmo2_values_need_the_key_scale_and_the_weight_fold(monkeypatch, rank, mutation):
+    """Without each token's scale, or without ``1/w`` folded into W_KV, the logits leave the unpatched model's."""
+    vanilla, slim = _olmo2_forced(rank)
+    if mutation is _drop_key_scale:
+        mutation(monkeypatch)
+    else:
+        mutation(monkeypatch, slim)
+    with pytest.raises(AssertionError, match="relative max difference"):
+        _decode_logits(vanilla, slim, steps=2)
+
+
+def test_olmo2_key_norm_with_zero_weights_keeps_own_kv_with_reason():
+    """A k_norm weight with zeros makes those key columns 0 whatever the input: ``1/w`` does not exist, the layer keeps
+    the model's own K/V, says why, and the model still matches the unpatched one."""
+    vanilla = tiny_rope("olmo2")
+    with torch.no_grad():
+        vanilla.model.layers[1].self_attn.k_norm.weight[3] = 0.0
+    with pytest.warns(SlimFallbackWarning, match=r"Olmo2Attention\[self 1\]: the key norm's weight has 1 zero"):
+        slim = slimify(copy.deepcopy(vanilla))
+    assert slim_record(slim).layer_modes == {OLMO2_LAYERS[0]: "k", OLMO2_LAYERS[1]: "kv"}
+    _decode_logits(vanilla, slim, steps=5)
+    with pytest.raises(ValueError, match="the key norm's weight has 1 zero"):
+        slimify(copy.deepcopy(vanilla), layer_modes=dict.fromkeys(OLMO2_LAYERS, "k"))
+
+
+def test_olmo2_key_norm_edit_after_slimify_is_caught():
+    """W_KV folds ``1/w`` of the key norm: editing its weight after slimify makes W_KV stale, and the next step says so
+    (the stamp watches the norm weight as it watches W_K and W_V)."""
+    from hf_slim.kmode import StaleKModeWeights
+
+    slim = pair("olmo2")[1]
+    with torch.no_grad():
+        slim.model.layers[0].self_attn.k_norm.weight.mul_(1.01)
+    with pytest.raises(StaleKModeWeights, match="changed after slimify"):
+        _decode_logits(tiny_rope("olmo2"), slim, steps=1)
+
+
+def test_olmo2_save_and_load_slim_checks_the_key_norm(tmp_path):
+    """Every layer K: load_slim reproduces the outputs; a checkpoint whose k_norm weight was changed after export is
+    refused (W_KV folds ``1/w``, so the sidecar no longer fits)."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_slim import load_slim
+    from hf_slim.export import SlimCheckpointError
+
+    vanilla, slim = pair("olmo2")
+    slim.save_pretrained(tmp_path)
+    loaded = load_slim(tmp_path)
+    assert slim_record(loaded).layer_modes == dict.fromkeys(OLMO2_LAYERS, "k")
+    assert all(module.hf_slim.key_scale for module in loaded.modules() if hasattr(module, "hf_slim"))
+    expected = _generate(vanilla, do_sample=False)
+    assert_same_tokens(_generate(loaded, do_sample=False).sequences, expected.sequences, "load_slim OLMo-2")
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.k_norm.weight"] = weights["model.layers.0.self_attn.k_norm.weight"] * 1.01
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SlimCheckpointError, match=r"Olmo2Attention\[self 0\] W_KV does not match the weights"):
+        load_slim(tmp_path)
+
+
+def test_olmo2_cli_verify_shows_the_key_scale(tmp_path, capsys):
+    from hf_slim.cli import main
+
+    tiny_rope("olmo2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert main(["verify", "--model", str(tmp_path), "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("Olmo2Attention")]
+    assert len(rows) == 2 and all(row[2] == "k" and row[4] == "16+s" for row in rows), out
+    assert "greedy outputs: identical to the unpatched model" in out
 
 
 # ------------------------------------------------------------------- positions instead of cos/sin: checks, mutations

@@ -216,6 +216,7 @@ ROPE_CONFIGS: dict[str, dict] = {
     "gpt_neox": dict(model_type="gpt_neox"),
     "gptj": dict(model_type="gptj", max_position_embeddings=128, rotary_dim=8, attn="eager"),
     "olmo": dict(model_type="olmo"),
+    "olmo2": dict(model_type="olmo2"),  # k_norm: the K cache keeps each token's key scale (e + r + 1 columns)
 }
 
 
