@@ -20,7 +20,8 @@ from helpers import (
     assert_unchanged,
     snapshot,
 )
-from tiny_encdec import BART_FAMILY, VOCAB, sharpen_greedy, source_batch, tiny_bart
+from tiny_encdec import BART_FAMILY, VOCAB, source_batch, tiny_bart
+from tiny_models import sharpen_greedy
 from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
 from hf_slim import (
@@ -219,7 +220,7 @@ def test_bf16_greedy_identical_and_as_accurate(model_type):
     their logits differ by about one bf16 step (2**-7 relative). A random tiny model's top two scores often sit
     closer than that somewhere on a 24-token path (measured: 0 or 1 step on every model type here), where strict
     identity would be luck. So the model is first trained on its own greedy path until every token leads by 32
-    steps (:func:`tiny_encdec.sharpen_greedy`, peaked like a trained model), and the test checks on the unpatched
+    steps (:func:`tiny_models.sharpen_greedy`, peaked like a trained model), and the test checks on the unpatched
     bf16 model's path that every margin is at least ``BF16_MIN_MARGIN`` and the slim logits differ by at most
     ``BF16_MAX_DIFFERENCE`` (:func:`helpers.assert_bf16_greedy_identical`): identical tokens then follow from the
     numbers, and a token or logit difference is a slim attention bug, not a tie.

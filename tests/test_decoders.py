@@ -11,8 +11,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, relative_difference
-from tiny_models import DECODER_CONFIGS, tiny_decoder, tiny_tokenizer
+from helpers import (
+    LOGITS_RTOL,
+    assert_bf16_greedy_identical,
+    assert_close_relative,
+    assert_same_tokens,
+    relative_difference,
+)
+from tiny_models import DECODER_CONFIGS, sharpen_greedy, tiny_decoder, tiny_tokenizer
 from transformers import DynamicCache
 
 from hf_slim import SlimCache, SlimFallbackWarning, cache_nbytes, cache_report, slim_record, slimify, unslimify
@@ -255,32 +261,44 @@ def test_a_static_cache_refusal_is_a_clear_error():
         slim.generate(**padded_batch(), max_new_tokens=4, do_sample=False, cache_implementation="static")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_bf16_greedy_identical(name):
-    vanilla = tiny_decoder(name, dtype=torch.bfloat16)
-    slim = slimify(copy.deepcopy(vanilla), "input")
-    expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
-    assert_same_tokens(actual.sequences, expected.sequences, "bf16 greedy")
+#: greedy settings of the bf16 test: min_new_tokens keeps eos (= pad) off the path, no_repeat_ngram_size keeps it varied
+BF16_GENERATE = dict(max_new_tokens=20, min_new_tokens=20, no_repeat_ngram_size=2, do_sample=False)
+#: families whose unpatched bf16 logits are off float32 by more than rounding on the sharpened path (BLOOM adds its
+#: ALiBi to the scores in bf16: up to 15 bf16 steps off, where the slim model's are within 2), so the slim-vs-unpatched
+#: logit bound adds the unpatched model's own error (see :func:`helpers.assert_bf16_greedy_identical`)
+BF16_IMPRECISE_VANILLA = {"bloom"}
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bf16_logit_error_is_the_unpatched_models_own(name):
-    """bf16 decode along the fp32 greedy path: the slim model's logit error against the fp32 model is at most twice
-    the unpatched bf16 model's own (the absorbed path accumulates in fp32, so it is usually smaller)."""
-    reference, vanilla = tiny_decoder(name), tiny_decoder(name, dtype=torch.bfloat16)
+def test_bf16_greedy_identical_and_as_accurate(name):
+    """bf16 greedy tokens (left-padded batch, 20 new tokens) are identical to the unpatched bf16 model's, and decode
+    logits along that path are as close to the float32 model as the unpatched bf16 model's are.
+
+    The two bf16 models round at different places (slim scores from the cached X in float32, unpatched from bf16
+    K/V), so their logits differ by about one bf16 step. The random tiny models' closest greedy decisions on this
+    path are 0-1.6 steps apart (every family), where strict identity would be luck; so the model is first
+    trained on its own float32 greedy path until every token leads by 32 steps (:func:`tiny_models.sharpen_greedy`),
+    and :func:`helpers.assert_bf16_greedy_identical` checks the margins (>= 16 steps), the tokens and the logit
+    difference. Then, teacher-forced along the path (prefill, then one token per step), the slim model's relative
+    logit error against float32 is at most twice the unpatched bf16 model's (the absorbed path accumulates in
+    float32, so it is usually smaller).
+    """
+    reference, batch = tiny_decoder(name), padded_batch()
+    path, _ = sharpen_greedy(reference, batch, BF16_GENERATE)  # (3, prompt + 20)
+    vanilla = copy.deepcopy(reference).to(torch.bfloat16)
     slim = slimify(copy.deepcopy(vanilla), "input")
-    batch = padded_batch()
-    with torch.no_grad():
-        sequence = reference.generate(**batch, max_new_tokens=20, do_sample=False)
+    imprecise = DECODER_CONFIGS[name][0] in BF16_IMPRECISE_VANILLA
+    assert_bf16_greedy_identical(vanilla, slim, batch, path, BF16_GENERATE, name, reference if imprecise else None)
+
     prompt = batch["input_ids"].shape[1]
-    mask = torch.cat([batch["attention_mask"], torch.ones_like(sequence[:, prompt:])], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(path[:, prompt:])], dim=1)
     errors = {"vanilla": [], "slim": []}
     caches = [DynamicCache(), DynamicCache(), SlimCache()]
     with torch.no_grad():
-        for step in range(sequence.shape[1] - prompt):
+        for step in range(path.shape[1] - prompt):
             piece = slice(0, prompt) if step == 0 else slice(prompt + step - 1, prompt + step)
             logits = [
-                model(input_ids=sequence[:, piece], attention_mask=mask[:, : piece.stop], past_key_values=cache)
+                model(input_ids=path[:, piece], attention_mask=mask[:, : piece.stop], past_key_values=cache)
                 .logits[:, -1]
                 .float()
                 for model, cache in zip((reference, vanilla, slim), caches, strict=True)

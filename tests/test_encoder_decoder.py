@@ -18,8 +18,8 @@ from helpers import (
     assert_unchanged,
     snapshot,
 )
-from tiny_encdec import VOCAB, sharpen_greedy, tiny_config
-from tiny_models import randomize_biases
+from tiny_encdec import VOCAB, tiny_config
+from tiny_models import randomize_biases, sharpen_greedy
 from transformers import (
     BartForCausalLM,
     DynamicCache,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from helpers import bf16_steps
 from tiny_models import randomize_biases
 from transformers import (
     BartConfig,
@@ -141,48 +140,3 @@ def source_batch(batch: int = 3, length: int = 10, padding_side: str = "right", 
                 mask[row, :pad] = 0
     input_ids = input_ids.masked_fill(mask == 0, PAD)
     return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def sharpen_greedy(
-    model: torch.nn.Module,
-    inputs: dict,
-    generate_kwargs: dict,
-    *,
-    target: float = 32.0,
-    max_steps: int = 200,
-    lr: float = 3e-3,
-) -> tuple[torch.Tensor, float]:
-    """Make ``model``'s own greedy continuation of ``inputs`` confident by training it (in place, float32) on it.
-
-    Why: random tiny models have flat output distributions. On a long greedy path their top two scores often sit
-    within one bf16 step of each other, where any rounding picks either token, so strict bf16 token identity would
-    test luck; no init scale helps, because the gap is small relative to the logits themselves. A trained model's
-    top-1 stands far above the rest, and this makes the tiny model trained on its own path: generate it once
-    (``generate_kwargs``: greedy, with the logits processors of the test), then take Adam steps of teacher-forced
-    cross-entropy on it until every path token leads every other token by ``target`` bf16 steps
-    (:func:`helpers.bf16_steps`). Then greedy decoding follows the same path, each step by that margin (logits
-    processors only lower other tokens). Every weight moves a little; biases and norms stay random and non-zero.
-
-    ``inputs``: the encoder inputs (``input_ids``, ``attention_mask``; ``pixel_values`` or ``input_values`` of a
-    composite). Returns the path ``(batch, 1 + new)`` and the smallest margin reached (below ``target`` when
-    ``max_steps`` did not reach it).
-    """
-    with torch.no_grad():
-        path = model.generate(**inputs, **generate_kwargs)
-    path = getattr(path, "sequences", path)  # (batch, 1 + new): the start token, then the greedy tokens
-    labels = path[:, 1:, None]  # (batch, new, 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(max_steps + 1):
-            logits = model(**inputs, decoder_input_ids=path[:, :-1]).logits  # (batch, new, vocab)
-            chosen = logits.detach().gather(-1, labels)[..., 0]  # (batch, new)
-            others = logits.detach().scatter(-1, labels, float("-inf")).amax(-1)  # (batch, new)
-            margin = float(bf16_steps(chosen, others).min())
-            if margin >= target:
-                break
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return path, margin

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
+from helpers import bf16_steps
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -298,3 +300,71 @@ def peak_logits(model: torch.nn.Module, embedding_ratio: float = 2.0, seed: int 
     unembedding.zero_()
     unembedding[cycle.roll(-1)] = embedding[cycle] / embedding[cycle].norm(dim=-1, keepdim=True)  # successor rows
     return model
+
+
+def _teacher_forced(model: torch.nn.Module, inputs: dict, path: torch.Tensor) -> tuple[dict, int]:
+    """The forward arguments that score ``path`` (generate()'s output for ``inputs``) in one teacher-forced pass,
+    and ``first``: the index in ``path`` of the first generated token (logits ``[:, first - 1:]`` predict
+    ``path[:, first:]``).
+
+    An encoder-decoder's path is the decoder start token, then the new tokens: the decoder reads ``path[:, :-1]``
+    beside the encoder ``inputs``. A decoder-only path is the (left-padded) prompt, then the new tokens: the model
+    reads ``path[:, :-1]`` with the prompt's mask extended by ones and, where its forward takes them, the position
+    ids generate() derives from that mask (so left-padded rows are scored at the positions they are generated at).
+    """
+    if model.config.is_encoder_decoder:
+        return {**inputs, "decoder_input_ids": path[:, :-1]}, 1
+    first = inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(path[:, first:])], dim=1)  # (batch, len(path))
+    forced = {"input_ids": path[:, :-1], "attention_mask": mask[:, :-1]}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        forced["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, :-1]  # padding slots: 0, as generate()
+    return forced, first
+
+
+def sharpen_greedy(
+    model: torch.nn.Module,
+    inputs: dict,
+    generate_kwargs: dict,
+    *,
+    target: float = 32.0,
+    max_steps: int = 200,
+    lr: float = 3e-3,
+) -> tuple[torch.Tensor, float]:
+    """Make ``model``'s own greedy continuation of ``inputs`` confident by training it (in place, float32) on it.
+
+    Why: random tiny models have flat output distributions. On a long greedy path their top two scores often sit
+    within one bf16 step of each other, where any rounding picks either token, so strict bf16 token identity would
+    test luck; no init scale helps, because the gap is small relative to the logits themselves. A trained model's
+    top-1 stands far above the rest, and this makes the tiny model trained on its own path: generate it once
+    (``generate_kwargs``: greedy, with the logits processors of the test), then take Adam steps of teacher-forced
+    cross-entropy on it until every path token leads every other token by ``target`` bf16 steps
+    (:func:`helpers.bf16_steps`). Then greedy decoding follows the same path, each step by that margin (logits
+    processors only lower other tokens). Every weight moves a little; biases and norms stay random and non-zero,
+    and attention still decides the tokens (the path depends on the prompt and on what came before).
+
+    ``inputs``: a decoder-only model's ``input_ids`` and ``attention_mask`` (left-padded), or an encoder-decoder's
+    encoder inputs (``input_ids``, ``attention_mask``; ``pixel_values`` or ``input_values`` of a composite).
+    Returns the path (generate()'s sequences: ``(batch, 1 + new)`` for an encoder-decoder, ``(batch, prompt + new)``
+    for a decoder-only model) and the smallest margin reached (below ``target`` when ``max_steps`` did not reach it).
+    """
+    with torch.no_grad():
+        path = model.generate(**inputs, **generate_kwargs)
+    path = getattr(path, "sequences", path)
+    forced, first = _teacher_forced(model, inputs, path)
+    labels = path[:, first:, None]  # (batch, new, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(max_steps + 1):
+            logits = model(**forced).logits[:, first - 1 :]  # (batch, new, vocab)
+            chosen = logits.detach().gather(-1, labels)[..., 0]  # (batch, new)
+            others = logits.detach().scatter(-1, labels, float("-inf")).amax(-1)  # (batch, new)
+            margin = float(bf16_steps(chosen, others).min())
+            if margin >= target:
+                break
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return path, margin
