@@ -117,6 +117,26 @@ def assert_bf16_greedy_identical(
     )
 
 
+def encoder_decoder_step_logits(model: torch.nn.Module, inputs: dict, decoder_ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits of an encoder-decoder, one decoder token per step over the model's own cache:
+    ``decoder_ids: (batch, steps)`` -> ``(batch, steps, vocab)`` float64 (``inputs``: the encoder's)."""
+    cache, steps = None, []
+    with torch.no_grad():
+        for position in range(decoder_ids.shape[1]):
+            out = model(**inputs, decoder_input_ids=decoder_ids[:, position : position + 1], past_key_values=cache)
+            cache = out.past_key_values
+            steps.append(out.logits.double())
+    return torch.cat(steps, dim=1)
+
+
+def assert_as_accurate_as_unpatched(logits: dict[str, torch.Tensor], what: str) -> None:
+    """The half-precision bar: the slim model's logits are at most 1.5x as far from the float32 model's as the
+    unpatched model's are (max absolute difference). ``logits``: ``reference`` (float32), ``vanilla``, ``slim``."""
+    vanilla_error = float((logits["vanilla"] - logits["reference"]).abs().max())
+    slim_error = float((logits["slim"] - logits["reference"]).abs().max())
+    assert slim_error <= 1.5 * vanilla_error, f"{what}: slim error {slim_error:.3g} vs unpatched {vanilla_error:.3g}"
+
+
 def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, set[str]]]:
     """A copy of the weights and each module's instance attribute names, for :func:`assert_unchanged`."""
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -14,10 +14,12 @@ import pytest
 import torch
 from helpers import (
     LOGITS_RTOL,
+    assert_as_accurate_as_unpatched,
     assert_bf16_greedy_identical,
     assert_close_relative,
     assert_same_tokens,
     assert_unchanged,
+    encoder_decoder_step_logits,
     snapshot,
 )
 from tiny_encdec import BART_FAMILY, VOCAB, source_batch, tiny_bart
@@ -234,18 +236,9 @@ def test_bf16_greedy_identical_and_as_accurate(model_type):
 
     ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
     ids[:, 0] = reference.config.decoder_start_token_id
-    logits = {}
-    with torch.no_grad():
-        for name, model in (("reference", reference), ("vanilla", vanilla), ("slim", slim)):
-            cache, steps = None, []
-            for position in range(ids.shape[1]):
-                out = model(**source, decoder_input_ids=ids[:, position : position + 1], past_key_values=cache)
-                cache = out.past_key_values
-                steps.append(out.logits.double())
-            logits[name] = torch.cat(steps, dim=1)
-    vanilla_error = float((logits["vanilla"] - logits["reference"]).abs().max())
-    slim_error = float((logits["slim"] - logits["reference"]).abs().max())
-    assert slim_error <= 1.5 * vanilla_error, f"bf16: slim error {slim_error:.3g} vs unpatched {vanilla_error:.3g}"
+    models = {"reference": reference, "vanilla": vanilla, "slim": slim}
+    logits = {name: encoder_decoder_step_logits(model, source, ids) for name, model in models.items()}
+    assert_as_accurate_as_unpatched(logits, "bf16")
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_TYPES)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (
     LOGITS_RTOL,
+    assert_as_accurate_as_unpatched,
     assert_bf16_greedy_identical,
     assert_close_relative,
     assert_same_tokens,
@@ -170,9 +171,7 @@ def test_bf16_input_mode_greedy_identical_and_as_accurate():
                 out = model(input_ids=ids[:, position : position + 1], attention_mask=step_mask, past_key_values=cache)
                 steps.append(out.logits.double())
             logits[name] = torch.cat(steps, dim=1)
-    vanilla_error = float((logits["vanilla"] - logits["reference"]).abs().max())
-    slim_error = float((logits["slim"] - logits["reference"]).abs().max())
-    assert slim_error <= 1.5 * vanilla_error, f"bf16: slim error {slim_error:.3g} vs unpatched {vanilla_error:.3g}"
+    assert_as_accurate_as_unpatched(logits, "bf16")
 
 
 def test_explicit_position_ids_and_attentions():
