@@ -353,7 +353,10 @@ class RotaryPositions:
         else:
             states = self.positions.update_slim(columns)  # (b, n, 1|2)
         table = self._recompute(states, source, cos_sin.dtype)  # (b, n, 2r)
-        if not torch.compiler.is_compiling() and not reproduces(self._last_rows(table, new, layer), cos_sin):
+        if torch.compiler.is_compiling():
+            return table
+        new_rows = table.index_select(1, layer.query_slots(new).to(table.device))  # (b, t, 2r): the tokens just written
+        if not reproduces(new_rows, cos_sin):
             old = table if isinstance(self.positions, StaticSlimLayer) else table[:, :-new]
             return self._fall_back(
                 old, cos_sin, layer, "the cos/sin recomputed from the positions differ from the model's"
@@ -373,14 +376,6 @@ class RotaryPositions:
         if any(scale != scaling for scale in self.scales):
             scaling = torch.tensor(self.scales, device=states.device)[ids][..., None]  # (b, n, 1)
         return source.table(positions, regimes[ids], scaling, dtype)  # per-token frequencies (b, n, r/2)
-
-    @staticmethod
-    def _last_rows(table: torch.Tensor, new: int, layer: SlimLayer) -> torch.Tensor:
-        """The rows of the ``new`` tokens just written: ``(batch, new, 2 * rotary_dim)``."""
-        if isinstance(layer, StaticSlimLayer):
-            rows = torch.arange(new, device=table.device) + layer.cumulative_length.to(table.device) - new
-            return table.index_select(1, rows)
-        return table[:, -new:]
 
     @torch.compiler.disable
     def _regime_id(self, source: RotarySource, device: torch.device) -> int:
