@@ -19,20 +19,26 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import sys
+import typing
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING
 
-import torch
 from packaging.version import Version
+
+if TYPE_CHECKING:
+    import torch
 
 #: Oldest transformers release hf_slim supports: T5's attention interface (``eager_attention_forward`` in
 #: ``modeling_t5``) exists from 5.15 on.
 MIN_TRANSFORMERS = Version("5.15.0")
 #: Newest transformers minor release the suite has run on (every patch release of it counts as tested).
-NEWEST_TESTED_TRANSFORMERS = Version("5.23")
-#: The tested range as a pip specifier.
-TESTED_RANGE = ">=5.15,<5.24"
+NEWEST_TESTED_TRANSFORMERS = Version("5.24")
+#: The tested range as a pip specifier (pyproject.toml requires the same range).
+TESTED_RANGE = ">=5.15,<5.25"
 
 
 class UntestedTransformersWarning(UserWarning):
@@ -56,10 +62,9 @@ def check_transformers_version(installed: str | None = None) -> None:
     installed:
         the version to check; defaults to ``transformers.__version__``.
     """
-    if installed is None:
-        import transformers
-
-        installed = transformers.__version__
+    if installed is None:  # the imported module's version if it is imported, else the package's (no import)
+        module = sys.modules.get("transformers")
+        installed = module.__version__ if module is not None else metadata.version("transformers")
     version = Version(installed)
     if version.release[:3] < MIN_TRANSFORMERS.release:
         raise ImportError(
@@ -76,6 +81,82 @@ def check_transformers_version(installed: str | None = None) -> None:
             UntestedTransformersWarning,
             stacklevel=2,
         )
+
+
+# --- the cache argument, by role (transformers renames it: past_key_values up to 5.23, cache from 5.24) -----------
+
+#: Marks the cache parameter in :attr:`Contract.parameters`: any name, the parameter transformers passes the cache as.
+CACHE = "<cache>"
+
+
+def _annotation_is_cache(annotation: object) -> bool:
+    """Whether a parameter annotation names a transformers ``Cache`` (``Cache | None``, ``Optional[Cache]``, or the
+    same as a string)."""
+    from transformers.cache_utils import Cache
+
+    if annotation is inspect.Parameter.empty or annotation is None:
+        return False
+    if isinstance(annotation, str):
+        return re.search(r"\b\w*Cache\b", annotation) is not None
+    if isinstance(annotation, type):
+        return issubclass(annotation, Cache)
+    return any(_annotation_is_cache(argument) for argument in typing.get_args(annotation))
+
+
+def generation_cache_names() -> tuple[str, ...]:
+    """The keyword names transformers' generate() passes caches under, as transformers itself lists them
+    (``transformers.generation.utils.ALL_CACHE_NAMES``: the default first)."""
+    from transformers.generation import utils
+
+    return tuple(getattr(utils, "ALL_CACHE_NAMES", ()))
+
+
+def cache_parameter(function: Callable) -> str | None:
+    """The name of the parameter of ``function`` that takes the cache, read from the function itself.
+
+    Why: transformers renamed it (``past_key_values`` -> ``cache`` in 5.24, with the old name deprecated), and may
+    again; hf_slim reads the name the installed code declares instead of keeping a table of names. The cache
+    parameter is the one annotated as a ``Cache``; for the forwards that carry no annotation, the one named as
+    generate() names caches (:func:`generation_cache_names`). None if there is neither.
+    """
+    parameters = list(inspect.signature(function).parameters.values())
+    for parameter in parameters:
+        if _annotation_is_cache(parameter.annotation):
+            return parameter.name
+    names = generation_cache_names()
+    for parameter in parameters:
+        if parameter.name in names:
+            return parameter.name
+    return None
+
+
+def find_cache(args: tuple, kwargs: Mapping) -> object | None:
+    """The first transformers ``Cache`` among a call's arguments (by type, whatever the argument is named)."""
+    from transformers.cache_utils import Cache
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def cache_entry(mapping: Mapping) -> tuple[str | None, object | None]:
+    """``(key, cache)`` of the transformers ``Cache`` held in a mapping (generate()'s ``model_kwargs``, a model
+    output), or ``(None, None)``: found by type, so hf_slim needs no name for it."""
+    from transformers.cache_utils import Cache
+
+    for key, value in mapping.items():
+        if isinstance(value, Cache):
+            return key, value
+    return None, None
+
+
+def returned_cache(output: object) -> object | None:
+    """The cache a model or generate() output carries (``output.past_key_values`` up to transformers 5.23,
+    ``output.cache`` from 5.24), found by type; None if it carries none."""
+    if isinstance(output, Mapping):
+        return cache_entry(output)[1]
+    return None
 
 
 # --- generation helpers -----------------------------------------------------------------------------------------
@@ -123,8 +204,10 @@ class Contract:
     parameters:
         the method's leading parameter names after ``self``, in order: a replacement forward receives the arguments
         callers pass for these, positionally or by name, so a renamed, added or reordered one would be misread.
+        :data:`CACHE` stands for the cache parameter, whatever transformers names it (:func:`cache_parameter`).
     keywords:
-        parameter names that must exist anywhere in the signature (read by name, e.g. ``past_key_values``).
+        parameter names that must exist anywhere in the signature (read by name, e.g. ``use_cache``); :data:`CACHE`:
+        the method takes a cache.
     attributes:
         instance attributes the adapted code reads (weights, sizes, flags), checked on every instance in the model.
     where:
@@ -150,14 +233,20 @@ class Contract:
             return [f"{name} does not exist"]
         names = [p.name for p in inspect.signature(function).parameters.values() if p.kind != p.VAR_KEYWORD]
         names = names[1:] if names and names[0] == "self" else names  # a staticmethod has no self
+        cache = cache_parameter(function)
+        leading = names[: len(self.parameters)]
+        fits = len(leading) == len(self.parameters) and all(
+            expected == name or (expected == CACHE and (cache is None or name == cache))  # unmarked: by position
+            for expected, name in zip(self.parameters, leading, strict=False)
+        )
         problems = []
-        if tuple(names[: len(self.parameters)]) != self.parameters:
-            problems.append(
-                f"{name} takes ({', '.join(names)}), hf_slim expects it to start with ({', '.join(self.parameters)})"
-            )
-        missing = [keyword for keyword in self.keywords if keyword not in names]
+        if not fits:
+            shown = ", ".join("<the cache>" if p == CACHE else p for p in self.parameters)
+            problems.append(f"{name} takes ({', '.join(names)}), hf_slim expects it to start with ({shown})")
+        missing = [k for k in self.keywords if (cache is None if k == CACHE else k not in names)]
         if missing:
-            problems.append(f"{name} has no parameter(s) {', '.join(missing)}")
+            shown = ", ".join("a cache" if k == CACHE else k for k in missing)
+            problems.append(f"{name} has no parameter(s) {shown}")
         return problems
 
     def attribute_problems(self, instance: object) -> list[str]:
@@ -177,24 +266,48 @@ def forward_contracts(
     ``cache_owners`` whose forwards create the cache.
 
     Why derived from the slim forward itself: what it relies on is the module attributes it reads (every
-    ``self.<name>`` in its source), the input arriving first, and the cache and mask arriving by their names (decoder
-    layers pass them by keyword). Deriving them keeps the contract in step with the code that needs it; the check
-    against the installed transformers is what catches drift. ``alternatives``: attributes the forward reads only
-    where they exist (one forward serving classes that name a module differently), left out of the contract.
-    ``also_reads``: attributes a shared helper the forward calls reads (e.g.
+    ``self.<name>`` in its source), its parameters up to the cache lining up with the original's (callers pass the
+    cache by keyword under the original's name, which :func:`hf_slim.api` maps to ``cache`` by position, or
+    positionally), and the mask arriving by its name. Deriving them keeps the contract in step with the code that
+    needs it; the check against the installed transformers is what catches drift. ``alternatives``: attributes the
+    forward reads only where they exist (one forward serving classes that name a module differently), left out of the
+    contract. ``also_reads``: attributes a shared helper the forward calls reads (e.g.
     :data:`hf_slim.attention.DECODER_ATTENTION_READS`).
     """
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     names = [p.name for p in inspect.signature(forward).parameters.values() if p.kind in positional][1:]
-    keywords = tuple(name for name in ("past_key_values", "attention_mask") if name in names)
+    # the cache arrives by keyword under the original's name or by position: the parameters up to it must line up
+    leading = (
+        tuple(CACHE if name == "cache" else name for name in names[: names.index("cache") + 1])
+        if "cache" in names
+        else tuple(names[:1])
+    )
+    keywords = ("attention_mask",) if "attention_mask" in names else ()
     read = set(re.findall(r"\bself\.([A-Za-z_]\w*)", inspect.getsource(forward))) - set(alternatives)
     read |= set(also_reads)
     attributes = tuple(sorted(read))
     contracts = [
-        Contract(owner, "forward", parameters=tuple(names[:1]), keywords=keywords, attributes=attributes)
-        for owner in attention
+        Contract(owner, "forward", parameters=leading, keywords=keywords, attributes=attributes) for owner in attention
     ]
-    contracts += [Contract(owner, "forward", keywords=("past_key_values", "use_cache")) for owner in cache_owners]
+    contracts += [Contract(owner, "forward", keywords=(CACHE, "use_cache")) for owner in cache_owners]
+    return tuple(contracts)
+
+
+def route_contracts(
+    route,
+    attention: tuple[type, ...],
+    cache_owners: tuple[type, ...] = (),
+    attributes: tuple[str, ...] = (),
+) -> tuple[Contract, ...]:
+    """Contracts for attention classes served through transformers' extension points (:mod:`hf_slim.interface`):
+    their own forward runs, so hf_slim relies only on what it reads of its arguments (a cache parameter, the rotary
+    and encoder-output parameters the ``route`` names) and on the module ``attributes`` the patch reads (projections,
+    sizes). Whether the forward still calls ``cache.update`` and the registered attention function is checked at
+    every call (the slim step must be served), not from a signature.
+    """
+    keywords = tuple(name for name in (route.rotary_parameter, route.encoder_parameter) if name is not None)
+    contracts = [Contract(owner, "forward", keywords=(CACHE, *keywords), attributes=attributes) for owner in attention]
+    contracts += [Contract(owner, "forward", keywords=(CACHE, "use_cache")) for owner in cache_owners]
     return tuple(contracts)
 
 

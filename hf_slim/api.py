@@ -19,10 +19,11 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 
 from . import __version__
-from ._compat import check_contracts
+from ._compat import cache_entry, cache_parameter, check_contracts, find_cache, generation_cache_names
 from .attention import SlimAttentionState
-from .cache import CacheOwner, SlimCache, SlimLayout
+from .cache import CacheOwner, EncoderOutputCache, SlimCache, SlimLayout, adopt_cross_part
 from .generation import CONTRACTS as GENERATION_CONTRACTS
+from .interface import SUPPORTED_ATTENTION, RoutedSignature, SlimAttentionConfig, check_implementation, routed_forward
 from .kmode import (
     KModeWeights,
     KSourceStamp,
@@ -45,7 +46,6 @@ from .rope import rotary_state_kept
 from .sites import AttentionSite
 
 MODES = ("auto", "input", "k")
-SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 class SlimFallbackWarning(UserWarning):
@@ -77,7 +77,7 @@ class SlimRecord:
         Layers adopt each writer's layout."""
         cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len, kv_layers=self.kv_layers)
         if self.is_encoder_decoder:
-            return EncoderDecoderCache(cache, SlimCache(0))
+            return EncoderDecoderCache(cache, EncoderOutputCache())
         return cache
 
 
@@ -371,7 +371,7 @@ def _check_calibration_inputs(calibration_inputs) -> None:
     for key, value in calibration_inputs.items():
         if not isinstance(key, str):
             raise TypeError(f"calibration_inputs keys must be argument names (str), got {key!r}; {example}")
-        if key in ("use_cache", "past_key_values"):
+        if key in ("use_cache", "cache", *generation_cache_names()) or find_cache((value,), {}) is not None:
             raise ValueError(f"calibration_inputs must not set {key!r}: the calibration runs one pass without a cache")
         if not isinstance(value, torch.Tensor) and key not in ("encoder_outputs",):
             raise TypeError(f"calibration_inputs[{key!r}] is a {type(value).__name__}, expected a tensor; {example}")
@@ -432,6 +432,7 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
             rotary=site.rotary if mode == "k" else None,
             rotary_source=site.rotary_source if mode == "k" else None,
             key_scale=key_scale,
+            route=site.route,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
         if mode == "k":
@@ -441,9 +442,26 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
             patches.append(BufferPatch(module, "hf_slim_v_offset", weights.v_offset.to(dtype)))  # (e,)
             if weights.residual_rank:
                 patches.append(BufferPatch(module, "hf_slim_z_proj", weights.z_proj.to(dtype)))  # (d, r)
-        forward = PatchedMethod(_run_resident, module, site.forward, signature_of=site.forward)
+        original = type(module).forward
+        if site.route is not None:  # the model's own forward, served through the extension points
+            patches.append(InstancePatch(module, "config", SlimAttentionConfig(module.config)))
+            forward = PatchedMethod(routed_forward, module, RoutedSignature.of(original), signature_of=original)
+        else:  # a replacement forward, adapted from transformers
+            cache_name = _positional_twin(site.forward, original)
+            forward = PatchedMethod(_run_resident, module, site.forward, cache_name, signature_of=original)
         patches.append(InstancePatch(module, forward_attribute(module), forward))
     return patches
+
+
+def _positional_twin(forward, original) -> str | None:
+    """The name the original forward gives the parameter that a replacement forward calls ``cache`` (the same
+    position: its contract checks the parameters around it), so a cache passed by keyword reaches it."""
+    names = list(inspect.signature(forward).parameters)
+    if "cache" not in names:
+        return None
+    originals = list(inspect.signature(original).parameters)
+    index = names.index("cache")
+    return originals[index] if index < len(originals) else None
 
 
 def _progress(items: list, desc: str):
@@ -453,21 +471,19 @@ def _progress(items: list, desc: str):
     return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
-def _run_resident(module: torch.nn.Module, forward, *args, **kwargs):
-    """Run the slim ``forward`` with the module's offloaded weights kept real: it reads projection weights of
+def _run_resident(module: torch.nn.Module, forward, cache_name: str | None, *args, **kwargs):
+    """Run a replacement ``forward`` with the module's offloaded weights kept real: it reads projection weights of
     submodules after their own (offloading) forwards returned.
 
-    Also the one place that refuses an attention implementation switched after slimify
-    (``model.set_attn_implementation("flex_attention")``): the slim paths only understand eager/SDPA masks.
+    ``cache_name``: what the original forward calls its cache parameter (the replacement calls it ``cache``); a
+    cache passed under that name by keyword is handed on as ``cache``. Also the one place that refuses an attention
+    implementation switched after slimify (``model.set_attn_implementation("flex_attention")``) for replacement
+    forwards: the slim paths only understand eager/SDPA masks.
     """
-    config = getattr(module, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation is not None and implementation not in SUPPORTED_ATTENTION:
-        raise UnsupportedModelError(
-            f"this slim model now uses attn_implementation={implementation!r} (set after slimify); hf_slim supports "
-            f"{', '.join(SUPPORTED_ATTENTION)}: call model.set_attn_implementation('sdpa'), or "
-            "hf_slim.unslimify(model) to use another implementation"
-        )
+    if getattr(module, "config", None) is not None:
+        check_implementation(module)
+    if cache_name is not None and cache_name != "cache" and cache_name in kwargs:
+        kwargs["cache"] = kwargs.pop(cache_name)
     with resident_weights(module):
         return forward(module, *args, **kwargs)
 
@@ -482,31 +498,43 @@ def _use_cache_requested(owner: torch.nn.Module, arguments: dict) -> bool:
 def _forward_with_slim_cache(owner: torch.nn.Module, record: SlimRecord) -> PatchedMethod:
     """Wrap the forward that would create a DynamicCache so that it starts from a slim cache instead.
 
-    The forward's parameter names are read once here (not at every call: this wrapper runs at every decode step).
+    The forward's parameter names, and which one takes the cache (:func:`~hf_slim._compat.cache_parameter`: read
+    from the installed code, not a name hf_slim knows), are read once here (this wrapper runs at every decode step).
     """
-    names = tuple(inspect.signature(type(owner).forward).parameters)[1:]  # after self
-    return PatchedMethod(_slim_cache_owner_forward, owner, record, names, signature_of=type(owner).forward)
+    forward = type(owner).forward
+    names = tuple(inspect.signature(forward).parameters)[1:]  # after self
+    return PatchedMethod(
+        _slim_cache_owner_forward, owner, record, names, cache_parameter(forward), signature_of=forward
+    )
 
 
-def _slim_cache_owner_forward(owner: torch.nn.Module, record: SlimRecord, names: tuple[str, ...], *args, **kwargs):
+def _slim_cache_owner_forward(
+    owner: torch.nn.Module, record: SlimRecord, names: tuple[str, ...], cache_name: str, *args, **kwargs
+):
     original = type(owner).forward  # what forward_attribute(owner) held: the class forward (accelerate's hook wraps us)
-    position = names.index("past_key_values")
-    arguments = {**dict(zip(names, args, strict=False)), **kwargs}
-    cache = arguments.get("past_key_values")
+    cache = find_cache(args, kwargs)
+    if cache is None:
+        arguments = {**dict(zip(names, args, strict=False)), **kwargs}
+        if arguments.get(cache_name) is not None or not _use_cache_requested(owner, arguments):
+            return original(owner, *args, **kwargs)
+        cache = record.new_cache()
+        position = names.index(cache_name)
+        if len(args) > position:
+            args = (*args[:position], cache, *args[position + 1 :])
+        else:
+            kwargs[cache_name] = cache
+        return _ending_step(cache, original(owner, *args, **kwargs))
     if isinstance(cache, SlimCache):
         cache.adopt_layout(record.num_cache_layers, record.kv_layers)  # a user's SlimCache() for a mixed model
-    if cache is None and _use_cache_requested(owner, arguments):
-        cache = record.new_cache()
-    elif record.is_encoder_decoder and type(cache) is SlimCache:
-        # a bare SlimCache for an encoder-decoder model: pair it with an empty cross-attention cache, as generate()
-        # does (Whisper's decoder would otherwise replace an empty one by a K/V EncoderDecoderCache)
-        cache = EncoderDecoderCache(cache, SlimCache(0))
-    else:
-        return _ending_step(cache, original(owner, *args, **kwargs))
-    if len(args) > position:
-        args = (*args[:position], cache, *args[position + 1 :])
-    else:
-        kwargs["past_key_values"] = cache
+    if record.is_encoder_decoder and type(cache) is SlimCache:
+        # a bare SlimCache for an encoder-decoder model: pair it with the cross-attention part, as generate()
+        # does (Whisper's decoder would otherwise replace it by a K/V EncoderDecoderCache)
+        paired = EncoderDecoderCache(cache, EncoderOutputCache())
+        args = tuple(paired if value is cache else value for value in args)
+        kwargs = {key: paired if value is cache else value for key, value in kwargs.items()}
+        cache = paired
+    if isinstance(cache, EncoderDecoderCache):
+        adopt_cross_part(cache)
     return _ending_step(cache, original(owner, *args, **kwargs))
 
 
@@ -526,7 +554,7 @@ def _prepare_slim_cache(model: torch.nn.Module, record: SlimRecord) -> PatchedMe
 
 def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_config, model_kwargs, *args, **kwargs):
     original = type(self)._prepare_cache_for_generation
-    user_cache = model_kwargs.get("past_key_values")
+    _, user_cache = cache_entry(model_kwargs)  # by type: whatever name generate() keeps it under
     if user_cache is None and generation_config.cache_implementation not in (None, "dynamic", "static"):
         raise NotImplementedError(
             f"hf_slim does not support cache_implementation={generation_config.cache_implementation!r}; use "
@@ -535,15 +563,15 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
     if generation_config.cache_implementation == "static" and record.static_cache_refusal:
         raise NotImplementedError(f"cache_implementation='static': {record.static_cache_refusal}")
     original(self, generation_config, model_kwargs, *args, **kwargs)
-    cache = model_kwargs.get("past_key_values")
+    key, cache = cache_entry(model_kwargs)
     if cache is None:
         return
     if user_cache is not None:
         inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         if not isinstance(inner, SlimCache):
             raise TypeError(
-                f"this model is slimified but generate() got past_key_values={type(cache).__name__}; pass no "
-                "cache (generate builds a slim one), an hf_slim.SlimCache, or unslimify the model first"
+                f"this model is slimified but generate() got a {type(cache).__name__} as its cache; pass no cache "
+                "(generate builds a slim one), an hf_slim.SlimCache, or unslimify the model first"
             )
         return
     self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
@@ -555,4 +583,4 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
         raise NotImplementedError(f"hf_slim cannot replace a {type(cache).__name__} prepared by generate()")
     if generation_config.is_assistant:
         slim.activate_past_recording()
-    model_kwargs["past_key_values"] = slim
+    model_kwargs[key] = slim

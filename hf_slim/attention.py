@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .adapters import LowRank, apply_low_rank, projection_weights
@@ -29,6 +28,7 @@ from .cache import SlimLayout, slim_cache_for
 from .rope import RotaryLayout, RotarySource, cos_sin_table, unrotate_keys
 
 if TYPE_CHECKING:
+    from .interface import AttentionRoute
     from .kmode import KSourceStamp
 
 # run_attention(query, key, value, mask) -> (output (b, t, h, dk), weights or None): the model's own attention call.
@@ -160,6 +160,9 @@ class SlimAttentionState:
     rotary_source:
         how such a layer's cos/sin are recomputed from positions (the model's rotary module or GPT-J's sinusoid
         buffer), or None: its cache then keeps the cos/sin table.
+    route:
+        how a routed layer's own forward is served (:class:`~hf_slim.interface.AttentionRoute`), or None for a
+        layer with a replacement forward.
     key_scale:
         K mode only: the model normalises its keys per token (:class:`KeyNorm`), so the cache keeps one more column
         after ``[K | Z]``, each token's key scale ``s``: ``C = [K | Z | s]``, ``(batch, seq, e + r + 1)``. The
@@ -180,6 +183,7 @@ class SlimAttentionState:
     rotary: RotaryLayout | None = None
     rotary_source: RotarySource | None = None
     key_scale: bool = False
+    route: AttentionRoute | None = None
 
     def live_projections(self) -> Projections:
         """The layer's projections now; for a K-mode layer, after checking ``W_KV`` still fits them (O(1)).
@@ -349,7 +353,7 @@ def slim_self_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    past_key_values,
+    cache,
     attention_mask: torch.Tensor | None,
     scale: float,
     run_attention: RunAttention,
@@ -370,7 +374,7 @@ def slim_self_attention(
         ``(batch, new, d_model)``, the attention input X (after the layer norm).
     query, key, value:
         ``(batch, heads, new, head_dim)``, the model's own projections of the new tokens.
-    past_key_values:
+    cache:
         the cache handed to the layer (a :class:`~hf_slim.cache.SlimCache`, possibly inside an
         ``EncoderDecoderCache``), or None.
     attention_mask:
@@ -407,7 +411,7 @@ def slim_self_attention(
         ``(batch, heads, new, seq)`` or None.
     """
     state: SlimAttentionState = module.hf_slim
-    cache = slim_cache_for(past_key_values, state.layer_idx, where=type(module).__name__)
+    cache = slim_cache_for(cache, state.layer_idx, where=type(module).__name__)
     if cache is None:
         return run_attention(query, key, value, attention_mask)
     projections = state.live_projections()  # K mode: W_KV still fits the weights and dtype (raises otherwise)
@@ -473,6 +477,7 @@ def encoder_cross_attention(
     *,
     want_weights: bool = False,
     position_bias: torch.Tensor | None = None,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention computed from the encoder output E at every step: no cross-attention cache.
 
@@ -489,6 +494,10 @@ def encoder_cross_attention(
     attention_mask:
         encoder padding mask as prepared by the model (bool or additive), broadcastable to
         ``(batch, 1, new, frames)``, or None.
+    fresh:
+        the keys and values of E the model's own forward computed this step, ``(inputs, heads, frames, head_dim)``
+        each, if it did (its first step): a prefill over one copy of E per decoder row then runs the model's own
+        attention on them, bit for bit.
 
     Returns
     -------
@@ -502,6 +511,8 @@ def encoder_cross_attention(
         raise ValueError(f"{batch} decoder rows cannot share {inputs} encoder outputs")
     group = batch // inputs
     if group == 1 and not use_absorbed(num_queries, head_dim):
+        if fresh is not None:
+            return run_attention(query, *fresh, attention_mask)
         keys = _linear(encoder_states, projections.w_k, projections.b_k, projections.k_low_rank)  # (inputs, frames, e)
         values = _linear(encoder_states, projections.w_v, projections.b_v, projections.v_low_rank)
         return run_attention(query, split_heads(keys, head_dim), split_heads(values, head_dim), attention_mask)
@@ -527,6 +538,37 @@ def encoder_cross_attention(
     return out, weights
 
 
+def grouped_cross_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    run_attention: RunAttention,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own attention over explicit keys/values of one encoder copy per input, for ``inputs * group``
+    decoder rows (beams kept on one encoder output, without a cache): each input's group is folded into the query
+    axis, as :func:`encoder_cross_attention` does.
+
+    ``query: (inputs * group, heads, new, head_dim)``, ``key``/``value``: ``(inputs, heads, frames, head_dim)``;
+    returns ``(inputs * group, new, heads, head_dim)`` and the weights ``(inputs * group, heads, new, frames)`` or
+    None.
+    """
+    batch, heads, num_queries, head_dim = query.shape
+    inputs = key.shape[0]
+    if batch % inputs:
+        raise ValueError(f"{batch} decoder rows cannot share {inputs} encoder outputs")
+    group = batch // inputs
+    grouped = query.view(inputs, group, heads, num_queries, head_dim).transpose(1, 2)
+    grouped = grouped.reshape(inputs, heads, group * num_queries, head_dim)  # (inputs, h, g*t, dk)
+    mask = None if attention_mask is None else _fold_bias(attention_mask, inputs, group, heads, num_queries)
+    out, weights = run_attention(grouped, key, value, mask)  # (inputs, g*t, h, dk)
+    out = out.reshape(inputs, group, num_queries, heads, head_dim).reshape(batch, num_queries, heads, head_dim)
+    if weights is not None:
+        weights = weights.view(inputs, heads, group, num_queries, -1).transpose(1, 2)
+        weights = weights.reshape(batch, heads, num_queries, -1)
+    return out, weights
+
+
 #: the module attributes :func:`decoder_attention` reads (for the forward contracts of the patches that call it)
 DECODER_ATTENTION_READS = ("k_proj", "v_proj", "head_dim")
 
@@ -536,7 +578,7 @@ def decoder_attention(
     hidden_states: torch.Tensor,
     query: torch.Tensor,
     key_value_states: torch.Tensor | None,
-    past_key_values,
+    cache,
     attention_mask: torch.Tensor | None,
     scale: float,
     run_attention: RunAttention,
@@ -582,7 +624,7 @@ def decoder_attention(
             query,
             key,
             value,
-            past_key_values,
+            cache,
             attention_mask,
             scale,
             run_attention,
@@ -607,68 +649,3 @@ def _fold_bias(bias: torch.Tensor, inputs: int, group: int, heads: int, num_quer
         bias = bias.expand(inputs * group, bias.shape[1], num_queries, frames)
         bias = bias.reshape(inputs, group, bias.shape[1], num_queries, frames)
     return bias.transpose(1, 2).reshape(inputs, -1, group * num_queries, frames)
-
-
-def rope_self_attention(
-    module: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos_sin: tuple[torch.Tensor, torch.Tensor],
-    attention_mask: torch.Tensor | None,
-    past_key_values,
-    kwargs: dict,
-    *,
-    eager: Callable,
-    dropout: float = 0.0,
-    pre_norm_key: torch.Tensor | None = None,
-    **interface_kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`slim_self_attention` for the RoPE families whose attention is transformers' ``attention_interface``
-    call (Llama and its descendants): the attention implementation is the model's own, ``module.scaling`` scales.
-
-    Parameters
-    ----------
-    query, key, value:
-        ``(batch, heads, new, head_dim)``, query and key already rotated by the model's ``apply_rotary_pos_emb``.
-    cos_sin:
-        the ``(cos, sin)`` that rotated them, ``(batch|1, new, rotary_dim)`` each.
-    kwargs:
-        the extra keyword arguments the module's forward got (passed on to the attention interface, as the model
-        does).
-    eager:
-        the model file's own ``eager_attention_forward`` (what ``attn_implementation="eager"`` runs).
-    dropout, interface_kwargs:
-        what the model's forward passes to its attention interface besides them (``sliding_window=...``).
-    pre_norm_key:
-        ``(batch, new, e)``, the keys before a per-token key norm (OLMo-2's ``k_norm``), else None.
-
-    Returns
-    -------
-    ``(batch, new, heads * head_dim)`` attention output before the output projection, and the weights or None.
-    """
-    implementation = module.config._attn_implementation
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-    position_ids = kwargs.get("position_ids")  # the decoder layers pass them on (None: the cache keeps cos/sin)
-    kwargs = {key: val for key, val in kwargs.items() if key not in ("use_cache", "position_ids", "output_attentions")}
-
-    def run(q, k, v, mask):
-        return interface(module, q, k, v, mask, dropout=dropout, scaling=module.scaling, **interface_kwargs, **kwargs)
-
-    out, weights = slim_self_attention(
-        module,
-        hidden_states,
-        query,
-        key,
-        value,
-        past_key_values,
-        attention_mask,
-        module.scaling,
-        run,
-        want_weights=implementation == "eager",
-        rotary=cos_sin,
-        position_ids=position_ids,
-        pre_norm_key=pre_norm_key,
-    )
-    return out.reshape(*out.shape[:-2], -1).contiguous(), weights  # (b, t, e)

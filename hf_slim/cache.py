@@ -13,7 +13,7 @@ an unpatched model fails loudly instead of silently mixing layouts.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import (
@@ -30,7 +30,7 @@ from .rope import RotaryFallbackWarning, RotarySource
 _NOT_KV_MESSAGE = (
     "this cache is an hf_slim SlimCache: it stores one slim tensor per token (the attention input or the keys), not "
     "keys and values. It can only be used by a model patched with hf_slim.slimify(); for an unpatched model pass "
-    "past_key_values=None or a transformers DynamicCache."
+    "no cache or a transformers DynamicCache."
 )
 
 
@@ -56,6 +56,48 @@ class SlimLayout:
 
     owner: CacheOwner
     mode: str
+
+
+@dataclass
+class StepInputs:
+    """What a slim attention layer needs in one forward besides what transformers hands its cache and its attention
+    function: the layer's own inputs, staged by the layer's forward wrapper (:mod:`hf_slim.interface`) in the cache it
+    was given, for the ``update`` call and the attention function the model's unchanged forward makes next.
+
+    Why in the cache: the cache object is what the model passes from its forward to ``cache.update`` and from there to
+    the attention function; keeping the inputs there (not on the module) keeps concurrent forwards of one model with
+    different caches apart.
+
+    Shapes: ``hidden_states: (batch, new, d_model)`` (X); ``rotary``: ``(cos, sin)``, each ``(batch|1, new,
+    rotary_dim)``, as the model rotated the keys; ``position_ids: (batch|1, new)``; ``encoder_states: (inputs,
+    frames, d_enc)`` (cross-attention).
+    """
+
+    hidden_states: torch.Tensor | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_ids: torch.Tensor | None = None
+    encoder_states: torch.Tensor | None = None
+    #: set by the attention function when it served the step (the forward wrapper checks it)
+    attended: bool = field(default=False, compare=False)
+
+
+@dataclass
+class SlimStep:
+    """What a slim cache's ``update`` returns in place of keys and values, for hf_slim's attention function.
+
+    The model's forward passes ``cache.update``'s result straight to its attention function; that function is
+    hf_slim's (:mod:`hf_slim.interface`), which reads this: the layer's inputs, the fresh keys/values of the new
+    tokens as the model computed them (``(batch, heads, new, head_dim)``; None for cross-attention steps that read
+    the encoder output), and the slim cache to write (None for cross-attention, which keeps no cache).
+    """
+
+    inputs: StepInputs
+    cache: SlimCache | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return "<hf_slim SlimStep: only hf_slim's attention function reads this, not a key/value tensor>"
 
 
 class SlimLayer(CacheLayerMixin):
@@ -97,7 +139,7 @@ class SlimLayer(CacheLayerMixin):
                 f"this slim cache layer holds {self.layout.mode!r}-mode states "
                 f"{'of this model' if same_model else 'written by another slimified model'}, but a "
                 f"{layout.mode!r}-mode layer of {'this' if same_model else 'another'} model is writing to it. A slim "
-                "cache belongs to the model that filled it: start a new cache (past_key_values=None) for this model"
+                "cache belongs to the model that filled it: start a new cache (pass none) for this model"
             )
 
     def update_slim(self, states: torch.Tensor, layout: SlimLayout | None = None) -> torch.Tensor:
@@ -514,6 +556,7 @@ class SlimCache(DynamicCache):
             Cache.__init__(self, layers=[self._new_layer(i in kv_layers, max_cache_len) for i in range(num_layers)])
         self._static_length = max_cache_len  # (Cache.max_cache_len is a read-only property in older transformers)
         self.rotary: RotaryPositions | None = None
+        self._staged: dict[int, StepInputs] = {}  # per layer, from its forward wrapper to its update call
 
     @staticmethod
     def _new_layer(kv: bool, max_cache_len: int | None) -> CacheLayerMixin:
@@ -525,9 +568,26 @@ class SlimCache(DynamicCache):
         for layer in self.layers:
             yield (layer.states,) if isinstance(layer, SlimLayer) else (layer.keys, layer.values)
 
+    def stage(self, layer_idx: int, inputs: StepInputs) -> None:
+        """Keep a slim layer's inputs for the ``update`` call its forward makes next (see :class:`StepInputs`)."""
+        self._layer(layer_idx, SlimLayer)  # a K/V layer here: raises
+        self._staged[layer_idx] = inputs
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """K/V update of a ``kv_layers`` layer (an unpatched attention module of a mixed cache); a slim layer raises."""
-        return self._layer(layer_idx, DynamicLayer).update(key_states, value_states, *args, **kwargs)
+        """What the model's attention forward calls with the new tokens' keys and values.
+
+        A ``kv_layers`` layer (an unpatched attention module of a mixed cache) stores them as transformers does. A slim
+        layer returns a :class:`SlimStep` twice (as keys and as values) for hf_slim's attention function, which writes
+        the slim tensor; an unpatched model writing keys and values into a slim layer gets a clear error.
+        """
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if layer is not None and not isinstance(layer, SlimLayer):
+            return layer.update(key_states, value_states, *args, **kwargs)
+        inputs = self._staged.pop(layer_idx, None)
+        if inputs is None:
+            raise TypeError(_NOT_KV_MESSAGE)
+        step = SlimStep(inputs, self, key_states, value_states)
+        return step, step
 
     def update_slim(self, states: torch.Tensor, layer_idx: int, layout: SlimLayout | None = None) -> torch.Tensor:
         """Append ``states: (batch, new, width)`` to layer ``layer_idx``; return the layer's ``(batch, seq, width)``.
@@ -624,38 +684,142 @@ class SlimCache(DynamicCache):
         return cache_nbytes(self)
 
 
-def slim_cache_for(past_key_values: Cache | None, layer_idx: int, *, where: str) -> SlimCache | None:
-    """Return the slim self-attention cache inside ``past_key_values``, or a clear error if it is not one.
+class EncoderOutputLayer(CacheLayerMixin):
+    """One decoder layer's cross-attention "cache" of a slim model: it keeps nothing between steps.
+
+    The model's cross-attention forward either calls :meth:`update` with keys/values of the encoder output (first step)
+    or, once ``EncoderDecoderCache.is_updated`` says so, reads ``keys`` / ``values`` of this layer; either way it gets
+    a :class:`SlimStep` for hf_slim's attention function, which reads the encoder output E itself (staged by the
+    layer's forward wrapper): no cross-attention keys or values are ever kept.
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states=None) -> None:
+        return None
+
+    def stage(self, inputs: StepInputs) -> None:
+        """The step's inputs: what ``keys``/``values`` hand the attention function until the next stage."""
+        self.keys = self.values = SlimStep(inputs)
+
+    def release(self) -> None:
+        """Forget the step's inputs (they hold the encoder output, which generate() keeps anyway)."""
+        self.keys = self.values = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        step = self.keys
+        if not isinstance(step, SlimStep):
+            raise TypeError(_NOT_KV_MESSAGE)
+        fresh = SlimStep(step.inputs, None, key_states, value_states)
+        return fresh, fresh
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    def reset(self) -> None:
+        self.release()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        return None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        return None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        return None
+
+
+class EncoderOutputCache(Cache):
+    """The cross-attention part of a slim encoder-decoder cache (``EncoderDecoderCache(SlimCache, this)``): layers
+    that keep nothing (:class:`EncoderOutputLayer`); cross-attention reads the encoder output generate() holds."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=EncoderOutputLayer)
+
+    def layer(self, layer_idx: int) -> EncoderOutputLayer:
+        """Layer ``layer_idx``, created on first use."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(EncoderOutputLayer())
+        return self.layers[layer_idx]
+
+    def stage(self, layer_idx: int, inputs: StepInputs) -> None:
+        self.layer(layer_idx).stage(inputs)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layer(layer_idx).update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def adopt_cross_part(cache: EncoderDecoderCache) -> None:
+    """Give a slim encoder-decoder cache the cross-attention part slim cross-attention reads
+    (:class:`EncoderOutputCache`) where it has an empty one of another kind: what transformers builds in a forward
+    (GPT-2's ``EncoderDecoderCache(cache, DynamicCache())`` when it adds cross-attention), or what hf_slim documented
+    before (``EncoderDecoderCache(SlimCache(), SlimCache(0))``). An empty part holds nothing, so nothing is lost; a
+    cross part with keys and values in it is left alone (slim cross-attention then refuses it)."""
+    cross = cache.cross_attention_cache
+    if not isinstance(cache.self_attention_cache, SlimCache) or isinstance(cross, EncoderOutputCache):
+        return
+    if type(cross) in (SlimCache, DynamicCache) and cross.get_seq_length() == 0:
+        cache.cross_attention_cache = EncoderOutputCache()
+
+
+def slim_cache_for(cache_object: Cache | None, layer_idx: int, *, where: str) -> SlimCache | None:
+    """Return the slim self-attention cache inside ``cache_object`` (a cache handed to a layer), or a clear error if
+    it is not one.
 
     Why: a slimified layer must never write into a K/V cache (the layouts differ), and users can pass any cache
     object to ``forward`` / ``generate``; this is the one place that checks it.
     """
-    if past_key_values is None:
+    if cache_object is None:
         return None
-    cache = past_key_values
+    cache = cache_object
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     if isinstance(cache, SlimCache):
         return cache
     raise TypeError(
         f"hf_slim: {where} (layer {layer_idx}) is slimified but got a {type(cache).__name__}. A slim model needs its "
-        "own cache: let generate()/forward() create it (pass past_key_values=None), pass hf_slim.SlimCache(), or "
-        "call hf_slim.unslimify(model) to use transformers' caches again."
+        "own cache: let generate()/forward() create it (pass no cache), pass hf_slim.SlimCache(), or call "
+        "hf_slim.unslimify(model) to use transformers' caches again. (If you slimified a part of a model, slimify "
+        "the model you call generate() on.)"
     )
 
 
-def cache_nbytes(past_key_values: Cache | None) -> int:
+def cache_nbytes(cache_object: Cache | None) -> int:
     """Count the bytes of every tensor a cache object holds (slim or vanilla, encoder-decoder or not).
 
     Why: memory claims are measured on the objects generate() returns, not derived from formulas.
     """
-    if past_key_values is None:
+    if cache_object is None:
         return 0
-    if isinstance(past_key_values, EncoderDecoderCache):
-        return cache_nbytes(past_key_values.self_attention_cache) + cache_nbytes(past_key_values.cross_attention_cache)
-    tensors = [getattr(layer, name, None) for layer in past_key_values.layers for name in ("keys", "values", "states")]
-    if isinstance(past_key_values, SlimCache):
-        tensors += past_key_values._side_tensors()
+    if isinstance(cache_object, EncoderDecoderCache):
+        return cache_nbytes(cache_object.self_attention_cache) + cache_nbytes(cache_object.cross_attention_cache)
+    tensors = [getattr(layer, name, None) for layer in cache_object.layers for name in ("keys", "values", "states")]
+    if isinstance(cache_object, SlimCache):
+        tensors += cache_object._side_tensors()
     total = 0
     seen: set[int] = set()
     for tensor in tensors:

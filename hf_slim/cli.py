@@ -268,9 +268,10 @@ class _PeakCacheMeter:
         self.handle.remove()
 
     def _hook(self, module, args, output) -> None:
+        from ._compat import returned_cache
         from .cache import cache_nbytes
 
-        cache = getattr(output, "past_key_values", None)
+        cache = returned_cache(output)
         if cache is not None:
             self.peak = max(self.peak, cache_nbytes(cache))
 
@@ -284,6 +285,7 @@ def transcribe_samples(model, processor, samples) -> Transcript:
     """
     import torch
 
+    from ._compat import returned_cache
     from .cache import cache_nbytes
 
     extractor = processor.feature_extractor
@@ -296,7 +298,7 @@ def transcribe_samples(model, processor, samples) -> Transcript:
                 features.to(device=parameter.device, dtype=parameter.dtype), return_dict_in_generate=True
             )
             text = processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)[0]
-            return Transcript(text.strip(), cache_nbytes(out.past_key_values), 1)
+            return Transcript(text.strip(), cache_nbytes(returned_cache(out)), 1)
         features = extractor(
             samples, sampling_rate=WHISPER_SAMPLING_RATE, return_tensors="pt", truncation=False, padding="longest",
             return_attention_mask=True,
@@ -443,6 +445,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int):
     """Greedy continuation of ``prompt``: ``(text, cache_bytes)`` with the bytes of the cache generate returned."""
     import torch
 
+    from ._compat import returned_cache
     from .cache import cache_nbytes
 
     inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
@@ -456,7 +459,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int):
     new_tokens = (
         out.sequences[0] if model.config.is_encoder_decoder else out.sequences[0, inputs["input_ids"].shape[1] :]
     )
-    return tokenizer.decode(new_tokens, skip_special_tokens=True), cache_nbytes(out.past_key_values)
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), cache_nbytes(returned_cache(out))
 
 
 def cmd_generate(args) -> int:

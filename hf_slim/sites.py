@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import Projections
+from .interface import AttentionRoute
 from .rope import RotaryLayout, RotarySource, find_rotary_frequencies
 
 
@@ -28,7 +29,12 @@ class AttentionSite:
     projections:
         ``projections(module) -> Projections`` reading the live weights.
     forward:
-        the replacement forward, a plain function taking the module as first argument.
+        the replacement forward, a plain function taking the module as first argument, for families whose
+        attention transformers computes itself (T5's position bias, ALiBi, ...); None for a routed site.
+    route:
+        how the model's own forward is served through transformers' extension points (:mod:`hf_slim.interface`),
+        for families whose forward calls ``cache.update`` and the registered attention function; None for a site
+        with a replacement ``forward``.
     rotary:
         RoPE layout (keys cached rotated, un-rotated for the values), or None for models without RoPE.
     rotary_source:
@@ -45,10 +51,11 @@ class AttentionSite:
     num_heads: int
     head_dim: int
     projections: Callable[[torch.nn.Module], Projections]
-    forward: Callable
+    forward: Callable | None
     rotary: RotaryLayout | None = None
     k_mode_refusal: str | None = None
     rotary_source: RotarySource | None = None
+    route: AttentionRoute | None = None
 
     @classmethod
     def of(
@@ -56,7 +63,7 @@ class AttentionSite:
         module: torch.nn.Module,
         kind: str,
         projections: Callable[[torch.nn.Module], Projections],
-        forward: Callable,
+        forward: Callable | AttentionRoute,
         *,
         num_heads: int | None = None,
         head_dim: int | None = None,
@@ -64,7 +71,9 @@ class AttentionSite:
         k_mode_refusal: str | None = None,
         rotary_source: RotarySource | None = None,
     ) -> AttentionSite:
-        """A site for ``module``, reading ``layer_idx``, ``num_heads`` and ``head_dim`` from it unless given."""
+        """A site for ``module``, reading ``layer_idx``, ``num_heads`` and ``head_dim`` from it unless given;
+        ``forward`` is the replacement forward or the :class:`~hf_slim.interface.AttentionRoute` of a routed site."""
+        route = forward if isinstance(forward, AttentionRoute) else None
         return cls(
             module=module,
             kind=kind,
@@ -72,10 +81,11 @@ class AttentionSite:
             num_heads=module.num_heads if num_heads is None else num_heads,
             head_dim=module.head_dim if head_dim is None else head_dim,
             projections=projections,
-            forward=forward,
+            forward=None if route is not None else forward,
             rotary=rotary,
             k_mode_refusal=k_mode_refusal,
             rotary_source=rotary_source,
+            route=route,
         )
 
     @property
@@ -104,7 +114,7 @@ def rope_attention_sites(
     model: torch.nn.Module,
     classes: tuple[type, ...],
     projections: Callable[[torch.nn.Module], Projections],
-    forward: Callable,
+    forward: Callable | AttentionRoute,
     rotary: RotaryLayout,
     *,
     k_mode_refusal: Callable[[torch.nn.Module], str | None] = lambda module: None,

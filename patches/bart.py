@@ -2,10 +2,10 @@
 BigBird-Pegasus, Blenderbot, Blenderbot-small and PLBart; also Florence-2, whose language model is a BART, and the
 MusicGen decoder (``MusicgenAttention`` is the same attention with ``bias=False``).
 
-transformers 5.23.0 gives each of these its own attention class, and every one is a verbatim copy of
-``BartAttention`` (``# Copied from transformers.models.bart.modeling_bart.BartAttention``; checked against the
-source: identical ``forward`` bodies; BigBird-Pegasus's decoder uses ``BigBirdPegasusDecoderAttention``, also a copy),
-so one forward and one site list serve all ten model types.
+transformers gives each of these its own attention class, and every one is a copy of ``BartAttention``
+(BigBird-Pegasus's decoder uses ``BigBirdPegasusDecoderAttention``, also a copy), so one site list serves all ten
+model types. No forward is copied: each class's own forward runs, served through the extension points
+(:mod:`hf_slim.interface`).
 
 Where things are: each decoder layer has ``self_attn`` (causal self-attention: slim input or K cache) and
 ``encoder_attn`` (cross-attention over the encoder output E: no cache at all, E is what generate() holds). The
@@ -16,7 +16,7 @@ call scales by ``head_dim ** -0.5``.
 
 Positions enter before attention: learned absolute embeddings (BART, mBART, BigBird-Pegasus, Blenderbot,
 Blenderbot-small, PLBart) or sinusoidal ones (Marian, M2M100, Pegasus, PEGASUS-X, MusicGen) added to the token
-embeddings, indexed by the cache length the decoder reads from ``past_key_values.get_seq_length()``; a SlimCache
+embeddings, indexed by the cache length the decoder reads from ``cache.get_seq_length()``; a SlimCache
 reports the same length, so the decoder computes the same positions. Nothing positional sits between the
 projections and the dot product: the input cache and the encoder cache apply exactly.
 
@@ -28,8 +28,7 @@ composite, e.g. Donut's and Nougat's mBART decoder).
 from __future__ import annotations
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bart.modeling_bart import BartAttention, BartDecoder, eager_attention_forward
+from transformers.models.bart.modeling_bart import BartAttention, BartDecoder
 from transformers.models.bigbird_pegasus.modeling_bigbird_pegasus import (
     BigBirdPegasusDecoder,
     BigBirdPegasusDecoderAttention,
@@ -47,9 +46,10 @@ from transformers.models.pegasus.modeling_pegasus import PegasusAttention, Pegas
 from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, PegasusXDecoder
 from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import DECODER_ATTENTION_READS, Projections, decoder_attention, split_heads
+from hf_slim._compat import route_contracts
+from hf_slim.attention import Projections
 from hf_slim.generation import keep_one_encoder_output_per_input
+from hf_slim.interface import AttentionRoute
 from hf_slim.patching import InstancePatch
 from hf_slim.registry import UnsupportedModelError
 from hf_slim.sites import AttentionSite
@@ -88,47 +88,9 @@ def _projections(module: BartAttention) -> Projections:
     return Projections.of(module.k_proj, module.v_proj)
 
 
-# Adapted from transformers 5.23.0, models/bart/modeling_bart.py, BartAttention.forward (the MBart, Marian, M2M100,
-# Pegasus, PegasusX, BigBirdPegasusDecoder, Blenderbot, BlenderbotSmall and PLBart attention classes are copies of
-# it): the cache handling and the attention call change; the projections, the scaling and the output projection are
-# the model's own.
-def slim_bart_attention_forward(
-    self: BartAttention,
-    hidden_states: torch.Tensor,
-    key_value_states: torch.Tensor | None = None,
-    past_key_values=None,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decoder self-attention over a slim cache, or cross-attention over the encoder output with no cache.
-
-    ``hidden_states: (batch, new, d_model)``; ``key_value_states``: the encoder output ``(inputs, frames, d_model)``
-    for cross-attention, where ``batch % inputs == 0`` (one copy of E per input, shared by its beams).
-    Returns the attention output ``(batch, new, d_model)`` and the weights ``(batch, heads, new, keys)`` (eager) or
-    None.
-    """
-    implementation = self.config._attn_implementation
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    dropout = 0.0 if not self.training else self.dropout
-
-    def run_attention(query, key, value, mask):
-        return interface(self, query, key, value, mask, dropout=dropout, scaling=self.scaling, **kwargs)
-
-    query = split_heads(self.q_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
-    attn_output, attn_weights = decoder_attention(
-        self,
-        hidden_states,
-        query,
-        key_value_states,
-        past_key_values,
-        attention_mask,
-        self.scaling,
-        run_attention,
-        want_weights=implementation == "eager",
-        dropout=dropout,
-    )
-    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
-    return self.out_proj(attn_output), attn_weights
+#: The model's own attention forward (projections, scaling, output projection) serves every class (no copy); the
+#: encoder output arrives as ``key_value_states``.
+ROUTE = AttentionRoute(encoder_parameter="key_value_states")
 
 
 def _decoders(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -152,7 +114,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
                         f"{type(layer).__name__}.{'self_attn' if kind == 'self' else 'encoder_attn'} is a "
                         f"{type(module).__name__}, not the BART attention this patch was written for"
                     )
-                sites.append(AttentionSite.of(module, kind, _projections, slim_bart_attention_forward))
+                sites.append(AttentionSite.of(module, kind, _projections, ROUTE))
     return sites
 
 
@@ -179,7 +141,10 @@ def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
     return [keep_one_encoder_output_per_input(model)]
 
 
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(
-    slim_bart_attention_forward, attention=ATTENTIONS, cache_owners=DECODERS, also_reads=DECODER_ATTENTION_READS
+#: What the routed forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = route_contracts(
+    ROUTE,
+    attention=ATTENTIONS,
+    cache_owners=DECODERS,
+    attributes=("k_proj", "v_proj", "head_dim", "num_heads", "layer_idx", "config"),
 )

@@ -28,13 +28,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.generation import utils as generation_utils
 from transformers.models.falcon.configuration_falcon import FalconConfig
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconForCausalLM, FalconModel
 
-from hf_slim._compat import Contract, forward_contracts
+from hf_slim._compat import CACHE, Contract, find_cache, forward_contracts
 from hf_slim.attention import interleaved_qkv_projections, slim_self_attention
 from hf_slim.patching import InstancePatch, PatchedMethod
 from hf_slim.sites import AttentionSite, token_calibration_inputs
@@ -80,7 +79,7 @@ def slim_falcon_attention_forward(
     alibi: torch.Tensor | None,
     attention_mask: torch.Tensor,
     position_ids: torch.LongTensor | None = None,
-    layer_past=None,
+    cache=None,
     use_cache: bool = False,
     output_attentions: bool = False,
     position_embeddings=None,
@@ -100,7 +99,7 @@ def slim_falcon_attention_forward(
         query,
         key,
         value,
-        layer_past,
+        cache,
         attention_mask,
         1.0 / math.sqrt(self.head_dim),
         functools.partial(_own_attention, self, alibi, eager),
@@ -116,7 +115,7 @@ def masks_for_generate(
     config: FalconConfig,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    past_key_values: Cache | None,
+    *args,
     **kwargs,
 ) -> torch.Tensor | None:
     """generate()'s mask for a compileable (static) cache: the 2-D padding mask ``(b, n)``, zero-padded to
@@ -129,7 +128,8 @@ def masks_for_generate(
     """
     if attention_mask is None or attention_mask.ndim == 4:
         return attention_mask
-    padding = past_key_values.get_max_length() - attention_mask.shape[-1]
+    cache = find_cache(args, kwargs)  # by type: whatever generate() names it
+    padding = cache.get_max_length() - attention_mask.shape[-1]
     return F.pad(attention_mask, (0, padding)) if padding > 0 else attention_mask
 
 
@@ -166,7 +166,7 @@ CONTRACTS = (
     Contract(
         GenerationMixin,
         "create_masks_for_generate",
-        parameters=("config", "inputs_embeds", "attention_mask", "past_key_values"),
+        parameters=("config", "inputs_embeds", "attention_mask", CACHE),
         where=generation_utils,
     ),
 )

@@ -4,15 +4,11 @@
 from __future__ import annotations
 
 import torch
-from transformers.models.gpt_neox.modeling_gpt_neox import (
-    GPTNeoXAttention,
-    GPTNeoXModel,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXModel
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import Projections, interleaved_qkv_projections, rope_self_attention
+from hf_slim._compat import route_contracts
+from hf_slim.attention import Projections, interleaved_qkv_projections
+from hf_slim.interface import AttentionRoute
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
@@ -26,35 +22,8 @@ def _projections(module: torch.nn.Module) -> Projections:
     return interleaved_qkv_projections(module.query_key_value, heads, head_dim)  # rows (h, q|k|v, dk)
 
 
-# Adapted from transformers 5.23.0, models/gpt_neox/modeling_gpt_neox.py, GPTNeoXAttention.forward: the cache update
-# and the attention call go through the slim cache; projections, RoPE and the output projection are the model's own.
-def slim_gpt_neox_attention_forward(
-    self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor,
-    layer_past=None,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    hidden_shape = (*hidden_states.shape[:-1], -1, 3 * self.head_size)
-    qkv = self.query_key_value(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, 3dk)
-    query, key, value = qkv.chunk(3, dim=-1)  # (b, h, t, dk) each
-    cos, sin = position_embeddings  # (b|1, t, r) each
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    out, weights = rope_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        (cos, sin),
-        attention_mask,
-        layer_past,
-        kwargs,
-        eager=eager_attention_forward,
-        dropout=0.0 if not self.training else self.attention_dropout,
-    )
-    return self.dense(out), weights
+#: The model's own attention forward (fused projection, partial RoPE, output projection) serves the class (no copy).
+ROUTE = AttentionRoute(rotary_parameter="position_embeddings")
 
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
@@ -63,7 +32,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
         model,
         ATTENTION_CLASSES,
         _projections,
-        slim_gpt_neox_attention_forward,
+        ROUTE,
         RotaryLayout("half"),
         head_dim=lambda module: module.head_size,
     )
@@ -77,9 +46,10 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 default_calibration_inputs = token_calibration_inputs
 
 
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(
-    slim_gpt_neox_attention_forward,
+#: What the routed forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = route_contracts(
+    ROUTE,
     attention=ATTENTION_CLASSES,
     cache_owners=BASE_MODEL_CLASSES,
+    attributes=("query_key_value", "head_size", "layer_idx", "config"),
 )

@@ -1,13 +1,23 @@
 """GPT-J: RoPE on the first ``rotary_dim`` columns of each head with *interleaved* pairs (``rotate_every_two``), sin/cos
-from the attention module's own ``embed_positions`` table, no projection biases, eager attention only."""
+rows of a fixed ``embed_positions`` table, no projection biases.
+
+transformers 5.24 rewrote GPT-J's attention onto the attention interface (a model-level ``GPTJRotaryEmbedding``
+hands each layer ``position_embeddings = (sin, cos)``): there the model's own forward is served through the
+extension points (:data:`ROUTE`, no copy). Up to 5.23 the attention computes its own rotation from its own
+``embed_positions`` and runs its own eager ``_attn``: there :func:`slim_gptj_attention_forward` replaces it. Which
+one applies is read from the installed forward's parameters (:data:`ROUTED`).
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, apply_rotary_pos_emb
 
-from hf_slim._compat import forward_contracts
+from hf_slim._compat import forward_contracts, route_contracts
 from hf_slim.attention import Projections, slim_self_attention, split_heads
+from hf_slim.interface import AttentionRoute
 from hf_slim.rope import RotaryLayout, SinusoidPositions
 from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
@@ -30,13 +40,25 @@ def _run_attention(module: torch.nn.Module):
     return run
 
 
-# Adapted from transformers 5.23.0, models/gptj/modeling_gptj.py, GPTJAttention.forward: the cache update and the
-# attention call go through the slim cache; projections, RoPE (sin/cos lookup included) and the output projection
-# are the model's own.
+def _rotary_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-J's ``(sin, cos)``, ``(batch, new, rotary_dim / 2)`` each, as the ``(cos, sin)`` each rotated column was
+    multiplied by: ``apply_rotary_pos_emb`` repeats every entry for its interleaved pair."""
+    sin, cos = position_embeddings
+    return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)  # (b, t, r) each
+
+
+#: transformers >= 5.24: the model's own attention forward is served through the extension points.
+ROUTED = "position_embeddings" in inspect.signature(GPTJAttention.forward).parameters
+ROUTE = AttentionRoute(rotary_parameter="position_embeddings", rotary_columns=_rotary_columns)
+
+
+# Adapted from transformers 5.23.0, models/gptj/modeling_gptj.py, GPTJAttention.forward (used up to 5.23, see
+# ROUTED): the cache update and the attention call go through the slim cache; projections, RoPE (sin/cos lookup
+# included) and the output projection are the model's own.
 def slim_gptj_attention_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
-    layer_past=None,
+    cache=None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
     use_cache: bool | None = False,
@@ -62,7 +84,7 @@ def slim_gptj_attention_forward(
         query,
         key,
         value,
-        layer_past,
+        cache,
         attention_mask,
         1.0 / float(self.scale_attn),
         _run_attention(self),
@@ -74,15 +96,27 @@ def slim_gptj_attention_forward(
     return self.resid_dropout(self.out_proj(out)), weights
 
 
+def _sinusoid_source(model: torch.nn.Module):
+    """``attention module -> SinusoidPositions`` of the table that rotates it: the attention module's own
+    ``embed_positions`` up to 5.23, the model's one rotary module's from 5.24."""
+    tables = [
+        module for module in model.modules() if isinstance(getattr(module, "embed_positions", None), torch.Tensor)
+    ]
+    shared = [module for module in tables if not isinstance(module, GPTJAttention)]
+    if ROUTED:
+        return lambda module: SinusoidPositions(shared[0]) if len(shared) == 1 else None
+    return SinusoidPositions
+
+
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """The attention module of every block."""
     return rope_attention_sites(
         model,
         ATTENTION_CLASSES,
         _projections,
-        slim_gptj_attention_forward,
+        ROUTE if ROUTED else slim_gptj_attention_forward,
         RotaryLayout("interleaved"),
-        rotary_source=SinusoidPositions,  # each attention module's own embed_positions buffer
+        rotary_source=_sinusoid_source(model),
     )
 
 
@@ -100,9 +134,15 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 default_calibration_inputs = token_calibration_inputs
 
 
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(
-    slim_gptj_attention_forward,
-    attention=ATTENTION_CLASSES,
-    cache_owners=BASE_MODEL_CLASSES,
-)
+#: What the routed or the adapted forward relies on in transformers (checked by slimify; see hf_slim._compat).
+if ROUTED:
+    CONTRACTS = route_contracts(
+        ROUTE,
+        attention=ATTENTION_CLASSES,
+        cache_owners=BASE_MODEL_CLASSES,
+        attributes=("k_proj", "v_proj", "head_dim", "layer_idx", "config"),
+    )
+else:
+    CONTRACTS = forward_contracts(
+        slim_gptj_attention_forward, attention=ATTENTION_CLASSES, cache_owners=BASE_MODEL_CLASSES
+    )

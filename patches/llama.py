@@ -8,26 +8,22 @@ patch only says where the key norm is (:class:`~hf_slim.attention.KeyNorm`), and
 scale beside the normalised keys, which makes ``V`` linear in them again (:mod:`hf_slim.kmode`: ``e + r + 1``
 numbers per token).
 
-RoPE layers keep the K cache with keys cached as the model rotated them (:mod:`hf_slim.rope`).
+RoPE layers keep the K cache with keys cached as the model rotated them (:mod:`hf_slim.rope`). No forward is
+copied: the model's own attention forward runs and hf_slim serves its cache update and attention call
+(:mod:`hf_slim.interface`).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaModel,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel
 from transformers.models.olmo.modeling_olmo import OlmoAttention, OlmoModel
-from transformers.models.olmo.modeling_olmo import apply_rotary_pos_emb as olmo_apply_rotary_pos_emb
 from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2Model
-from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb as olmo2_apply_rotary_pos_emb
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import Projections, rope_self_attention
+from hf_slim._compat import route_contracts
+from hf_slim.attention import Projections
+from hf_slim.interface import AttentionRoute
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
@@ -40,57 +36,15 @@ def _projections(module: torch.nn.Module) -> Projections:
     return Projections.of(module.k_proj, module.v_proj, key_norm=getattr(module, "k_norm", None))  # k_norm: OLMo-2
 
 
-# Adapted from transformers 5.23.0, models/llama/modeling_llama.py, LlamaAttention.forward (and
-# models/qwen2/modeling_qwen2.py, Qwen2Attention.forward: the same with ``sliding_window``;
-# models/olmo/modeling_olmo.py, OlmoAttention.forward: the same with OLMo's own rotation, and its clamping layers are
-# never patched; models/olmo2/modeling_olmo2.py, Olmo2Attention.forward: ``q_norm``/``k_norm`` on the full-width
-# projections before the head split, its own rotation): the cache update and attention call go through the slim
-# cache, projections, norms, RoPE and the output projection are the model's own.
-def slim_llama_attention_forward(
-    self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    attention_mask: torch.Tensor | None = None,
-    past_key_values=None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    query, key = self.q_proj(hidden_states), self.k_proj(hidden_states)  # (b, t, e) each
-    pre_norm_key = None
-    if hasattr(self, "k_norm"):  # OLMo-2; the K cache keeps each token's key scale, computed from the pre-norm keys
-        query, pre_norm_key, key = self.q_norm(query), key, self.k_norm(key)
-    query = query.view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
-    key = key.view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
-    cos, sin = position_embeddings  # (b|1, t, dk) each
-    query, key = _APPLY_ROTARY.get(type(self), apply_rotary_pos_emb)(query, key, cos, sin)
-    out, weights = rope_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        (cos, sin),
-        attention_mask,
-        past_key_values,
-        kwargs,
-        eager=eager_attention_forward,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        pre_norm_key=pre_norm_key,
-        **_sliding_window(self),
-    )
-    return self.o_proj(out), weights
+def _pre_norm_keys(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """OLMo-2's keys before its ``k_norm``, ``(batch, new, e)``: what the model's own ``k_proj`` gives (the K cache
+    keeps each token's key scale, computed from them)."""
+    return module.k_proj(hidden_states)
 
 
-#: OLMo's rotary module hands over float32 cos/sin in every dtype and its ``apply_rotary_pos_emb`` casts the rotated
-#: query/key back to their dtype; Llama's (whose cos/sin come in the model dtype) does not cast, so with OLMo's
-#: float32 cos/sin it would give float32 keys beside bf16/fp16 values. Each family rotates with its own function.
-_APPLY_ROTARY = {OlmoAttention: olmo_apply_rotary_pos_emb, Olmo2Attention: olmo2_apply_rotary_pos_emb}
-
-
-def _sliding_window(module: torch.nn.Module) -> dict:
-    """Qwen2 passes its layer's ``sliding_window`` to the attention interface (None on full-attention layers)."""
-    return {"sliding_window": module.sliding_window} if hasattr(module, "sliding_window") else {}
+#: The model's own attention forward serves every class (no copy): it projects, normalises (OLMo-2), rotates with its
+#: own function (OLMo casts float32 cos/sin back), calls the slim cache's update and hf_slim's attention function.
+ROUTE = AttentionRoute(rotary_parameter="position_embeddings", pre_norm_keys=_pre_norm_keys)
 
 
 def _k_mode_refusal(module: torch.nn.Module) -> str | None:
@@ -109,7 +63,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
         model,
         ATTENTION_CLASSES,
         _projections,
-        slim_llama_attention_forward,
+        ROUTE,
         RotaryLayout("half"),
         k_mode_refusal=_k_mode_refusal,
     )
@@ -123,10 +77,10 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 default_calibration_inputs = token_calibration_inputs
 
 
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(
-    slim_llama_attention_forward,
+#: What the routed forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = route_contracts(
+    ROUTE,
     attention=ATTENTION_CLASSES,
     cache_owners=BASE_MODEL_CLASSES,
-    alternatives=("q_norm", "k_norm"),  # OLMo-2's only
+    attributes=("k_proj", "v_proj", "layer_idx", "config"),
 )

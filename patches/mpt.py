@@ -58,7 +58,7 @@ def slim_mpt_attention_forward(
     self: MptAttention,
     hidden_states: torch.Tensor,
     position_bias: torch.Tensor,
-    past_key_values=None,
+    cache=None,
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -73,7 +73,7 @@ def slim_mpt_attention_forward(
         query,
         key,
         value,
-        past_key_values,
+        cache,
         visible,
         self.softmax_scale,
         functools.partial(_own_attention, self, position_bias),

@@ -7,14 +7,13 @@ token, so ``V = f(K)`` is not exact there: refused per layer (the layer keeps th
 
 from __future__ import annotations
 
-import sys
-
 import torch
-from transformers.models.phi.modeling_phi import PhiAttention, PhiModel, apply_rotary_pos_emb
+from transformers.models.phi.modeling_phi import PhiAttention, PhiModel
 from transformers.models.stablelm.modeling_stablelm import StableLmAttention, StableLmModel
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import Projections, rope_self_attention
+from hf_slim._compat import route_contracts
+from hf_slim.attention import Projections
+from hf_slim.interface import AttentionRoute
 from hf_slim.rope import RotaryLayout
 from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
@@ -27,42 +26,8 @@ def _projections(module: torch.nn.Module) -> Projections:
     return Projections.of(module.k_proj, module.v_proj)
 
 
-# Adapted from transformers 5.23.0, models/phi/modeling_phi.py, PhiAttention.forward (StableLmAttention.forward in
-# models/stablelm/modeling_stablelm.py is the same computation; their qk_layernorm layers are never patched): the cache
-# update and the attention call go through the slim cache; projections, partial RoPE and the output projection are the
-# model's own.
-def slim_partial_rotary_attention_forward(
-    self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    attention_mask: torch.Tensor | None = None,
-    past_key_values=None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (b, h, t, dk)
-    cos, sin = position_embeddings  # (b|1, t, r) each, r = rotary_ndims
-    rotated = self.rotary_ndims
-    query_rot, key_rot = apply_rotary_pos_emb(query[..., :rotated], key[..., :rotated], cos, sin)  # (b, h, t, r)
-    query = torch.cat((query_rot, query[..., rotated:]), dim=-1)  # (b, h, t, dk)
-    key = torch.cat((key_rot, key[..., rotated:]), dim=-1)  # (b, h, t, dk)
-    out, weights = rope_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        (cos, sin),
-        attention_mask,
-        past_key_values,
-        kwargs,
-        eager=sys.modules[type(self).__module__].eager_attention_forward,  # the model file's own
-        dropout=0.0 if not self.training else self.attention_dropout,
-    )
-    output_projection = self.dense if hasattr(self, "dense") else self.o_proj  # Phi: dense, StableLM: o_proj
-    return output_projection(out), weights
+#: The model's own attention forward (projections, partial RoPE, output projection) serves both classes (no copy).
+ROUTE = AttentionRoute(rotary_parameter="position_embeddings")
 
 
 def _k_mode_refusal(module: torch.nn.Module) -> str | None:
@@ -77,7 +42,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
         model,
         ATTENTION_CLASSES,
         _projections,
-        slim_partial_rotary_attention_forward,
+        ROUTE,
         RotaryLayout("half"),
         k_mode_refusal=_k_mode_refusal,
     )
@@ -91,10 +56,10 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 default_calibration_inputs = token_calibration_inputs
 
 
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(
-    slim_partial_rotary_attention_forward,
+#: What the routed forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
+CONTRACTS = route_contracts(
+    ROUTE,
     attention=ATTENTION_CLASSES,
     cache_owners=BASE_MODEL_CLASSES,
-    alternatives=("dense", "o_proj"),
+    attributes=("k_proj", "v_proj", "layer_idx", "config", "qk_layernorm"),
 )

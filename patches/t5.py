@@ -26,14 +26,14 @@ from transformers.models.mt5.modeling_mt5 import MT5Attention, MT5Stack
 from transformers.models.t5.modeling_t5 import T5Attention, T5Stack, eager_attention_forward
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
-from hf_slim._compat import Contract
+from hf_slim._compat import CACHE, Contract
 from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.sites import AttentionSite
 
 #: Stacks whose decoder owns the cache, and attention classes with T5's forward signature
-#: ``(hidden_states, mask, key_value_states, position_bias, past_key_values)`` vs UMT5's
-#: ``(hidden_states, encoder_hidden_states, past_key_values, attention_mask)``.
+#: ``(hidden_states, mask, key_value_states, position_bias, cache)`` vs UMT5's
+#: ``(hidden_states, encoder_hidden_states, cache, attention_mask)``.
 STACKS = (T5Stack, MT5Stack, UMT5Stack)
 T5_STYLE_ATTENTION = (T5Attention, MT5Attention)
 
@@ -60,7 +60,7 @@ CONTRACTS = (
         Contract(
             attention,
             "forward",
-            parameters=("hidden_states", "mask", "key_value_states", "position_bias", "past_key_values"),
+            parameters=("hidden_states", "mask", "key_value_states", "position_bias", CACHE),
             attributes=_ATTRIBUTES,
         )
         for attention in T5_STYLE_ATTENTION
@@ -68,11 +68,11 @@ CONTRACTS = (
     Contract(
         UMT5Attention,
         "forward",
-        parameters=("hidden_states", "encoder_hidden_states", "past_key_values", "attention_mask"),
+        parameters=("hidden_states", "encoder_hidden_states", CACHE, "attention_mask"),
         attributes=_ATTRIBUTES,
     ),
     *(Contract(cls, "compute_bias", parameters=_COMPUTE_BIAS) for cls in (*T5_STYLE_ATTENTION, UMT5Attention)),
-    *(Contract(stack, "forward", keywords=("past_key_values", "use_cache")) for stack in STACKS),
+    *(Contract(stack, "forward", keywords=(CACHE, "use_cache")) for stack in STACKS),
 )
 
 
@@ -97,13 +97,16 @@ def _position_bias(
     return module.compute_bias(num_queries, key_length, device=like.device, past_seen_tokens=past_seen_tokens)
 
 
+# Adapted from transformers 5.24.0, models/t5/modeling_t5.py, T5Attention.forward (shared by the T5, mT5 and UMT5
+# forwards below): the cache handling and the attention call change; projections, the module's own compute_bias and
+# the output projection are the model's own.
 def _slim_t5_attention(
     module: torch.nn.Module,
     hidden_states: torch.Tensor,
     mask: torch.Tensor | None,
     encoder_states: torch.Tensor | None,
     position_bias: torch.Tensor | None,
-    past_key_values,
+    cache,
     kwargs: dict,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One T5 decoder attention step (self-attention with a slim cache, or cross-attention over E).
@@ -125,12 +128,12 @@ def _slim_t5_attention(
     """
     batch, num_queries = hidden_states.shape[:2]
     head_dim = module.key_value_proj_dim
-    past_seen_tokens = past_key_values.get_seq_length(module.layer_idx) if past_key_values is not None else 0
+    past_seen_tokens = cache.get_seq_length(module.layer_idx) if cache is not None else 0
     query = split_heads(module.q(hidden_states), head_dim)  # (b, h, t, dk)
     if encoder_states is not None:
         key_length = encoder_states.shape[1]
     else:
-        key_length = past_seen_tokens + num_queries if past_key_values is not None else num_queries
+        key_length = past_seen_tokens + num_queries if cache is not None else num_queries
     if position_bias is None:
         position_bias = _position_bias(module, num_queries, key_length, past_seen_tokens, query)
 
@@ -171,7 +174,7 @@ def _slim_t5_attention(
             query,
             key,
             value,
-            past_key_values,
+            cache,
             mask,
             module.scaling,
             run_attention,
@@ -192,10 +195,10 @@ def slim_t5_attention_forward(
     mask: torch.Tensor | None = None,
     key_value_states: torch.Tensor | None = None,
     position_bias: torch.Tensor | None = None,
-    past_key_values=None,
+    cache=None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return _slim_t5_attention(self, hidden_states, mask, key_value_states, position_bias, past_key_values, kwargs)
+    return _slim_t5_attention(self, hidden_states, mask, key_value_states, position_bias, cache, kwargs)
 
 
 # Adapted from transformers 5.23.0, models/umt5/modeling_umt5.py, UMT5Attention.forward: as for T5, except that every
@@ -205,12 +208,12 @@ def slim_umt5_attention_forward(
     self: UMT5Attention,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor | None = None,
-    past_key_values=None,
+    cache=None,
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     output, _, weights = _slim_t5_attention(
-        self, hidden_states, attention_mask, encoder_hidden_states, None, past_key_values, kwargs
+        self, hidden_states, attention_mask, encoder_hidden_states, None, cache, kwargs
     )
     return output, weights
 

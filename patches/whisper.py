@@ -7,8 +7,9 @@ attention over the encoder output E, which generate() already holds).
 
 Whisper specifics:
 
-* ``q_proj`` output is multiplied by ``head_dim ** -0.5`` before the dot product and the attention call uses
-  ``scaling=1.0`` (kept as is, so prefill is bit-for-bit the model's own computation); ``k_proj`` has no bias.
+* No forward is copied: WhisperAttention's own forward runs, served through the extension points
+  (:mod:`hf_slim.interface`). ``q_proj`` output is multiplied by ``head_dim ** -0.5`` before the dot product and the
+  attention call uses ``scaling=1.0``; ``k_proj`` has no bias.
 * Beam search: transformers repeats E once per beam (``_expand_inputs_for_generation``). The slim model keeps one
   copy per input and :func:`hf_slim.attention.encoder_cross_attention` folds each input's beams onto it, so neither a
   cross-attention cache nor beam copies of E exist.
@@ -21,18 +22,13 @@ from __future__ import annotations
 import torch
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.whisper.modeling_whisper import (
-    WhisperAttention,
-    WhisperDecoder,
-    WhisperDecoderLayer,
-    eager_attention_forward,
-)
+from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperDecoder, WhisperDecoderLayer
 
-from hf_slim._compat import Contract
-from hf_slim.attention import Projections, decoder_attention, split_heads
-from hf_slim.cache import SlimCache
+from hf_slim._compat import Contract, cache_entry, cache_parameter, route_contracts
+from hf_slim.attention import Projections
+from hf_slim.cache import EncoderOutputCache, SlimCache
 from hf_slim.generation import expand_inputs_keeping_encoder_output
+from hf_slim.interface import AttentionRoute
 from hf_slim.patching import InstancePatch, PatchedMethod
 from hf_slim.registry import UnsupportedModelError
 from hf_slim.sites import AttentionSite
@@ -47,26 +43,18 @@ REFUSED_CLASSES = {
     "WhisperDecoder": "slimify the WhisperModel or WhisperForConditionalGeneration that holds this decoder",
 }
 
-#: What the adapted forwards and generate() hooks rely on in transformers (checked by slimify, see hf_slim._compat).
+#: The model's own WhisperAttention.forward (scaled query, projections, output projection) serves decoder self- and
+#: cross-attention (no copy); the encoder output arrives as ``key_value_states``.
+ROUTE = AttentionRoute(encoder_parameter="key_value_states")
+
+#: What the routed forward and the generate() hooks rely on in transformers (checked by slimify, see hf_slim._compat).
 CONTRACTS = (
-    Contract(
-        WhisperAttention,
-        "forward",
-        parameters=("hidden_states", "key_value_states", "past_key_values", "attention_mask", "output_attentions"),
-        attributes=(
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "out_proj",
-            "scaling",
-            "head_dim",
-            "num_heads",
-            "dropout",
-            "layer_idx",
-            "config",
-        ),
+    *route_contracts(
+        ROUTE,
+        attention=(WhisperAttention,),
+        cache_owners=(WhisperDecoder,),
+        attributes=("k_proj", "v_proj", "head_dim", "num_heads", "layer_idx", "config"),
     ),
-    Contract(WhisperDecoder, "forward", keywords=("past_key_values", "use_cache")),
     Contract(
         WhisperForConditionalGeneration,
         "_postprocess_outputs",
@@ -96,54 +84,6 @@ def _projections(module: WhisperAttention) -> Projections:
     return Projections.of(module.k_proj, module.v_proj)
 
 
-# Adapted from transformers 5.23.0, models/whisper/modeling_whisper.py, WhisperAttention.forward: the cache handling
-# and the attention call change; the scaled query, the projections and the output projection are the model's own.
-# The original is the same in transformers 5.15 to 5.22 (5.23 only adds `is_updated = False`); CONTRACTS guards what
-# this relies on.
-def slim_whisper_attention_forward(
-    self: WhisperAttention,
-    hidden_states: torch.Tensor,
-    key_value_states: torch.Tensor | None = None,
-    past_key_values=None,
-    attention_mask: torch.Tensor | None = None,
-    output_attentions: bool = False,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decoder self-attention over a slim cache, or cross-attention over the encoder output with no cache.
-
-    ``hidden_states: (batch, new, d_model)``; ``key_value_states``: the encoder output ``(inputs, frames, d_model)``
-    for cross-attention, where ``batch % inputs == 0`` (one copy of E per input, shared by its beams).
-    Returns the attention output ``(batch, new, d_model)`` and the weights ``(batch, heads, new, keys)`` (eager) or
-    None.
-    """
-    implementation = self.config._attn_implementation
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    dropout = 0.0 if not self.training else self.dropout
-
-    def run_attention(query, key, value, mask):
-        return interface(
-            self, query, key, value, mask, dropout=dropout, scaling=1.0, output_attentions=output_attentions, **kwargs
-        )
-
-    # Whisper scales the query before the dot product (see the source) and calls the attention with scaling=1.0.
-    query = split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim).contiguous()  # (b, h, t, dk)
-    attn_output, attn_weights = decoder_attention(
-        self,
-        hidden_states,
-        query,
-        key_value_states,
-        past_key_values,
-        attention_mask,
-        1.0,
-        run_attention,
-        want_weights=implementation == "eager",
-        dropout=dropout,
-        contiguous_heads=True,
-    )
-    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
-    return self.out_proj(attn_output), attn_weights
-
-
 def _decoders(model: torch.nn.Module) -> list[WhisperDecoder]:
     if not isinstance(model, SUPPORTED_CLASSES):
         name = type(model).__name__
@@ -163,7 +103,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
             if not isinstance(layer, WhisperDecoderLayer):
                 continue
             for kind, module in (("self", layer.self_attn), ("cross", layer.encoder_attn)):
-                sites.append(AttentionSite.of(module, kind, _projections, slim_whisper_attention_forward))
+                sites.append(AttentionSite.of(module, kind, _projections, ROUTE))
     return sites
 
 
@@ -198,7 +138,7 @@ def _slim_cache_from_layers(states: list[torch.Tensor | None]) -> EncoderDecoder
     for layer_idx, layer_states in enumerate(states):
         if layer_states is not None:
             cache.update_slim(layer_states, layer_idx)
-    return EncoderDecoderCache(cache, SlimCache(0))
+    return EncoderDecoderCache(cache, EncoderOutputCache())
 
 
 # Adapted from transformers 5.23.0, models/whisper/generation_whisper.py, WhisperGenerationMixin._postprocess_outputs
@@ -212,10 +152,10 @@ def _postprocess_slim_outputs(
     with K/V, moved to CPU); long-form keeps no cache (transformers: "too costly for longform").
     """
     original = type(self)._postprocess_outputs
-    cache = None if isinstance(seek_outputs, torch.Tensor) else seek_outputs.get("past_key_values")
+    key, cache = (None, None) if isinstance(seek_outputs, torch.Tensor) else cache_entry(seek_outputs)
     slim = _slim_self_cache(cache)
     if slim is not None:  # transformers would split it reading K/V: hand it the outputs without the cache
-        seek_outputs = type(seek_outputs)(**{k: v for k, v in seek_outputs.items() if k != "past_key_values"})
+        seek_outputs = type(seek_outputs)(**{k: v for k, v in seek_outputs.items() if k != key})
     result = original(
         self,
         seek_outputs,
@@ -231,7 +171,7 @@ def _postprocess_slim_outputs(
     sequence_tokens, split = result
     states = [layer.states for layer in slim.layers]
     for row, outputs in enumerate(split):
-        outputs["past_key_values"] = (
+        outputs[key] = (
             _slim_cache_from_layers([None if s is None else s[row][None].cpu() for s in states])
             if is_shortform
             else None
@@ -244,14 +184,15 @@ def _postprocess_slim_outputs(
 def _stack_split_slim_outputs(self, seek_outputs, model_output_type, device, kwargs):
     """Stack the per-sequence outputs of :func:`_postprocess_slim_outputs` back into one generate() output."""
     original = type(self)._stack_split_outputs
-    caches = [outputs.get("past_key_values") for outputs in seek_outputs]
-    if not caches or _slim_self_cache(caches[0]) is None:
+    key, first = cache_entry(seek_outputs[0]) if seek_outputs else (None, None)
+    if _slim_self_cache(first) is None:
         return original(self, seek_outputs, model_output_type, device, kwargs)
-    without_cache = [{k: v for k, v in outputs.items() if k != "past_key_values"} for outputs in seek_outputs]
+    caches = [outputs[key] for outputs in seek_outputs]
+    without_cache = [{k: v for k, v in outputs.items() if k != key} for outputs in seek_outputs]
     stacked = original(self, without_cache, model_output_type, device, kwargs)
     layers = zip(*(_slim_self_cache(cache).layers for cache in caches), strict=True)
     states = [None if rows[0].states is None else torch.cat([r.states for r in rows]).to(device) for rows in layers]
-    stacked["past_key_values"] = _slim_cache_from_layers(states)
+    stacked[key] = _slim_cache_from_layers(states)
     return stacked
 
 
@@ -286,10 +227,11 @@ def default_calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> 
     output_embeddings = whisper.decoder.embed_tokens.weight  # Whisper ties the LM head to the token embeddings
     tokens = [config.decoder_start_token_id]
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    cache_name = cache_parameter(type(whisper.decoder).forward)
     step = torch.tensor([tokens], device=parameter.device)
     for _ in range(min(max_tokens, config.max_target_positions) - 1):
         hidden = whisper.decoder(
-            input_ids=step, encoder_hidden_states=encoder_states, past_key_values=cache, use_cache=True
+            input_ids=step, encoder_hidden_states=encoder_states, use_cache=True, **{cache_name: cache}
         ).last_hidden_state[:, -1]  # (1, d_model)
         token = int((hidden @ output_embeddings.T).argmax(-1))
         if token == config.eos_token_id:

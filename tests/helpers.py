@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from hf_slim._compat import generation_cache_names, returned_cache
+
 #: Relative tolerance on logits, per dtype: fp32 per the issue; half precisions are compared on tokens instead.
 LOGITS_RTOL = {torch.float32: 1e-5}
+
+#: The keyword the installed transformers' forwards take a cache under (``past_key_values`` up to 5.23, ``cache``
+#: from 5.24), as transformers itself names it: the tests run unchanged on either.
+CACHE_KEYWORD = generation_cache_names()[0]
+
+
+def with_cache(cache) -> dict:
+    """Keyword arguments that hand ``cache`` to a model's forward, under the installed transformers' name."""
+    return {CACHE_KEYWORD: cache}
+
+
+def cache_of(output):
+    """The cache a model or generate() output carries, whatever the installed transformers calls the field."""
+    return returned_cache(output)
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -123,8 +139,8 @@ def encoder_decoder_step_logits(model: torch.nn.Module, inputs: dict, decoder_id
     cache, steps = None, []
     with torch.no_grad():
         for position in range(decoder_ids.shape[1]):
-            out = model(**inputs, decoder_input_ids=decoder_ids[:, position : position + 1], past_key_values=cache)
-            cache = out.past_key_values
+            out = model(**inputs, decoder_input_ids=decoder_ids[:, position : position + 1], **with_cache(cache))
+            cache = cache_of(out)
             steps.append(out.logits.double())
     return torch.cat(steps, dim=1)
 

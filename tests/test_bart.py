@@ -19,8 +19,10 @@ from helpers import (
     assert_close_relative,
     assert_same_tokens,
     assert_unchanged,
+    cache_of,
     encoder_decoder_step_logits,
     snapshot,
+    with_cache,
 )
 from tiny_encdec import BART_FAMILY, VOCAB, source_batch, tiny_bart
 from tiny_models import sharpen_greedy
@@ -105,7 +107,7 @@ def test_prefill_and_24_decode_steps_match_logits(model_type, attn):
                     attention_mask=source["attention_mask"],
                     decoder_input_ids=ids,
                     decoder_attention_mask=mask,
-                    past_key_values=caches[name],
+                    **with_cache(caches[name]),
                     use_cache=True,
                 )
                 for name, model in (("vanilla", vanilla), ("slim", slim))
@@ -128,8 +130,8 @@ def test_chunked_prefill_matches_full_forward(model_type):
         expected = vanilla(**source, decoder_input_ids=ids, use_cache=False).logits
         cache, logits = None, []
         for start, stop in ((0, 5), (5, 45), (45, 48)):
-            out = slim(**source, decoder_input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = slim(**source, decoder_input_ids=ids[:, start:stop], **with_cache(cache), use_cache=True)
+            cache = cache_of(out)
             logits.append(out.logits)
     assert isinstance(cache.self_attention_cache, SlimCache)
     assert_close_relative(torch.cat(logits, dim=1), expected, LOGITS_RTOL[torch.float32], "chunked prefill")
@@ -153,7 +155,7 @@ def test_greedy_beams_and_sampling_identical(model_type, padding_side):
             difference = float((actual.sequences_scores - expected.sequences_scores).abs().max())
             assert difference <= 1e-5, f"beam scores differ by {difference:.3e}"
         else:
-            assert isinstance(actual.past_key_values.self_attention_cache, SlimCache)
+            assert isinstance(cache_of(actual).self_attention_cache, SlimCache)
 
 
 def _record_generate(model) -> tuple[list[int], list[int], list]:
@@ -165,7 +167,7 @@ def _record_generate(model) -> tuple[list[int], list[int], list]:
         rows.append(kwargs["key_value_states"].shape[0])
 
     def on_decoder(module, args, kwargs, output):
-        peak[0] = max(peak[0], cache_nbytes(output.past_key_values))
+        peak[0] = max(peak[0], cache_nbytes(cache_of(output)))
 
     handles = [
         decoder.layers[0].encoder_attn.register_forward_pre_hook(on_cross, with_kwargs=True),
@@ -208,8 +210,8 @@ def test_static_cache_generate_identical(model_type):
         expected = vanilla.generate(**source, **common, **kwargs)
         actual = slim.generate(**source, **common, **kwargs)
         assert_same_tokens(actual.sequences, expected.sequences, f"static {kwargs}")
-        assert isinstance(expected.past_key_values.self_attention_cache, StaticCache)
-        layers = actual.past_key_values.self_attention_cache.layers
+        assert isinstance(cache_of(expected).self_attention_cache, StaticCache)
+        layers = cache_of(actual).self_attention_cache.layers
         assert all(isinstance(layer, StaticSlimLayer) for layer in layers)
 
 
@@ -255,8 +257,8 @@ def test_decoder_only_causal_lm_logits_and_generate(model_type):
         for step in range(21):
             outs = {}
             for name, model in (("vanilla", vanilla), ("slim", slim)):
-                outs[name] = model(input_ids=ids, attention_mask=mask, past_key_values=caches[name], use_cache=True)
-                caches[name] = outs[name].past_key_values
+                outs[name] = model(input_ids=ids, attention_mask=mask, **with_cache(caches[name]), use_cache=True)
+                caches[name] = cache_of(outs[name])
             assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, LOGITS_RTOL[torch.float32], f"{step}")
             ids = torch.randint(3, VOCAB, (3, 1), generator=generator)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -276,12 +278,12 @@ def test_output_attentions_match(attn):
     outs = {}
     with torch.no_grad():
         for name, model, cache in zip(("vanilla", "slim"), (vanilla, slim), new_caches(), strict=True):
-            first = model(**source, decoder_input_ids=ids, past_key_values=cache, use_cache=True)
+            first = model(**source, decoder_input_ids=ids, **with_cache(cache), use_cache=True)
             outs[name] = model(
                 encoder_outputs=(first.encoder_last_hidden_state,),
                 attention_mask=source["attention_mask"],
                 decoder_input_ids=ids[:, :1],
-                past_key_values=first.past_key_values,
+                **with_cache(cache_of(first)),
                 output_attentions=True,
             )
     for kind in ("decoder_attentions", "cross_attentions"):
@@ -331,7 +333,7 @@ def test_unslimify_restores_exactly():
     assert_unchanged(model, before)
     actual = model.generate(**source_batch(2), **GENERATE)
     assert_same_tokens(actual.sequences, vanilla.generate(**source_batch(2), **GENERATE).sequences)
-    assert type(actual.past_key_values.self_attention_cache) is DynamicCache
+    assert type(cache_of(actual).self_attention_cache) is DynamicCache
 
 
 def test_encoder_only_parts_are_refused():

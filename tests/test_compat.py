@@ -27,7 +27,7 @@ from hf_slim.registry import SUPPORTED
 pytestmark = pytest.mark.oldest_transformers  # the version machinery matters most on the oldest release
 
 
-@pytest.mark.parametrize("version", ["5.15.0", "5.17.0", "5.23.0", "5.23.7"])
+@pytest.mark.parametrize("version", ["5.15.0", "5.17.0", "5.23.0", "5.24.0", "5.24.3"])
 def test_tested_versions_import_silently(version):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -41,10 +41,10 @@ def test_older_than_minimum_is_a_one_line_import_error(version):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("version", ["5.24.0", "5.24.0.dev0", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.25.0", "5.25.0.dev0", "6.0.0"])
 def test_newer_than_tested_is_one_warning_naming_the_range(version, monkeypatch):
     monkeypatch.delenv("HF_SLIM_SKIP_VERSION_CHECK", raising=False)
-    with pytest.warns(UntestedTransformersWarning, match=r"tested with transformers>=5\.15,<5\.24") as record:
+    with pytest.warns(UntestedTransformersWarning, match=r"tested with transformers>=5\.15,<5\.25") as record:
         check_transformers_version(version)
     assert len(record) == 1
 
@@ -66,7 +66,7 @@ def _import_hf_slim_with(version: str) -> subprocess.CompletedProcess:
 
 
 def test_import_under_newer_transformers_warns_once_and_works():
-    result = _import_hf_slim_with("5.24.0")
+    result = _import_hf_slim_with("5.25.0")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("UntestedTransformersWarning:") == 1, result.stderr
 
@@ -133,16 +133,17 @@ def test_every_declared_contract_holds_on_the_installed_transformers(contract):
     assert contract.signature_problems() == []
 
 
-def _forward_with_new_parameter(self, hidden_states, position_embeddings=None, past_key_values=None, **kwargs):
+def _forward_without_encoder_states(self, hidden_states, position_embeddings=None, cache=None, **kwargs):
     raise AssertionError("never called: slimify refuses first")
 
 
 def test_changed_forward_signature_is_refused_and_model_untouched(monkeypatch):
-    """An untested transformers whose GPT2Attention.forward gained a parameter: slimify refuses, nothing patched."""
+    """An untested transformers whose GPT2Attention.forward no longer takes the encoder output where hf_slim reads it
+    (``encoder_hidden_states``): slimify refuses, nothing patched."""
     model = tiny_gpt2()
-    monkeypatch.setattr(GPT2Attention, "forward", _forward_with_new_parameter)
+    monkeypatch.setattr(GPT2Attention, "forward", _forward_without_encoder_states)
     before = snapshot(model)
-    with pytest.raises(TransformersContractError, match=r"GPT2Attention\.forward takes \(hidden_states, position_"):
+    with pytest.raises(TransformersContractError, match=r"GPT2Attention\.forward has no parameter\(s\) encoder_hidden"):
         slimify(model)
     assert not is_slim(model)
     assert_unchanged(model, before)

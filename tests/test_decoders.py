@@ -16,7 +16,9 @@ from helpers import (
     assert_bf16_greedy_identical,
     assert_close_relative,
     assert_same_tokens,
+    cache_of,
     relative_difference,
+    with_cache,
 )
 from tiny_models import DECODER_CONFIGS, sharpen_greedy, tiny_decoder, tiny_tokenizer
 from transformers import DynamicCache
@@ -74,8 +76,8 @@ def test_prefill_and_decode_steps_match_logits(name, attn, mode):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for step in range(DECODE_STEPS + 1):
-            out_vanilla = vanilla(input_ids=ids, attention_mask=mask, past_key_values=caches["vanilla"])
-            out_slim = slim(input_ids=ids, attention_mask=mask, past_key_values=caches["slim"])
+            out_vanilla = vanilla(input_ids=ids, attention_mask=mask, **with_cache(caches["vanilla"]))
+            out_slim = slim(input_ids=ids, attention_mask=mask, **with_cache(caches["slim"]))
             assert_close_relative(out_slim.logits, out_vanilla.logits, LOGITS_RTOL[torch.float32], f"step {step}")
             ids = torch.randint(0, vanilla.config.vocab_size, (ids.shape[0], 1), generator=generator)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -94,7 +96,7 @@ def test_chunked_prefill_matches(name, attn):
         cache, pieces, start = SlimCache(), [], 0
         for size in (10, head_dim + 9, 3, 1, 60 - 10 - head_dim - 9 - 3 - 1):
             mask = torch.ones(2, start + size, dtype=torch.long)
-            out = slim(input_ids=ids[:, start : start + size], attention_mask=mask, past_key_values=cache)
+            out = slim(input_ids=ids[:, start : start + size], attention_mask=mask, **with_cache(cache))
             pieces.append(out.logits)
             start += size
     assert_close_relative(torch.cat(pieces, dim=1), full, LOGITS_RTOL[torch.float32], "chunked prefill")
@@ -109,8 +111,8 @@ def test_without_attention_mask(name):
     caches = {"vanilla": DynamicCache(), "slim": SlimCache()}
     with torch.no_grad():
         for start, stop in ((0, 12), (12, 13), (13, 14), (14, 30)):
-            expected = vanilla(input_ids=ids[:, start:stop], past_key_values=caches["vanilla"]).logits
-            actual = slim(input_ids=ids[:, start:stop], past_key_values=caches["slim"]).logits
+            expected = vanilla(input_ids=ids[:, start:stop], **with_cache(caches["vanilla"])).logits
+            actual = slim(input_ids=ids[:, start:stop], **with_cache(caches["slim"])).logits
             assert_close_relative(actual, expected, LOGITS_RTOL[torch.float32], f"tokens {start}:{stop}")
 
 
@@ -136,7 +138,7 @@ def test_generate_identical_tokens(name, attn, kind):
     vanilla, slim = pair(name, attn=attn)
     expected, actual = _generate(vanilla, **GENERATIONS[kind]), _generate(slim, **GENERATIONS[kind])
     assert_same_tokens(actual.sequences, expected.sequences, kind)
-    assert isinstance(actual.past_key_values, SlimCache)
+    assert isinstance(cache_of(actual), SlimCache)
     if kind == "beams":
         assert_close_relative(actual.sequences_scores, expected.sequences_scores, 1e-5, "beam scores")
 
@@ -163,7 +165,7 @@ def test_static_cache_generate_matches_vanilla(name, attn):
         if DECODER_CONFIGS[name][0] not in VANILLA_STATIC_BROKEN:
             vanilla_static = vanilla.generate(**padded_batch(), **common, **kwargs, **static)
             assert_same_tokens(actual.sequences, vanilla_static.sequences, f"static slim vs static vanilla {kwargs}")
-        assert all(isinstance(layer, StaticSlimLayer) for layer in actual.past_key_values.layers)
+        assert all(isinstance(layer, StaticSlimLayer) for layer in cache_of(actual).layers)
 
 
 @pytest.mark.parametrize("name", sorted(VANILLA_STATIC_BROKEN))
@@ -208,7 +210,7 @@ def test_chunked_prefill_into_static_cache_matches(name, attn):
         cache, pieces, start = SlimCache(slim_record(slim).num_cache_layers, max_cache_len=slots), [], 0
         for size in (10, head_dim + 9, 3, 1, 60 - 10 - head_dim - 9 - 3 - 1):
             mask = _static_mask(name, 2, start + size, slots)
-            out = slim(input_ids=ids[:, start : start + size], attention_mask=mask, past_key_values=cache)
+            out = slim(input_ids=ids[:, start : start + size], attention_mask=mask, **with_cache(cache))
             pieces.append(out.logits)
             start += size
     assert_close_relative(torch.cat(pieces, dim=1), full, LOGITS_RTOL[torch.float32], "chunked prefill, static cache")
@@ -224,11 +226,11 @@ def test_static_decode_step_compiles_fullgraph(name, attn):
     expected = vanilla(input_ids=ids).logits[:, 12:]
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
-        slim(input_ids=ids[:, :12], attention_mask=_static_mask(name, 1, 12, 16), past_key_values=cache)
+        slim(input_ids=ids[:, :12], attention_mask=_static_mask(name, 1, 12, 16), **with_cache(cache))
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(input_ids=ids[:, 12:], position_ids=torch.tensor([[12]]), attention_mask=_static_mask(name, 1, 13, 16))
-    eager = slim(**step, past_key_values=caches[0]).logits
-    traced = compiled(**step, past_key_values=caches[1]).logits
+    eager = slim(**step, **with_cache(caches[0])).logits
+    traced = compiled(**step, **with_cache(caches[1])).logits
     assert_close_relative(eager, expected, LOGITS_RTOL[torch.float32], "eager static slim vs vanilla decode step")
     assert_close_relative(traced, eager, 1e-5, "compiled vs eager decode step")
 
@@ -298,7 +300,7 @@ def test_bf16_greedy_identical_and_as_accurate(name):
         for step in range(path.shape[1] - prompt):
             piece = slice(0, prompt) if step == 0 else slice(prompt + step - 1, prompt + step)
             logits = [
-                model(input_ids=path[:, piece], attention_mask=mask[:, : piece.stop], past_key_values=cache)
+                model(input_ids=path[:, piece], attention_mask=mask[:, : piece.stop], **with_cache(cache))
                 .logits[:, -1]
                 .float()
                 for model, cache in zip((reference, vanilla, slim), caches, strict=True)
@@ -312,7 +314,7 @@ def test_bf16_greedy_identical_and_as_accurate(name):
 def test_cache_bytes_half_and_report_agrees(name):
     vanilla, slim = pair(name)
     with torch.no_grad():
-        expected, actual = (model(**padded_batch(), use_cache=True).past_key_values for model in (vanilla, slim))
+        expected, actual = (cache_of(model(**padded_batch(), use_cache=True)) for model in (vanilla, slim))
     assert isinstance(actual, SlimCache)
     vanilla_bytes, slim_bytes = cache_nbytes(expected), cache_nbytes(actual)
     assert vanilla_bytes == 2 * slim_bytes, f"vanilla {vanilla_bytes} B, slim {slim_bytes} B"
@@ -327,7 +329,7 @@ def test_unslimify_restores_original_generation(name):
     unslimify(slim)
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
     assert_same_tokens(actual.sequences, expected.sequences)
-    assert type(actual.past_key_values) is type(expected.past_key_values)
+    assert type(cache_of(actual)) is type(cache_of(expected))
 
 
 def _first_decode_step_difference(name: str) -> float:
@@ -340,8 +342,8 @@ def _first_decode_step_difference(name: str) -> float:
     logits = []
     with torch.no_grad():
         for model, cache in ((vanilla, DynamicCache()), (slim, SlimCache())):
-            model(**batch, past_key_values=cache)
-            logits.append(model(**step, past_key_values=cache).logits)
+            model(**batch, **with_cache(cache))
+            logits.append(model(**step, **with_cache(cache)).logits)
     return relative_difference(logits[1], logits[0])
 
 
@@ -417,7 +419,7 @@ def test_slim_model_survives_deepcopy_and_pickle(name):
         assert attention.forward.owner is attention, f"{how}: the patched forward acts on the original"
         actual = _generate(model, do_sample=False)
         assert_same_tokens(actual.sequences, expected.sequences, how)
-        assert isinstance(actual.past_key_values, SlimCache), how
+        assert isinstance(cache_of(actual), SlimCache), how
 
 
 def _first_attention(model) -> str:

@@ -16,7 +16,9 @@ from helpers import (
     assert_close_relative,
     assert_same_tokens,
     assert_unchanged,
+    cache_of,
     snapshot,
+    with_cache,
 )
 from tiny_encdec import VOCAB, tiny_config
 from tiny_models import randomize_biases, sharpen_greedy
@@ -161,10 +163,10 @@ def test_prefill_and_24_decode_steps_match_logits(encoder, decoder):
                     encoder_outputs=encoder_outputs,
                     attention_mask=mask,
                     decoder_input_ids=ids,
-                    past_key_values=caches[name],
+                    **with_cache(caches[name]),
                     use_cache=True,
                 )
-                caches[name] = outs[name].past_key_values
+                caches[name] = cache_of(outs[name])
             rtol = LOGITS_RTOL[torch.float32]
             assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, rtol, f"step {step}")
             ids = torch.randint(3, VOCAB, (3, 1), generator=generator)
@@ -252,8 +254,8 @@ def test_trocr_alone_as_a_causal_lm():
         for step in range(21):
             outs = {}
             for name, model in (("vanilla", vanilla), ("slim", slim)):
-                outs[name] = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=caches[name])
-                caches[name] = outs[name].past_key_values
+                outs[name] = model(input_ids=step_ids, attention_mask=step_mask, **with_cache(caches[name]))
+                caches[name] = cache_of(outs[name])
             assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, LOGITS_RTOL[torch.float32], f"{step}")
             step_ids = torch.randint(3, VOCAB, (3, 1), generator=generator)
             step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=1)
@@ -340,10 +342,10 @@ def test_florence2_logits_and_generation_identical_with_one_encoder_copy(attn):
                 outs[name] = model(
                     **source,
                     decoder_input_ids=ids[:, step : step + 1],
-                    past_key_values=caches[name],
+                    **with_cache(caches[name]),
                     use_cache=True,
                 )
-                caches[name] = outs[name].past_key_values
+                caches[name] = cache_of(outs[name])
             encoder_outputs = BaseModelOutput(last_hidden_state=outs["vanilla"].encoder_last_hidden_state)
             assert_close_relative(outs["slim"].logits, outs["vanilla"].logits, LOGITS_RTOL[torch.float32], f"{step}")
     rows = []

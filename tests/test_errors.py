@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot, with_cache
 from tiny_models import tiny_gpt2
 from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -80,12 +80,12 @@ def test_incompatible_cache_objects_are_refused():
     model = slimify(tiny_gpt2())
     ids = torch.randint(0, model.config.vocab_size, (1, 4))
     with pytest.raises(TypeError, match=r"slimified but got a DynamicCache.*SlimCache"):
-        model(ids, past_key_values=DynamicCache())
-    with pytest.raises(TypeError, match=r"generate\(\) got past_key_values=DynamicCache"):
-        model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=2)
+        model(ids, **with_cache(DynamicCache()))
+    with pytest.raises(TypeError, match=r"generate\(\) got a DynamicCache as its cache"):
+        model.generate(ids, **with_cache(DynamicCache()), max_new_tokens=2)
     with pytest.raises(NotImplementedError, match="cache_implementation='quantized'"):
         model.generate(ids, cache_implementation="quantized", max_new_tokens=2)
     with pytest.raises(TypeError, match="SlimCache"):
-        model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=16), max_new_tokens=2)
+        model.generate(ids, **with_cache(StaticCache(config=model.config, max_cache_len=16)), max_new_tokens=2)
     with pytest.raises(TypeError, match="only be used by a model patched"):
         SlimCache().update(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 0)

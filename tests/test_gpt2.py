@@ -13,7 +13,9 @@ from helpers import (
     assert_close_relative,
     assert_same_tokens,
     assert_unchanged,
+    cache_of,
     snapshot,
+    with_cache,
 )
 from tiny_models import sharpen_greedy, tiny_gpt2, tiny_tokenizer
 from transformers import DynamicCache, GPT2Config, GPT2Model, pipeline
@@ -52,8 +54,8 @@ def test_prefill_and_40_decode_steps_match_logits(mode, config):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for step in range(41):
-            out_vanilla = vanilla(input_ids=ids, attention_mask=mask, past_key_values=caches["vanilla"])
-            out_slim = slim(input_ids=ids, attention_mask=mask, past_key_values=caches["slim"])
+            out_vanilla = vanilla(input_ids=ids, attention_mask=mask, **with_cache(caches["vanilla"]))
+            out_slim = slim(input_ids=ids, attention_mask=mask, **with_cache(caches["slim"]))
             assert_close_relative(out_slim.logits, out_vanilla.logits, LOGITS_RTOL[torch.float32], f"step {step}")
             ids = torch.randint(0, vanilla.config.vocab_size, (ids.shape[0], 1), generator=generator)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -71,7 +73,7 @@ def test_chunked_prefill_matches(mode):
         cache, pieces, start = SlimCache(), [], 0
         for size in (10, head_dim + 9, 3, 1, 60 - 10 - head_dim - 9 - 3 - 1):
             positions = torch.arange(start, start + size)[None]
-            out = slim(input_ids=ids[:, start : start + size], past_key_values=cache, position_ids=positions)
+            out = slim(input_ids=ids[:, start : start + size], **with_cache(cache), position_ids=positions)
             pieces.append(out.logits)
             start += size
     assert_close_relative(torch.cat(pieces, dim=1), full, LOGITS_RTOL[torch.float32], "chunked prefill")
@@ -89,7 +91,7 @@ def test_greedy_left_padded_batch_identical(mode):
     vanilla, slim = pair(mode)
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
     assert_same_tokens(actual.sequences, expected.sequences, "greedy")
-    assert isinstance(actual.past_key_values, SlimCache)
+    assert isinstance(cache_of(actual), SlimCache)
 
 
 @pytest.mark.oldest_transformers
@@ -127,14 +129,14 @@ def test_text_generation_pipeline_identical():
 def test_cache_bytes_are_half_of_dynamic_cache(mode):
     vanilla, slim = pair(mode)
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
-    vanilla_bytes, slim_bytes = cache_nbytes(expected.past_key_values), cache_nbytes(actual.past_key_values)
+    vanilla_bytes, slim_bytes = cache_nbytes(cache_of(expected)), cache_nbytes(cache_of(actual))
     # half, times (e + r) / e for K+R layers (fp32 calibration: r = 16 on these random W_K, cond ~1e2; 0 for input)
     record, inner = slim_record(slim), slim.config.n_embd
     widths = sum(inner + record.residual_ranks.get(name, 0) for name in record.layer_modes)  # sum of (e + r)
     assert vanilla_bytes * widths == 2 * inner * len(record.layer_modes) * slim_bytes, (vanilla_bytes, slim_bytes)
-    layer = actual.past_key_values.layers[0]
+    layer = cache_of(actual).layers[0]
     assert isinstance(layer.states, torch.Tensor) and layer.keys is None and layer.values is None
-    tokens = actual.past_key_values.get_seq_length()
+    tokens = cache_of(actual).get_seq_length()
     report = cache_report(slim, batch_size=3, seq_len=tokens, verbose=False)
     assert (report.vanilla_bytes, report.slim_bytes) == (vanilla_bytes, slim_bytes)
 
@@ -164,11 +166,11 @@ def test_bf16_input_mode_greedy_identical_and_as_accurate():
     with torch.no_grad():
         for name, model in (("reference", reference), ("vanilla", vanilla), ("slim", slim)):
             cache = DynamicCache() if model is not slim else SlimCache()
-            model(**batch, past_key_values=cache)
+            model(**batch, **with_cache(cache))
             steps = []
             for position in range(ids.shape[1]):
                 step_mask = mask[:, : prompt + position + 1]
-                out = model(input_ids=ids[:, position : position + 1], attention_mask=step_mask, past_key_values=cache)
+                out = model(input_ids=ids[:, position : position + 1], attention_mask=step_mask, **with_cache(cache))
                 steps.append(out.logits.double())
             logits[name] = torch.cat(steps, dim=1)
     assert_as_accurate_as_unpatched(logits, "bf16")
@@ -180,11 +182,11 @@ def test_explicit_position_ids_and_attentions():
     positions = torch.arange(5, 12)[None].expand(2, -1)
     with torch.no_grad():
         cache_v, cache_s = DynamicCache(), SlimCache()
-        vanilla(input_ids=ids, position_ids=positions, past_key_values=cache_v)
-        slim(input_ids=ids, position_ids=positions, past_key_values=cache_s)
+        vanilla(input_ids=ids, position_ids=positions, **with_cache(cache_v))
+        slim(input_ids=ids, position_ids=positions, **with_cache(cache_s))
         step = dict(input_ids=ids[:, :1], position_ids=positions[:, -1:] + 1, output_attentions=True)
-        expected = vanilla(**step, past_key_values=cache_v)
-        actual = slim(**step, past_key_values=cache_s)
+        expected = vanilla(**step, **with_cache(cache_v))
+        actual = slim(**step, **with_cache(cache_s))
     assert_close_relative(actual.logits, expected.logits, LOGITS_RTOL[torch.float32])
     for layer, (a, e) in enumerate(zip(actual.attentions, expected.attentions, strict=True)):
         assert_close_relative(a, e, 1e-5, f"attention weights layer {layer}")
@@ -198,9 +200,9 @@ def test_base_model_forward_creates_slim_cache():
     ids = torch.randint(0, 50, (1, 6))
     with torch.no_grad():
         out_v, out_s = vanilla(ids, use_cache=True), slim(ids, use_cache=True)
-        assert isinstance(out_s.past_key_values, SlimCache)
-        next_v = vanilla(ids[:, :1], past_key_values=out_v.past_key_values).last_hidden_state
-        next_s = slim(ids[:, :1], past_key_values=out_s.past_key_values).last_hidden_state
+        assert isinstance(cache_of(out_s), SlimCache)
+        next_v = vanilla(ids[:, :1], **with_cache(cache_of(out_v))).last_hidden_state
+        next_s = slim(ids[:, :1], **with_cache(cache_of(out_s))).last_hidden_state
     assert_close_relative(next_s, next_v, LOGITS_RTOL[torch.float32], "hidden states")
 
 
@@ -214,13 +216,13 @@ def test_cross_attention_reads_encoder_output_without_cache():
         outs = {}
         for name, model in (("vanilla", vanilla), ("slim", slim)):
             first = model(input_ids=ids, encoder_hidden_states=encoder, use_cache=True)
-            second = model(input_ids=ids[:, :1], encoder_hidden_states=encoder, past_key_values=first.past_key_values)
+            second = model(input_ids=ids[:, :1], encoder_hidden_states=encoder, **with_cache(cache_of(first)))
             outs[name] = (first, second)
     for index in range(2):
         assert_close_relative(outs["slim"][index].logits, outs["vanilla"][index].logits, LOGITS_RTOL[torch.float32])
-    slim_cache = outs["slim"][1].past_key_values
+    slim_cache = cache_of(outs["slim"][1])
     assert slim_cache.cross_attention_cache.get_seq_length() == 0, "slim model must not cache cross-attention K/V"
-    assert cache_nbytes(slim_cache) * 2 == cache_nbytes(outs["vanilla"][1].past_key_values.self_attention_cache)
+    assert cache_nbytes(slim_cache) * 2 == cache_nbytes(cache_of(outs["vanilla"][1]).self_attention_cache)
 
 
 def test_unslimify_restores_exactly():
@@ -235,7 +237,7 @@ def test_unslimify_restores_exactly():
     assert_unchanged(model, before)
     expected, actual = _generate(vanilla, do_sample=False), _generate(model, do_sample=False)
     assert_same_tokens(actual.sequences, expected.sequences)
-    assert type(actual.past_key_values) is DynamicCache
+    assert type(cache_of(actual)) is DynamicCache
 
 
 def test_slimify_twice_is_harmless_and_context_manager_undoes():

@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, relative_difference
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, cache_of, relative_difference, with_cache
 from safetensors.torch import load_file, save_file
 from test_whisper import random_features, tiny_whisper
 from tiny_models import tiny_gpt2, tiny_rope, tiny_tokenizer
@@ -164,8 +164,8 @@ def worst_decode_difference(vanilla, slim, steps: int = 40) -> float:
     generator, worst = torch.Generator().manual_seed(1), 0.0
     with torch.no_grad():
         for _ in range(steps + 1):
-            expected = vanilla(input_ids=ids, attention_mask=mask, past_key_values=caches[0]).logits
-            actual = slim(input_ids=ids, attention_mask=mask, past_key_values=caches[1]).logits
+            expected = vanilla(input_ids=ids, attention_mask=mask, **with_cache(caches[0])).logits
+            actual = slim(input_ids=ids, attention_mask=mask, **with_cache(caches[1])).logits
             worst = max(worst, relative_difference(actual, expected))
             ids = torch.randint(0, vanilla.config.vocab_size, (ids.shape[0], 1), generator=generator)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -298,10 +298,10 @@ def test_prefill_and_24_decode_steps_match_logits(arch, rank, attn):
             outputs = {}
             for name, model in (("vanilla", vanilla), ("slim", slim)):
                 if arch == "gpt2":
-                    outputs[name] = model(input_ids=ids, attention_mask=mask, past_key_values=caches[name])
+                    outputs[name] = model(input_ids=ids, attention_mask=mask, **with_cache(caches[name]))
                 else:
                     outputs[name] = model(
-                        decoder_input_ids=ids, decoder_attention_mask=mask, past_key_values=caches[name], **common
+                        decoder_input_ids=ids, decoder_attention_mask=mask, **with_cache(caches[name]), **common
                     )
             rtol = LOGITS_RTOL[torch.float32]
             assert_close_relative(outputs["slim"].logits, outputs["vanilla"].logits, rtol, f"step {step}")
@@ -358,7 +358,7 @@ def test_chunked_prefill_rebuilds_keys_and_values_from_the_k_plus_r_cache(rank):
         cache, pieces, start = SlimCache(), [], 0
         for size in (10, 25, 3, 1, 21):
             positions = torch.arange(start, start + size)[None]
-            pieces.append(slim(input_ids=ids[:, start : start + size], past_key_values=cache, position_ids=positions))
+            pieces.append(slim(input_ids=ids[:, start : start + size], **with_cache(cache), position_ids=positions))
             start += size
     logits = torch.cat([piece.logits for piece in pieces], dim=1)
     assert_close_relative(logits, full, LOGITS_RTOL[torch.float32], "chunked prefill")
@@ -372,7 +372,7 @@ def test_static_cache_holds_k_plus_r_rows(kwargs):
     expected = vanilla.generate(**batch, **common, **kwargs)
     actual = slim.generate(**batch, **common, **kwargs)
     assert_same_tokens(actual.sequences, expected.sequences, "static cache")
-    assert actual.past_key_values.layers[0].states.shape[-1] == D_MODEL + D_MODEL // 2
+    assert cache_of(actual).layers[0].states.shape[-1] == D_MODEL + D_MODEL // 2
 
 
 @pytest.mark.parametrize("arch", list(PAIRS))
@@ -398,9 +398,9 @@ def test_dropping_the_z_term_breaks_the_outputs(arch):
 def test_cache_bytes_and_report_count_the_residual():
     vanilla, slim = gpt2_pair(16)
     expected, actual = _generate("gpt2", vanilla), _generate("gpt2", slim)
-    vanilla_bytes, slim_bytes = cache_nbytes(expected.past_key_values), cache_nbytes(actual.past_key_values)
+    vanilla_bytes, slim_bytes = cache_nbytes(cache_of(expected)), cache_nbytes(cache_of(actual))
     assert vanilla_bytes * (D_MODEL + 16) == slim_bytes * 2 * D_MODEL, (vanilla_bytes, slim_bytes)
-    batch, seq = actual.past_key_values.layers[0].states.shape[:2]
+    batch, seq = cache_of(actual).layers[0].states.shape[:2]
     report = cache_report(slim, batch, seq, verbose=False)
     assert report.slim_bytes == slim_bytes and report.vanilla_bytes == vanilla_bytes
     assert report.ratio == pytest.approx(2 * D_MODEL / (D_MODEL + 16))
@@ -417,7 +417,7 @@ def test_deepcopy_and_pickle_keep_the_k_plus_r_buffers():
         assert slim_record(model).residual_ranks == slim_record(slim).residual_ranks
         actual = _generate("gpt2", model)
         assert_same_tokens(actual.sequences, expected.sequences)
-        assert actual.past_key_values.layers[0].states.shape[-1] == D_MODEL + 32
+        assert cache_of(actual).layers[0].states.shape[-1] == D_MODEL + 32
 
 
 def test_forced_ranks_are_validated():

@@ -13,7 +13,15 @@ import pickle
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
+from helpers import (
+    LOGITS_RTOL,
+    assert_close_relative,
+    assert_same_tokens,
+    assert_unchanged,
+    cache_of,
+    snapshot,
+    with_cache,
+)
 from test_whisper import random_features, tiny_whisper
 from tiny_models import tiny_gpt2
 from transformers import GPT2LMHeadModel
@@ -42,12 +50,12 @@ def greedy(model, steps: int = 10) -> torch.Tensor:
 def decode_logits(model, steps: int = 12) -> torch.Tensor:
     """Prefill + ``steps`` one-token decode steps through the model's own cache; logits ``(steps + 1, vocab)``."""
     output = model(PROMPT, use_cache=True)
-    logits, cache = [output.logits[:, -1]], output.past_key_values
+    logits, cache = [output.logits[:, -1]], cache_of(output)
     for _ in range(steps):
         token = logits[-1].argmax(-1, keepdim=True)  # (1, 1)
-        output = model(token, past_key_values=cache, use_cache=True)
+        output = model(token, **with_cache(cache), use_cache=True)
         logits.append(output.logits[:, -1])
-        cache = output.past_key_values
+        cache = cache_of(output)
     return torch.cat(logits)
 
 
@@ -311,13 +319,13 @@ def test_a_slim_cache_refuses_another_model_or_layout():
     input_model = slimify(tiny_gpt2(), "input")
     other_input_model = slimify(tiny_gpt2(), "input")
     for writer, reader in ((k_model, input_model), (other_input_model, input_model)):
-        cache = writer(PROMPT, use_cache=True).past_key_values
+        cache = cache_of(writer(PROMPT, use_cache=True))
         with pytest.raises(ValueError, match="belongs to the model that filled it"):
-            reader(PROMPT[:, :1], past_key_values=cache, use_cache=True)
+            reader(PROMPT[:, :1], **with_cache(cache), use_cache=True)
     # the model that filled a cache keeps using it
-    cache = input_model(PROMPT, use_cache=True).past_key_values
+    cache = cache_of(input_model(PROMPT, use_cache=True))
     assert isinstance(cache, SlimCache)
-    input_model(PROMPT[:, :1], past_key_values=cache, use_cache=True)
+    input_model(PROMPT[:, :1], **with_cache(cache), use_cache=True)
 
 
 # --- 10. clear errors from slimify and the slim forward ---

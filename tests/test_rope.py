@@ -17,8 +17,10 @@ from helpers import (
     assert_close_relative,
     assert_same_tokens,
     assert_unchanged,
+    cache_of,
     relative_difference,
     snapshot,
+    with_cache,
 )
 from tiny_models import ROPE_CONFIGS, peak_logits, tiny_rope, tiny_tokenizer
 from transformers import DynamicCache
@@ -52,8 +54,8 @@ def _decode_logits(vanilla, slim, steps: int = 40):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for step in range(steps + 1):
-            expected = vanilla(input_ids=ids, attention_mask=mask, past_key_values=caches["vanilla"]).logits
-            actual = slim(input_ids=ids, attention_mask=mask, past_key_values=caches["slim"]).logits
+            expected = vanilla(input_ids=ids, attention_mask=mask, **with_cache(caches["vanilla"])).logits
+            actual = slim(input_ids=ids, attention_mask=mask, **with_cache(caches["slim"])).logits
             assert_close_relative(actual, expected, LOGITS_RTOL[torch.float32], f"step {step}")
             ids = torch.randint(0, vanilla.config.vocab_size, (ids.shape[0], 1), generator=generator)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -118,7 +120,7 @@ def test_chunked_prefill_matches(name):
         ):
             pieces, start = [], 0
             for size in (10, 25, 3, 1, 21):
-                pieces.append(model(input_ids=ids[:, start : start + size], past_key_values=cache).logits)
+                pieces.append(model(input_ids=ids[:, start : start + size], **with_cache(cache)).logits)
                 start += size
             logits[label] = torch.cat(pieces, dim=1)
     for label in ("slim", "slim static"):
@@ -154,7 +156,7 @@ def test_generation_identical_past_original_context(name, how):
     rotary = next((module for module in slim.modules() if hasattr(module, "rope_type")), None)
     if rotary is not None and rotary.rope_type in ("dynamic", "longrope"):  # the frequencies did switch mid-generation
         assert not torch.equal(rotary.inv_freq, rotary.original_inv_freq), "no frequency switch happened"
-    assert isinstance(actual.past_key_values, SlimCache)
+    assert isinstance(cache_of(actual), SlimCache)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-dynamic", "olmo2"])
@@ -163,7 +165,7 @@ def test_static_cache_generate_matches(name):
     common = dict(cache_implementation="static", do_sample=False)
     expected, actual = _generate(vanilla, **common), _generate(slim, **common)
     assert_same_tokens(actual.sequences, expected.sequences, "static cache")
-    _assert_half_plus_positions(slim, actual.past_key_values, expected.past_key_values)
+    _assert_half_plus_positions(slim, cache_of(actual), cache_of(expected))
 
 
 @torch.no_grad()
@@ -175,11 +177,11 @@ def test_decode_step_compiles_fullgraph(name):
     ids = torch.randint(0, slim.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
-        slim(input_ids=ids[:, :5], past_key_values=cache)
+        slim(input_ids=ids[:, :5], **with_cache(cache))
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(input_ids=ids[:, 5:], position_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 16))
-    eager = slim(**step, past_key_values=caches[0]).logits
-    traced = compiled(**step, past_key_values=caches[1]).logits
+    eager = slim(**step, **with_cache(caches[0])).logits
+    traced = compiled(**step, **with_cache(caches[1])).logits
     assert_close_relative(traced, eager, 1e-5, "compiled vs eager decode step")
 
 
@@ -287,9 +289,9 @@ def _teacher_forced(model, sequences: torch.Tensor, cache) -> torch.Tensor:
     prompt = padded_batch()
     length = prompt["input_ids"].shape[1]
     mask = torch.cat([prompt["attention_mask"], torch.ones_like(sequences[:, length:])], dim=1)
-    out = [model(input_ids=sequences[:, :length], attention_mask=mask[:, :length], past_key_values=cache).logits]
+    out = [model(input_ids=sequences[:, :length], attention_mask=mask[:, :length], **with_cache(cache)).logits]
     for t in range(length, sequences.shape[1]):
-        step = model(input_ids=sequences[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+        step = model(input_ids=sequences[:, t : t + 1], attention_mask=mask[:, : t + 1], **with_cache(cache))
         out.append(step.logits)
     return torch.cat(out, dim=1).float()
 
@@ -376,10 +378,10 @@ def test_unslimify_restores_exactly_and_copies_work():
 def test_cache_report_matches_measured_bytes(name):
     vanilla, slim = pair(name)
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
-    tokens = actual.past_key_values.get_seq_length()
+    tokens = cache_of(actual).get_seq_length()
     report = cache_report(slim, batch_size=3, seq_len=tokens, verbose=False)
-    assert report.vanilla_bytes == cache_nbytes(expected.past_key_values)
-    assert report.slim_bytes == cache_nbytes(actual.past_key_values)
+    assert report.vanilla_bytes == cache_nbytes(cache_of(expected))
+    assert report.slim_bytes == cache_nbytes(cache_of(actual))
     assert report.layers_ratio == pytest.approx(_k_plus_r_ratio(slim))
 
 
@@ -703,7 +705,7 @@ def test_missing_position_ids_fall_back_to_the_table():
         cos_sin = slim.model.rotary_emb(hidden, torch.arange(8)[None])
         attention = slim.model.layers[0].self_attn
         with pytest.warns(RotaryFallbackWarning, match="no position_ids"):
-            attention(hidden_states=hidden, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
+            attention(hidden_states=hidden, position_embeddings=cos_sin, attention_mask=None, **with_cache(cache))
     assert cache.rotary.table.states.shape == (1, 8, 32) and cache.rotary.positions is None
 
 
@@ -761,10 +763,10 @@ def test_crop_and_continue_match(name):
     logits = {}
     with torch.no_grad():
         for label, model in (("vanilla", vanilla), ("slim", slim)):
-            model(input_ids=ids, past_key_values=caches[label])
+            model(input_ids=ids, **with_cache(caches[label]))
             caches[label].crop(-20)  # 20 tokens left, then 12 more: within the original context
             logits[label] = torch.cat(
-                [model(input_ids=steps[:, i : i + 1], past_key_values=caches[label]).logits for i in range(12)], 1
+                [model(input_ids=steps[:, i : i + 1], **with_cache(caches[label])).logits for i in range(12)], 1
             )
     assert_close_relative(logits["slim"], logits["vanilla"], LOGITS_RTOL[torch.float32], "crop and continue")
     rotary = _assert_half_plus_positions(slim, caches["slim"], caches["vanilla"])
@@ -781,12 +783,12 @@ def test_longrope_decode_compiles_across_the_factor_switch():
     ids = torch.randint(0, slim.config.vocab_size, (1, 34), generator=torch.Generator().manual_seed(6))
     caches = [SlimCache(2, max_cache_len=36) for _ in range(2)]
     for cache in caches:
-        slim(input_ids=ids[:, :31], past_key_values=cache)
+        slim(input_ids=ids[:, :31], **with_cache(cache))
     compiled = torch.compile(slim.forward, dynamic=False)
     for position in range(31, 34):
         step = dict(input_ids=ids[:, position : position + 1], position_ids=torch.tensor([[position]]))
         step["attention_mask"] = torch.ones(1, 36)
-        eager = slim(**step, past_key_values=caches[0]).logits
-        traced = compiled(**step, past_key_values=caches[1]).logits
+        eager = slim(**step, **with_cache(caches[0])).logits
+        traced = compiled(**step, **with_cache(caches[1])).logits
         assert_close_relative(traced, eager, 1e-5, f"compiled vs eager decode step at {position}")
     assert len(caches[1].rotary.scales) == 2, "the short and long factors"

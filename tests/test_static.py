@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens
+from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, cache_of, with_cache
 from tiny_models import tiny_gpt2, tiny_tokenizer
 from transformers import StaticCache
 
@@ -25,21 +25,21 @@ def test_generate_with_static_cache_matches_vanilla(kwargs):
     expected = vanilla.generate(**batch, **common, **kwargs)
     actual = slim.generate(**batch, **common, **kwargs)
     assert_same_tokens(actual.sequences, expected.sequences, "static cache generate")
-    assert isinstance(expected.past_key_values, StaticCache)
-    assert all(isinstance(layer, StaticSlimLayer) for layer in actual.past_key_values.layers)
-    assert cache_nbytes(expected.past_key_values) == 2 * cache_nbytes(actual.past_key_values)
+    assert isinstance(cache_of(expected), StaticCache)
+    assert all(isinstance(layer, StaticSlimLayer) for layer in cache_of(actual).layers)
+    assert cache_nbytes(cache_of(expected)) == 2 * cache_nbytes(cache_of(actual))
 
 
 def _decode(model, cache, steps: int = 6) -> list[torch.Tensor]:
     """Prefill 5 tokens then ``steps`` single-token steps with an explicit full-length mask, returning logits."""
     generator = torch.Generator().manual_seed(5)
     ids = torch.randint(0, model.config.vocab_size, (2, 5 + steps), generator=generator)
-    logits = [model(input_ids=ids[:, :5], past_key_values=cache).logits]
+    logits = [model(input_ids=ids[:, :5], **with_cache(cache)).logits]
     for position in range(5, 5 + steps):
         logits.append(
             model(
                 input_ids=ids[:, position : position + 1],
-                past_key_values=cache,
+                **with_cache(cache),
                 position_ids=torch.tensor([[position]]).expand(2, 1),
                 attention_mask=torch.ones(2, position + 1),
             ).logits
@@ -66,9 +66,9 @@ def test_decode_step_compiles_fullgraph():
     ids = torch.randint(0, slim.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
-        slim(input_ids=ids[:, :5], past_key_values=cache)
+        slim(input_ids=ids[:, :5], **with_cache(cache))
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(input_ids=ids[:, 5:], position_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 16))
-    eager = slim(**step, past_key_values=caches[0]).logits
-    traced = compiled(**step, past_key_values=caches[1]).logits
+    eager = slim(**step, **with_cache(caches[0])).logits
+    traced = compiled(**step, **with_cache(caches[1])).logits
     assert_close_relative(traced, eager, 1e-5, "compiled vs eager decode step")

@@ -16,8 +16,10 @@ from helpers import (
     assert_close_relative,
     assert_same_tokens,
     assert_unchanged,
+    cache_of,
     encoder_decoder_step_logits,
     snapshot,
+    with_cache,
 )
 from packaging.version import Version
 from tiny_models import randomize_biases, sharpen_greedy, tiny_t5_tokenizer
@@ -163,11 +165,11 @@ def test_prefill_and_20_decode_steps_match_logits(variant, attn, padding_side):
                     attention_mask=batch["attention_mask"],
                     decoder_input_ids=ids,
                     decoder_attention_mask=decoder_mask,
-                    past_key_values=caches[name],
+                    **with_cache(caches[name]),
                     use_cache=True,
                     output_attentions=eager,
                 )
-                caches[name] = outputs[name].past_key_values
+                caches[name] = cache_of(outputs[name])
             where = f"{variant} {attn} step {step}"
             assert_close_relative(outputs["slim"].logits, outputs["vanilla"].logits, LOGITS_RTOL[torch.float32], where)
             if eager:
@@ -200,12 +202,12 @@ def test_chunked_decode_matches_full_forward(variant):
         common = dict(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"])
         full = vanilla(decoder_input_ids=ids, use_cache=False, **common).logits
         uncached = slim(decoder_input_ids=ids, use_cache=False, **common)
-        assert uncached.past_key_values is None
+        assert cache_of(uncached) is None
         assert_close_relative(uncached.logits, full, LOGITS_RTOL[torch.float32], "slim forward without cache")
         cache, pieces, start = None, [], 0
         for size in (5, 4, 1, 16 + 3, 40 - 5 - 4 - 1 - 19):
-            out = slim(decoder_input_ids=ids[:, start : start + size], past_key_values=cache, use_cache=True, **common)
-            cache, start = out.past_key_values, start + size
+            out = slim(decoder_input_ids=ids[:, start : start + size], **with_cache(cache), use_cache=True, **common)
+            cache, start = cache_of(out), start + size
             pieces.append(out.logits)
     assert_close_relative(torch.cat(pieces, dim=1), full, LOGITS_RTOL[torch.float32], "chunked decode")
 
@@ -217,7 +219,7 @@ def test_greedy_identical(variant, padding_side):
     vanilla, slim = pair(variant)
     expected, actual = _generate(vanilla, padding_side), _generate(slim, padding_side)
     assert_same_tokens(actual.sequences, expected.sequences, f"{variant} greedy")
-    assert isinstance(actual.past_key_values.self_attention_cache, SlimCache)
+    assert isinstance(cache_of(actual).self_attention_cache, SlimCache)
 
 
 @pytest.mark.oldest_transformers
@@ -337,15 +339,15 @@ def test_t5_11b_attention_shape_measured_cache_is_32x_smaller():
     assert_same_tokens(actual.sequences, expected.sequences, "T5-11B shape greedy")
     for step, (a, e) in enumerate(zip(actual.logits, expected.logits, strict=True)):
         assert_close_relative(a, e, LOGITS_RTOL[torch.float32], f"T5-11B shape logits step {step}")
-    vanilla_bytes, slim_bytes = cache_nbytes(expected.past_key_values), cache_nbytes(actual.past_key_values)
+    vanilla_bytes, slim_bytes = cache_nbytes(cache_of(expected)), cache_nbytes(cache_of(actual))
     ratio = (vanilla_bytes + encoder_bytes) / (slim_bytes + encoder_bytes)
     assert ratio >= 32, f"vanilla {vanilla_bytes} B + encoder {encoder_bytes} B vs slim {slim_bytes} B: {ratio:.2f}x"
-    self_cache = expected.past_key_values.self_attention_cache
+    self_cache = cache_of(expected).self_attention_cache
     assert cache_nbytes(self_cache) == 32 * slim_bytes, "self-attention X must be 2*16384/1024 = 32x smaller than K+V"
     report = cache_report(
         model,
         batch_size=len(PROMPTS),
-        seq_len=actual.past_key_values.get_seq_length(),
+        seq_len=cache_of(actual).get_seq_length(),
         encoder_len=batch["input_ids"].shape[1],
         verbose=False,
     )
@@ -445,10 +447,10 @@ def test_base_model_forward_creates_slim_cache():
     with torch.no_grad():
         out_v = vanilla(**batch, decoder_input_ids=ids, use_cache=True)
         out_s = slim(**batch, decoder_input_ids=ids, use_cache=True)
-        assert isinstance(out_s.past_key_values.self_attention_cache, SlimCache)
+        assert isinstance(cache_of(out_s).self_attention_cache, SlimCache)
         step = dict(**batch, decoder_input_ids=ids[:, :1])
-        next_v = vanilla(**step, past_key_values=out_v.past_key_values).last_hidden_state
-        next_s = slim(**step, past_key_values=out_s.past_key_values).last_hidden_state
+        next_v = vanilla(**step, **with_cache(cache_of(out_v))).last_hidden_state
+        next_s = slim(**step, **with_cache(cache_of(out_s))).last_hidden_state
     assert_close_relative(next_s, next_v, LOGITS_RTOL[torch.float32], "hidden states")
 
 
@@ -464,4 +466,4 @@ def test_unslimify_restores_exactly():
     assert_unchanged(model, before)
     expected, actual = _generate(vanilla), _generate(model)
     assert_same_tokens(actual.sequences, expected.sequences)
-    assert type(actual.past_key_values.self_attention_cache) is DynamicCache
+    assert type(cache_of(actual).self_attention_cache) is DynamicCache

@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, snapshot
+from helpers import (
+    LOGITS_RTOL,
+    assert_close_relative,
+    assert_same_tokens,
+    assert_unchanged,
+    cache_of,
+    snapshot,
+    with_cache,
+)
 from hf_slim.patches.whisper import default_calibration_inputs
 from tiny_models import randomize_biases
 from transformers import (
@@ -148,7 +156,7 @@ def test_prefill_and_24_decode_steps_match_logits(attn, mode):
                     encoder_outputs=encoder_outputs,
                     decoder_input_ids=ids,
                     decoder_attention_mask=mask,
-                    past_key_values=caches[name],
+                    **with_cache(caches[name]),
                     use_cache=True,
                 )
                 for name, model in (("vanilla", vanilla), ("slim", slim))
@@ -172,8 +180,8 @@ def test_bare_slim_cache_passed_by_the_user_is_kept():
     with torch.no_grad():
         for step in range(3):
             kwargs = dict(input_features=features, decoder_input_ids=ids if step == 0 else ids[:, step : step + 1])
-            expected = vanilla(**kwargs, past_key_values=vanilla_cache).logits
-            actual = slim(**kwargs, past_key_values=slim_cache).logits
+            expected = vanilla(**kwargs, **with_cache(vanilla_cache)).logits
+            actual = slim(**kwargs, **with_cache(slim_cache)).logits
             assert_close_relative(actual, expected, LOGITS_RTOL[torch.float32], f"step {step}")
     assert slim_cache.get_seq_length() == vanilla_cache.get_seq_length() == 6
 
@@ -236,11 +244,11 @@ def test_output_attentions_eager_match_and_sdpa_like_vanilla():
         outs = {}
         with torch.no_grad():
             for name, model, cache in zip(("vanilla", "slim"), (vanilla, slim), new_caches(), strict=True):
-                first = model(input_features=features, decoder_input_ids=ids, past_key_values=cache, use_cache=True)
+                first = model(input_features=features, decoder_input_ids=ids, **with_cache(cache), use_cache=True)
                 step = model(
                     encoder_outputs=(first.encoder_last_hidden_state,),
                     decoder_input_ids=ids[:, :1],
-                    past_key_values=first.past_key_values,
+                    **with_cache(cache_of(first)),
                     output_attentions=True,
                 )
                 outs[name] = step
@@ -260,9 +268,9 @@ def test_return_dict_in_generate_splits_and_stacks_slim_cache():
     expected = vanilla.generate(features, **GENERATE)
     actual = slim.generate(features, **GENERATE)
     assert_same_tokens(actual.sequences, expected.sequences)
-    cache = actual.past_key_values
+    cache = cache_of(actual)
     assert isinstance(cache.self_attention_cache, SlimCache) and cache.cross_attention_cache.get_seq_length() == 0
-    assert cache.get_seq_length() == expected.past_key_values.get_seq_length()
+    assert cache.get_seq_length() == cache_of(expected).get_seq_length()
     layer = cache.self_attention_cache.layers[0]
     assert layer.states.shape == (3, cache.get_seq_length(), 64) and layer.keys is None
     segments = slim.generate(features, max_new_tokens=8, return_segments=True, return_timestamps=False)
@@ -292,7 +300,7 @@ def _record_generate(model) -> tuple[list[int], list[int], list]:
         rows.append(kwargs["key_value_states"].shape[0])
 
     def on_decoder(module, args, kwargs, output):
-        peak[0] = max(peak[0], cache_nbytes(output.past_key_values))
+        peak[0] = max(peak[0], cache_nbytes(cache_of(output)))
 
     layer = model.model.decoder.layers[0]
     handles = [
@@ -330,9 +338,9 @@ def test_cache_bytes_ratio_is_exact_and_matches_cache_report():
     expected = vanilla.generate(features, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True)
     actual = slim.generate(features, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True)
     assert_same_tokens(actual.sequences, expected.sequences)
-    tokens = actual.past_key_values.get_seq_length()
+    tokens = cache_of(actual).get_seq_length()
     assert tokens == 10
-    vanilla_bytes, slim_bytes = cache_nbytes(expected.past_key_values), cache_nbytes(actual.past_key_values)
+    vanilla_bytes, slim_bytes = cache_nbytes(cache_of(expected)), cache_nbytes(cache_of(actual))
     assert vanilla_bytes * tokens == 2 * (30 + tokens) * slim_bytes, (vanilla_bytes, slim_bytes)
     report = cache_report(slim, batch_size=3, seq_len=tokens, encoder_len=30, verbose=False)
     assert (report.vanilla_bytes, report.slim_bytes) == (vanilla_bytes, slim_bytes)
@@ -347,13 +355,13 @@ def test_whisper_model_forward_creates_slim_cache():
     with torch.no_grad():
         out_v = vanilla(input_features=features, decoder_input_ids=ids, use_cache=True)
         out_s = slim(input_features=features, decoder_input_ids=ids, use_cache=True)
-        assert isinstance(out_s.past_key_values.self_attention_cache, SlimCache)
+        assert isinstance(cache_of(out_s).self_attention_cache, SlimCache)
         for step in range(3):
             kwargs = dict(encoder_outputs=(out_v.encoder_last_hidden_state,), decoder_input_ids=ids[:, step : step + 1])
-            out_v = vanilla(**kwargs, past_key_values=out_v.past_key_values)
-            out_s = slim(**kwargs, past_key_values=out_s.past_key_values)
+            out_v = vanilla(**kwargs, **with_cache(cache_of(out_v)))
+            out_s = slim(**kwargs, **with_cache(cache_of(out_s)))
             assert_close_relative(out_s.last_hidden_state, out_v.last_hidden_state, LOGITS_RTOL[torch.float32])
-    assert cache_nbytes(out_s.past_key_values) * 2 == cache_nbytes(out_v.past_key_values.self_attention_cache)
+    assert cache_nbytes(cache_of(out_s)) * 2 == cache_nbytes(cache_of(out_v).self_attention_cache)
 
 
 def test_other_whisper_classes_are_refused_with_reason():
@@ -387,7 +395,7 @@ def test_unslimify_restores_exactly():
     expected = vanilla.generate(random_features(2), **GENERATE)
     actual = model.generate(random_features(2), **GENERATE)
     assert_same_tokens(actual.sequences, expected.sequences)
-    assert type(actual.past_key_values.self_attention_cache) is DynamicCache
+    assert type(cache_of(actual).self_attention_cache) is DynamicCache
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""Slim attention behind the model's own, unchanged attention forward: transformers' extension points only.
+
+Most families compute attention the same way in transformers: project q/k/v (and rotate them), call
+``cache.update(key, value, layer_idx)``, then call the attention function that ``ALL_ATTENTION_FUNCTIONS`` holds for
+``self.config._attn_implementation``. hf_slim rides exactly those three points instead of copying the forward:
+
+1. a thin forward wrapper (:func:`routed_forward`, installed on the module instance) stages the layer's own inputs
+   (its input X, the rotary cos/sin, the encoder output) in the cache the layer was given, then calls the class's
+   forward unchanged;
+2. the slim cache's ``update`` (:meth:`hf_slim.cache.SlimCache.update`) returns a :class:`~hf_slim.cache.SlimStep`
+   instead of keys and values;
+3. the module's ``config`` is a :class:`SlimAttentionConfig`, whose ``_attn_implementation`` names
+   :func:`slim_attention`, registered in transformers' ``AttentionInterface`` under :data:`IMPLEMENTATION`: it runs
+   the slim step (prefill through the model's own SDPA/eager function, decode on the absorbed path) or, for anything
+   else, the model's own function.
+
+Why: a copied forward drifts from transformers with every release (Optimum's BetterTransformer died of it); these
+three points are what every such family's code is written against, so a release that renames arguments or rewrites
+the forward's body keeps working. If a release stops calling ``cache.update`` or the attention function for a slim
+layer, the wrapper notices that the staged step was never served and raises instead of producing wrong outputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from ._compat import TransformersContractError, find_cache
+from .cache import EncoderOutputCache, SlimStep, StepInputs, adopt_cross_part, slim_cache_for
+from .patching import resident_weights
+
+#: The attention implementation name hf_slim registers (the attention modules of a slim model report it).
+IMPLEMENTATION = "hf_slim"
+#: The model attention implementations the slim paths understand (their masks and their functions).
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass(frozen=True)
+class AttentionRoute:
+    """How one attention class of a family is served through the extension points (declared by its patch module).
+
+    Attributes
+    ----------
+    rotary_parameter:
+        the forward parameter that receives the RoPE ``position_embeddings``, or None (no RoPE).
+    rotary_columns:
+        ``position_embeddings -> (cos, sin)``, each ``(batch|1, new, rotary_dim)`` as they multiply the key columns
+        (Llama's are that already; GPT-J's come as ``(sin, cos)`` of half width, one entry per rotated pair).
+    encoder_parameter:
+        the forward parameter that receives the encoder output for cross-attention (``key_value_states``,
+        ``encoder_hidden_states``), or None.
+    eager:
+        ``module -> function`` giving the model file's own eager attention for that module (what
+        ``attn_implementation="eager"`` runs), default the module's file's ``eager_attention_forward``.
+    pre_norm_keys:
+        ``(module, hidden_states) -> keys`` before a per-token key norm (OLMo-2's ``k_norm``), for the key scale
+        the K cache keeps; None where the keys are not normalised.
+    """
+
+    rotary_parameter: str | None = None
+    rotary_columns: Callable | None = None
+    encoder_parameter: str | None = None
+    eager: Callable[[torch.nn.Module], Callable] | None = None
+    pre_norm_keys: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+    def eager_function(self, module: torch.nn.Module) -> Callable:
+        if self.eager is not None:
+            return self.eager(module)
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if function is None:
+            raise TransformersContractError(
+                f"{type(module).__module__} has no eager_attention_forward for {type(module).__name__}; hf_slim "
+                "needs the model's own eager attention function"
+            )
+        return function
+
+
+class SlimAttentionConfig:
+    """``module.config`` of a slim attention module: the model's config, except that ``_attn_implementation`` names
+    hf_slim's registered attention function, so the model's unchanged forward looks up :func:`slim_attention`.
+
+    Every other attribute is read from (and written to) the model's config, so later changes to it are seen; the
+    model's own ``config`` object is never changed (it may be shared by other models).
+    """
+
+    def __init__(self, base) -> None:
+        object.__setattr__(self, "base", base)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return IMPLEMENTATION
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value) -> None:
+        self.base._attn_implementation = value
+
+    @property
+    def model_implementation(self) -> str | None:
+        """The attention implementation the model itself uses (``sdpa``, ``eager``, ...)."""
+        return self.base._attn_implementation
+
+    def __getattr__(self, name: str):
+        if name == "base":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.base, name, value)
+
+    def __reduce__(self):
+        return SlimAttentionConfig, (self.base,)
+
+    def __repr__(self) -> str:
+        return f"SlimAttentionConfig({type(self.base).__name__}, attention {self.model_implementation!r} via hf_slim)"
+
+
+def model_implementation(module: torch.nn.Module) -> str | None:
+    """The attention implementation the model runs for this module (behind a :class:`SlimAttentionConfig`)."""
+    config = getattr(module, "config", None)
+    if isinstance(config, SlimAttentionConfig):
+        return config.model_implementation
+    return getattr(config, "_attn_implementation", None)
+
+
+def check_implementation(module: torch.nn.Module) -> str:
+    """The model's attention implementation for ``module``; one the slim paths cannot serve raises (e.g.
+    ``model.set_attn_implementation("flex_attention")`` after slimify)."""
+    from .registry import UnsupportedModelError
+
+    implementation = model_implementation(module)
+    if implementation not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(
+            f"this slim model now uses attn_implementation={implementation!r} (set after slimify); hf_slim supports "
+            f"{', '.join(SUPPORTED_ATTENTION)}: call model.set_attn_implementation('sdpa'), or "
+            "hf_slim.unslimify(model) to use another implementation"
+        )
+    return implementation
+
+
+def model_attention(module: torch.nn.Module, route: AttentionRoute) -> Callable:
+    """The attention function the unpatched model would call for ``module`` (its SDPA, or its own eager one)."""
+    implementation = check_implementation(module)
+    if implementation == "eager":
+        return route.eager_function(module)
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def slim_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key,
+    value,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention function a slim module's forward calls (registered as :data:`IMPLEMENTATION`).
+
+    ``query: (batch, heads, new, head_dim)`` as the model made it (projected, scaled if the model scales it, rotated);
+    ``key``/``value``: a :class:`~hf_slim.cache.SlimStep` from the slim cache, or tensors ``(batch, heads, keys,
+    head_dim)`` when the forward got no cache. Returns ``(batch, new, heads, head_dim)`` and the weights or None, as
+    transformers' attention functions do.
+    """
+    from .attention import encoder_cross_attention, grouped_cross_attention, slim_self_attention
+
+    state = module.hf_slim
+    route: AttentionRoute = state.route
+    function = model_attention(module, route)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+
+    def run(q, k, v, mask):
+        return function(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    want_weights = model_implementation(module) == "eager"
+    if not isinstance(key, SlimStep):  # no cache: the model's own attention, beams folded onto one encoder copy
+        if state.mode == "encoder" and key.shape[0] != query.shape[0]:
+            return grouped_cross_attention(query, key, value, attention_mask, run)
+        return run(query, key, value, attention_mask)
+    step: SlimStep = key
+    step.inputs.attended = True
+    if state.mode == "encoder":
+        return encoder_cross_attention(
+            module,
+            query,
+            step.inputs.encoder_states,
+            attention_mask,
+            scale,
+            run,
+            want_weights=want_weights,
+            fresh=None if step.key is None else (step.key, step.value),
+        )
+    inputs = step.inputs
+    pre_norm_key = None
+    if state.key_scale and route.pre_norm_keys is not None:
+        pre_norm_key = route.pre_norm_keys(module, inputs.hidden_states)  # (b, t, e)
+    position_ids = kwargs.get("position_ids", inputs.position_ids)
+    return slim_self_attention(
+        module,
+        inputs.hidden_states,
+        query,
+        step.key,
+        step.value,
+        step.cache,
+        attention_mask,
+        scale,
+        run,
+        want_weights=want_weights,
+        rotary=inputs.rotary,
+        position_ids=position_ids,
+        pre_norm_key=pre_norm_key,
+    )
+
+
+AttentionInterface.register(IMPLEMENTATION, slim_attention)
+
+
+@dataclass(frozen=True)
+class RoutedSignature:
+    """Where a routed forward's inputs arrive: the original forward's parameter names, read once at slimify."""
+
+    names: tuple[str, ...]  # after self
+
+    @classmethod
+    def of(cls, forward: Callable) -> RoutedSignature:
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        parameters = inspect.signature(forward).parameters.values()
+        return cls(tuple(p.name for p in parameters if p.kind in positional)[1:])
+
+    def argument(self, name: str | None, args: tuple, kwargs: dict):
+        """The value passed for parameter ``name`` (by keyword or position), or None."""
+        if name is None:
+            return None
+        if name in kwargs:
+            return kwargs[name]
+        index = self.names.index(name) if name in self.names else len(args)
+        return args[index] if index < len(args) else None
+
+
+def routed_forward(module: torch.nn.Module, signature: RoutedSignature, *args, **kwargs):
+    """The instance forward of a routed slim attention module: stage its inputs in its cache, then run the class's
+    own forward (with accelerate-offloaded weights kept real for the slim paths, which read projection weights after
+    the projections ran)."""
+    state = module.hf_slim
+    route: AttentionRoute = state.route
+    cache = find_cache(args, kwargs)
+    inputs = None
+    if cache is not None:
+        inputs = _stage(module, state, route, signature, cache, args, kwargs)
+    with resident_weights(module):
+        output = type(module).forward(module, *args, **kwargs)
+    if inputs is not None:
+        if isinstance(cache, EncoderDecoderCache) and state.mode == "encoder":
+            cache.cross_attention_cache.layer(state.layer_idx).release()
+        if not inputs.attended:
+            raise TransformersContractError(
+                f"{type(module).__name__}.forward did not hand its cache's slim step to the attention function (it "
+                "must call cache.update(...) and the function ALL_ATTENTION_FUNCTIONS holds for "
+                "self.config._attn_implementation): this transformers release changed that forward, and hf_slim "
+                "cannot serve it; call hf_slim.unslimify(model), or install a tested transformers release"
+            )
+    return output
+
+
+def _stage(module, state, route: AttentionRoute, signature: RoutedSignature, cache, args, kwargs) -> StepInputs:
+    hidden_states = args[0] if args else kwargs.get(signature.names[0])
+    inputs = StepInputs(hidden_states=hidden_states, position_ids=kwargs.get("position_ids"))
+    if state.mode == "encoder":
+        inputs.encoder_states = signature.argument(route.encoder_parameter, args, kwargs)
+        if isinstance(cache, EncoderDecoderCache):
+            adopt_cross_part(cache)  # the empty K/V part a model's forward pairs a slim cache with (GPT-2)
+        cross = cache.cross_attention_cache if isinstance(cache, EncoderDecoderCache) else None
+        if not isinstance(cross, EncoderOutputCache):
+            raise TypeError(
+                f"hf_slim: {type(module).__name__} (cross-attention of layer {state.layer_idx}) is slimified but got a "
+                f"{type(cache).__name__} without hf_slim's cross-attention part; let generate()/forward() create the "
+                "cache (pass none), pass hf_slim.SlimCache(), or call hf_slim.unslimify(model)"
+            )
+        cross.stage(state.layer_idx, inputs)
+        return inputs
+    if route.rotary_parameter is not None:
+        embeddings = signature.argument(route.rotary_parameter, args, kwargs)
+        inputs.rotary = embeddings if route.rotary_columns is None else route.rotary_columns(embeddings)
+    slim = slim_cache_for(cache, state.layer_idx, where=type(module).__name__)
+    slim.stage(state.layer_idx, inputs)
+    return inputs
