@@ -285,8 +285,9 @@ def append_lines(path: Path, records: Iterable[dict]) -> None:
 
 
 def generate_batch(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_beams: int = 1) -> list[dict]:
-    """Greedy or beam-search outputs of ``texts`` in one padded generate() call: ``{"output", "output_ids"}`` each
-    (decoder-only: the new tokens only; padding and the end-of-sequence token left out of the ids)."""
+    """Greedy or beam-search outputs of ``texts`` in one padded generate() call: ``{"output", "output_ids"}`` each,
+    the ids as generated (the end-of-sequence token included; the padding after it and, for encoder-decoders, the
+    decoder start token left out; decoder-only: the new tokens only)."""
     import torch
 
     device = next(model.parameters()).device
@@ -297,10 +298,12 @@ def generate_batch(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
     settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, pad_token_id=pad)
     with torch.inference_mode():
         sequences = model.generate(**inputs, **settings)
-    new = sequences if encoder_decoder else sequences[:, inputs["input_ids"].shape[1] :]
-    drop = {pad, tokenizer.eos_token_id, model.generation_config.decoder_start_token_id}
+    # (rows, new tokens): an encoder-decoder's sequences start with the decoder start token, a decoder-only's with
+    # the (left-padded) prompt
+    new = sequences[:, 1:] if encoder_decoder else sequences[:, inputs["input_ids"].shape[1] :]
     results = []
-    for row in new:
-        ids = [token for token in row.tolist() if token not in drop]
-        results.append({"output": tokenizer.decode(ids, skip_special_tokens=True), "output_ids": ids})
+    for row in new.tolist():
+        while row and row[-1] == pad:  # rows that finished early are padded after their end-of-sequence token
+            row.pop()
+        results.append({"output": tokenizer.decode(row, skip_special_tokens=True), "output_ids": row})
     return results

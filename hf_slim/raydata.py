@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -51,6 +52,7 @@ def ray_session(address: str | None, workers: int) -> Iterator[object]:
     if ray.is_initialized():  # a caller's own session (e.g. in a notebook): use it, leave it running
         yield ray
         return
+    temp_dir = None
     if address is None:
         # short temporary folder: Ray's Unix socket paths must stay under 108 characters
         temp_dir = tempfile.mkdtemp(prefix="hfslim-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -65,6 +67,8 @@ def ray_session(address: str | None, workers: int) -> Iterator[object]:
         yield ray
     finally:
         ray.shutdown()
+        if temp_dir is not None:  # the local session's sockets and logs
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _actor_resources(ray) -> dict:
