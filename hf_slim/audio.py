@@ -1,106 +1,259 @@
-"""Minimal WAV loading for speech models, with no audio library dependency.
+"""Audio files to the mono 16 kHz float32 samples speech models take, through well-kept libraries.
 
-Why: Whisper wants mono float32 samples at 16 kHz. The standard library ``wave`` module reads PCM WAV files; this
-module converts them to float, mixes them down and resamples them with a windowed-sinc filter.
+Why these libraries: ``soundfile`` (libsndfile, bundled in its wheels for Linux, macOS and Windows: no system binary)
+decodes WAV of every sample type, FLAC, MP3 and OGG (Vorbis, Opus); it is what ``datasets[audio]`` and ``librosa``
+read audio with, so most transformers speech users have it already. ``soxr`` (the SoX resampler, also bundled in its
+wheels, and librosa's default) resamples to 16 kHz. M4A/AAC, MP4, WebM and the other containers libsndfile does not
+read are decoded with PyAV (FFmpeg's libraries, bundled in its wheels) when it is installed
+(``pip install "hf-slim[av]"``).
+
+Bad files are one ``ValueError`` that names the file and says what is wrong: a file with no samples, a WAV file
+shorter than its header says (an interrupted copy or download), or a file neither library can decode.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
-import wave
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
-import torch
 
 WHISPER_SAMPLING_RATE = 16_000
-#: data chunk size that streaming writers (e.g. ffmpeg to a pipe) put in the header when the length is not known
+#: what every message about an undecodable file suggests
+_CONVERT = "convert it, e.g. ffmpeg -i IN -ar 16000 OUT.flac"
+#: data size that streaming writers (ffmpeg to a pipe) put in a WAV header when the length is not known
 _UNKNOWN_LENGTH = 0xFFFFFFFF
-_CONVERT = "hf_slim reads integer PCM WAV: convert it, e.g. ffmpeg -i IN -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav"
+#: libsndfile's header log for a WAV-family file whose data chunk is shorter than announced: "data : 64000 (should be
+#: 16001)" (bytes announced, bytes present)
+_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
-def load_wav(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMPLING_RATE) -> tuple[np.ndarray, int]:
-    """Read a PCM WAV file as mono float32 samples in ``[-1, 1]``.
+def _soundfile():
+    try:
+        import soundfile
+    except (ImportError, OSError) as error:  # OSError: the wheel's libsndfile could not be loaded
+        raise ImportError(
+            f"reading audio needs the soundfile package (libsndfile): pip install soundfile ({error})"
+        ) from error
+    return soundfile
 
-    Why: gives speech pipelines their expected input (e.g. ``WhisperFeatureExtractor`` at 16 kHz) from a file on
-    disk without ffmpeg, soundfile or torchaudio.
+
+def _pyav():
+    """PyAV, or None when it is not installed (it is optional: M4A/AAC and other FFmpeg-only formats)."""
+    try:
+        import av
+    except ImportError:
+        return None
+    return av
+
+
+def supported_formats() -> str:
+    """The formats :func:`load_audio` reads here, for messages: libsndfile's, plus FFmpeg's when PyAV is installed."""
+    base = "WAV (any sample type), FLAC, MP3, OGG (Vorbis, Opus)"
+    return base + (", and what FFmpeg reads (M4A/AAC, MP4, WebM, ...)" if _pyav() is not None else "")
+
+
+def load_audio(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMPLING_RATE) -> tuple[np.ndarray, int]:
+    """Decode an audio file to mono float32 samples, resampled to ``sampling_rate``.
+
+    Why: speech models take one channel at a fixed rate (Whisper's feature extractor: 16 kHz); users bring WAV, FLAC,
+    MP3, OGG or M4A at 8-48 kHz, mono or stereo.
 
     Parameters
     ----------
     path : str or os.PathLike
-        WAV file with 8-bit unsigned, or 16/24/32-bit signed integer PCM samples, any channel count.
+        Any format libsndfile reads (WAV of any sample type, FLAC, MP3, OGG Vorbis/Opus, AIFF, ...), or, with PyAV
+        installed, any format FFmpeg reads (M4A/AAC, MP4, WebM, ...).
     sampling_rate : int or None, default 16000
-        Rate to resample to; ``None`` keeps the file's rate.
+        Rate to resample to (with soxr, high quality); ``None`` keeps the file's rate.
 
     Returns
     -------
     tuple[numpy.ndarray, int]
-        Samples of shape ``(num_samples,)`` (channels averaged), dtype float32, and their sampling rate.
+        Samples of shape ``(num_samples,)`` (channels averaged), dtype float32, in ``[-1, 1]`` for integer formats,
+        and their sampling rate.
 
     Raises
     ------
     ValueError
-        If the file is not a PCM WAV file, has an unsupported sample width, or holds fewer samples than its header
-        announces (empty, or cut off by an interrupted copy or download).
+        If the file holds no samples, is a WAV file shorter than its header announces (cut off by an interrupted
+        copy or download), or cannot be decoded; the message names the file.
     """
-    try:
-        with wave.open(os.fspath(path), "rb") as wav:
-            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-            announced = wav.getnframes()  # from the header's data chunk size
-            frames = wav.readframes(announced)
-    except EOFError as err:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: audio file not found")
+    samples, rate = _decode(path)  # (frames, channels) float32
+    if samples.shape[0] == 0:
         raise ValueError(
-            f"{path}: the WAV file is truncated (it ends inside its header); copy or export it again"
-        ) from err
-    except wave.Error as err:
-        raise ValueError(f"{path}: not a readable PCM WAV file ({err}); {_CONVERT}") from err
-    frames = _whole_frames(path, frames, announced, width * channels, rate)
-    if width == 1:
-        samples = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width in (2, 4):
-        samples = np.frombuffer(frames, f"<i{width}").astype(np.float32) / float(2 ** (8 * width - 1))
-    elif width == 3:  # 24-bit: place the 3 bytes in the top of an int32
-        padded = np.zeros((len(frames) // 3, 4), np.uint8)
-        padded[:, 1:] = np.frombuffer(frames, np.uint8).reshape(-1, 3)
-        samples = padded.view("<i4")[:, 0].astype(np.float32) / 2.0**31
-    else:
-        raise ValueError(f"{path}: unsupported WAV sample width of {width} bytes (supported: 1, 2, 3, 4)")
-    samples = samples.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+            f"{path}: the file holds no audio samples (empty, or truncated after its header); record or export it again"
+        )
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     if sampling_rate is not None and sampling_rate != rate:
-        samples, rate = resample(samples, rate, sampling_rate), sampling_rate
+        mono, rate = resample(mono, rate, sampling_rate), sampling_rate
+    return np.ascontiguousarray(mono, dtype=np.float32), rate
+
+
+#: the name this module's reader had when it read WAV files only; every caller keeps working and gets every format
+load_wav = load_audio
+
+
+def probe_audio(path: str | os.PathLike) -> float:
+    """Duration in seconds of an audio file, from its header, with the checks :func:`load_audio` makes up front.
+
+    Why: a bulk job checks every input before it loads a model, so a file that is not audio, holds no samples or is
+    a cut-off WAV is reported at once (one line naming it) instead of after minutes of work.
+
+    Raises
+    ------
+    ValueError
+        As :func:`load_audio`, for what the header shows (decoding errors further in show only when decoding).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: audio file not found")
+    soundfile = _soundfile()
+    try:
+        info = soundfile.info(str(path))
+    except soundfile.LibsndfileError as error:
+        av = _require_pyav(path, _libsndfile_message(error))
+        with _opened_with_pyav(av, path, _libsndfile_message(error)) as (_, stream):
+            seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        return seconds
+    _check_header(path, info)
+    return float(info.frames) / info.samplerate
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    """``(samples: (frames, channels) float32, rate)`` from libsndfile, else from PyAV; ValueError naming the file."""
+    soundfile = _soundfile()
+    try:
+        info = soundfile.info(str(path))
+    except soundfile.LibsndfileError as error:
+        libsndfile_error = _libsndfile_message(error)
+        return _decode_with_pyav(_require_pyav(path, libsndfile_error), path, libsndfile_error)
+    _check_header(path, info)
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as error:  # e.g. FLAC "decoder lost sync": the file is cut off or damaged
+        raise ValueError(f"{path}: cannot decode this audio file ({_libsndfile_message(error)}); {_CONVERT}") from None
+    _check_complete(path, info, samples.shape[0])
     return samples, rate
 
 
-def _whole_frames(path, frames: bytes, announced: int, frame_bytes: int, rate: int) -> bytes:
-    """The complete frames of ``frames``, or a ValueError if the file is empty or shorter than its header says.
+def _require_pyav(path: Path, libsndfile_error: str):
+    """PyAV for a file libsndfile cannot open, or the ValueError that says what reads it."""
+    av = _pyav()
+    if av is None:
+        hint = 'for M4A/AAC, MP4 or WebM install PyAV: pip install "hf-slim[av]"'
+        raise ValueError(
+            f"{path}: cannot decode this audio file ({libsndfile_error}); readable here: {supported_formats()}; "
+            f"{hint}, or {_CONVERT}"
+        )
+    return av
 
-    Why: an empty WAV would reach Whisper as silence (transcribed as "you"), and a cut-off one as a shorter clip;
-    both would be wrong answers with exit status 0.
+
+def _check_header(path: Path, info) -> None:
+    """What libsndfile's header read shows: a bad rate, no samples, a WAV data chunk shorter than announced."""
+    if info.samplerate <= 0:
+        raise ValueError(f"{path}: the header gives a sampling rate of {info.samplerate} Hz; {_CONVERT}")
+    if info.frames == 0:
+        raise ValueError(
+            f"{path}: the file holds no audio samples (empty, or truncated after its header); record or export it again"
+        )
+    _check_complete(path, info, None)
+
+
+def _libsndfile_message(error) -> str:
+    """libsndfile's reason without soundfile's "Error opening 'PATH': " prefix (the message names the file once)."""
+    text = str(getattr(error, "error_string", "") or error).strip()
+    text = re.sub(r"^Error opening .*?: ", "", text).rstrip(".")
+    if "does not exist or is not a regular file" in text:  # what libsndfile says of data it cannot parse at all
+        return "unrecognised or damaged data"
+    return text
+
+
+def _check_complete(path: Path, info, frames: int | None) -> None:
+    """Refuse a file cut off by an interrupted copy or download, where the format says so.
+
+    Why: a cut-off copy would otherwise be transcribed as a shorter clip, with exit status 0. WAV family: libsndfile
+    reads the frames present and logs the shortfall ("data : ANNOUNCED (should be PRESENT)", in bytes; a streamed
+    file's unknown-length marker 0xFFFFFFFF is not one). MP3: fewer frames decode than the Xing/LAME header counts
+    (1% slack: without that header libsndfile's count is an estimate). OGG: the last page lacks the end-of-stream
+    flag. FLAC: the decoder itself fails ("lost sync").
     """
-    present = len(frames) // frame_bytes
-    if rate <= 0:
-        raise ValueError(f"{path}: the WAV header gives a sampling rate of {rate} Hz; {_CONVERT}")
-    if present == 0:
+    log, rate = info.extra_info or "", info.samplerate
+    if "lacks an end-of-stream bit" in log:  # OGG: the last page of a complete stream carries the end-of-stream flag
         raise ValueError(
-            f"{path}: the WAV file holds no audio samples (empty, or truncated after its header); record or export "
-            "it again"
+            f"{path}: the OGG file is truncated (its last page is not the end of the stream); copy or export it again"
         )
-    if present < announced and announced != _UNKNOWN_LENGTH // frame_bytes:
+    short_mp3 = frames is not None and frames < 0.99 * info.frames - 0.05 * rate  # against the Xing/LAME count
+    if info.format == "MP3" and short_mp3:
         raise ValueError(
-            f"{path}: the WAV file is truncated: its header announces {announced / rate:.2f} s ({announced} frames) "
-            f"but only {present / rate:.2f} s are present; copy or export it again"
+            f"{path}: the MP3 file is truncated: its header announces {info.frames / rate:.2f} s but only "
+            f"{frames / rate:.2f} s decode; copy or export it again"
         )
-    return frames[: present * frame_bytes]  # (present * channels * width) bytes: no partial frame
+    match = _SHORT_DATA.search(log)
+    if match is None:
+        return
+    announced_bytes, present_bytes = int(match[1]), int(match[2])
+    if announced_bytes == _UNKNOWN_LENGTH or present_bytes >= announced_bytes:
+        return
+    present = info.frames  # libsndfile counts the frames present
+    bytes_per_frame = max(present_bytes // max(present, 1), 1)
+    announced = announced_bytes // bytes_per_frame
+    raise ValueError(
+        f"{path}: the WAV file is truncated: its header announces {announced / rate:.2f} s ({announced} frames) but "
+        f"only {present / rate:.2f} s are present; copy or export it again"
+    )
 
 
-def resample(samples: np.ndarray, orig_rate: int, new_rate: int, zero_crossings: int = 16) -> np.ndarray:
-    """Change the sampling rate of a 1-D signal with a Hann-windowed sinc low-pass filter.
+@contextlib.contextmanager
+def _opened_with_pyav(av, path: Path, libsndfile_error: str) -> Iterator[tuple]:
+    """``(container, first audio stream)``; FFmpeg's errors become the one-line ValueError naming the file."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{path}: the file has no audio stream; {_CONVERT}")
+            stream = container.streams.audio[0]
+            try:
+                rate = stream.rate
+            except AttributeError:  # a stream FFmpeg found but has no decoder for (no codec context)
+                rate = None
+            if not rate or rate <= 0:
+                raise ValueError(f"{path}: cannot decode this audio file (libsndfile: {libsndfile_error}; FFmpeg: "
+                                 f"no decoder for its audio stream); {_CONVERT}")  # fmt: skip
+            yield container, stream
+    except av.FFmpegError as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ValueError(
+            f"{path}: cannot decode this audio file (libsndfile: {libsndfile_error}; FFmpeg: {reason}); {_CONVERT}"
+        ) from None
 
-    Why: band-limited resampling keeps speech intelligible and avoids the aliasing that plain linear interpolation
-    adds when going down from 44.1/48 kHz to 16 kHz.
 
-    The ratio is reduced to ``new / orig`` (coprime), so output sample ``m * new + p`` sits at input position
-    ``m * orig + p * orig / new``: one filter per phase ``p``, applied as a strided convolution.
+def _decode_with_pyav(av, path: Path, libsndfile_error: str) -> tuple[np.ndarray, int]:
+    """Every frame of the first audio stream as float32 ``(frames, channels)`` at the stream's rate (no resampling
+    here: :func:`resample` does it for every format alike)."""
+    chunks = []
+    with _opened_with_pyav(av, path, libsndfile_error) as (container, stream):
+        rate = int(stream.rate)
+        # packed float32 keeps the stream's channels: to_ndarray() gives (1, samples * channels), interleaved
+        converter = av.AudioResampler(format="flt", layout=stream.layout.name, rate=rate)
+        for frame in [*container.decode(stream), None]:  # None flushes the converter
+            for converted in converter.resample(frame):
+                chunks.append(converted.to_ndarray().reshape(-1, len(converted.layout.channels)))
+    channels = chunks[0].shape[1] if chunks else 1
+    samples = np.concatenate(chunks) if chunks else np.zeros((0, channels), np.float32)
+    return samples.astype(np.float32, copy=False), rate
+
+
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Change the sampling rate of a 1-D signal with soxr (the SoX resampler, high quality).
+
+    Why: band-limited resampling keeps speech intelligible and avoids the aliasing that plain interpolation adds
+    when going down from 44.1/48 kHz to 16 kHz.
 
     Parameters
     ----------
@@ -108,29 +261,19 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int, zero_crossings:
         Signal of shape ``(num_samples,)``.
     orig_rate, new_rate : int
         Sampling rates in Hz.
-    zero_crossings : int, default 16
-        Sinc zero crossings kept on each side; more is sharper and slower.
 
     Returns
     -------
     numpy.ndarray
-        Float32 signal of shape ``(ceil(num_samples * new_rate / orig_rate),)``.
+        Float32 signal of shape ``(round(num_samples * new_rate / orig_rate),)``.
     """
     if orig_rate <= 0 or new_rate <= 0:
         raise ValueError(f"sampling rates must be positive, got {orig_rate} and {new_rate}")
-    gcd = math.gcd(orig_rate, new_rate)
-    orig, new = orig_rate // gcd, new_rate // gcd
-    x = torch.as_tensor(np.asarray(samples, dtype=np.float32))
-    if orig == new:
-        return x.numpy().copy()
-    cutoff = 0.99 * min(1.0, new / orig)  # cycles per input sample, relative to the input Nyquist
-    half_width = math.ceil(zero_crossings / cutoff)  # filter half-length in input samples
-    # distance (in input samples) between each kernel tap and the output position of each phase
-    taps = torch.arange(2 * half_width + orig, dtype=torch.float64) - half_width
-    distance = taps[None, :] - torch.arange(new, dtype=torch.float64)[:, None] * orig / new
-    window = torch.cos(distance.clamp(-half_width, half_width) * math.pi / (2 * half_width)) ** 2
-    kernel = (cutoff * torch.sinc(cutoff * distance) * window).to(torch.float32)
-    padded = torch.nn.functional.pad(x[None, None], (half_width, half_width + orig))
-    out = torch.nn.functional.conv1d(padded, kernel[:, None, :], stride=orig)  # (1, new, positions)
-    n_out = math.ceil(len(x) * new / orig)
-    return out[0].T.reshape(-1)[:n_out].numpy().copy()
+    x = np.ascontiguousarray(samples, dtype=np.float32)
+    if orig_rate == new_rate:
+        return x.copy()
+    try:
+        import soxr
+    except ImportError as error:
+        raise ImportError(f"resampling audio needs the soxr package: pip install soxr ({error})") from error
+    return soxr.resample(x, orig_rate, new_rate, quality="HQ").astype(np.float32, copy=False)

@@ -17,8 +17,9 @@ import sys
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from .outputs import FORMATS
 
 DTYPES = {
     "fp32": "float32", "float32": "float32",
@@ -30,6 +31,8 @@ MODES = ("auto", "input", "k")
 WHISPER_WINDOW_SECONDS = 30.0
 WHISPER_SAMPLING_RATE = 16_000
 DEFAULT_PROMPT = "The quick brown fox"
+#: inputs per generate() call of a bulk job without --batch-size or --max-memory
+DEFAULT_BATCH_SIZE = 8
 #: files next to the weights that export copies so the exported folder is usable on its own
 _SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -73,6 +76,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _memory_size(text: str) -> int:
+    """argparse type for ``--max-memory``: ``8GiB``, ``512MiB``, ``2GB``."""
+    from .budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _device(name: str) -> str:
@@ -243,15 +256,6 @@ def _slim_summary(model) -> str:
 # --------------------------------------------------------------------------------------------------- transcribe
 
 
-@dataclass
-class Transcript:
-    """One transcription: text, measured cache bytes, and how it was run."""
-
-    text: str
-    cache_bytes: int
-    windows: int
-
-
 class _PeakCacheMeter:
     """Largest ``cache_nbytes`` of the cache any forward call of ``model`` returned (long-form generate keeps no
     cache in its result, so the cache is measured while it is alive)."""
@@ -276,101 +280,207 @@ class _PeakCacheMeter:
             self.peak = max(self.peak, cache_nbytes(cache))
 
 
-def transcribe_samples(model, processor, samples) -> Transcript:
-    """Greedy transcript of mono 16 kHz ``samples: (n,)`` and the bytes of its decoder cache.
+def _report_failure(prog: str) -> callable:
+    def report(path: Path, reason: str) -> None:
+        _close_bars()
+        sys.stderr.write(f"{prog}: error: {reason}\n")  # the reason names the file
 
-    Up to 30 s: one generate call, cache bytes of the cache it returns (``return_dict_in_generate``). Longer:
-    Whisper's sequential long-form generate over 30 s windows (with timestamps, as it requires); the cache bytes are
-    the peak over all windows, measured on the cache each forward call returns.
-    """
-    import torch
-
-    from ._compat import returned_cache
-    from .cache import cache_nbytes
-
-    extractor = processor.feature_extractor
-    long_form = len(samples) > WHISPER_WINDOW_SECONDS * WHISPER_SAMPLING_RATE
-    parameter = next(model.parameters())
-    with torch.inference_mode():
-        if not long_form:
-            features = extractor(samples, sampling_rate=WHISPER_SAMPLING_RATE, return_tensors="pt").input_features
-            out = model.generate(
-                features.to(device=parameter.device, dtype=parameter.dtype), return_dict_in_generate=True
-            )
-            text = processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)[0]
-            return Transcript(text.strip(), cache_nbytes(returned_cache(out)), 1)
-        features = extractor(
-            samples, sampling_rate=WHISPER_SAMPLING_RATE, return_tensors="pt", truncation=False, padding="longest",
-            return_attention_mask=True,
-        )  # fmt: skip
-        with _PeakCacheMeter(model) as meter:
-            sequences = model.generate(
-                features.input_features.to(device=parameter.device, dtype=parameter.dtype),
-                attention_mask=features.attention_mask.to(parameter.device),
-                return_timestamps=True,
-            )
-    text = processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)[0]
-    windows = -(-features.input_features.shape[-1] // extractor.nb_max_frames)
-    return Transcript(text.strip(), meter.peak, windows)
+    return report
 
 
-def _read_audio(paths: list[str]) -> list[tuple[Path, object]]:
-    from .audio import load_wav
+def _whisper_budget(model, args, *, slim: bool, budget: int | None = None, batch_size: int | None = None):
+    """:func:`hf_slim.budget.largest_batch` (``budget``) or :func:`hf_slim.budget.batch_memory` (``batch_size``)
+    for 30 s Whisper windows: 1500 encoder frames, the decoder up to the generation limit (448 positions)."""
+    from .budget import batch_memory, largest_batch
 
-    audio = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            raise CliError(f"{path} is a folder: give the WAV files themselves (e.g. {path / '*.wav'})")
-        if not path.is_file():
-            raise CliError(f"audio file not found: {path}")
-        samples, _ = load_wav(path, WHISPER_SAMPLING_RATE)
-        audio.append((path, samples))
-    return audio
+    limit = model.config.max_target_positions
+    prompt = 4  # <|startoftranscript|>, language, task, <|notimestamps|>
+    seq_len = min(limit, prompt + args.max_new_tokens) if args.max_new_tokens else limit
+    shape = dict(encoder_len=model.config.max_source_positions, prompt_len=prompt, num_beams=args.num_beams)
+    if budget is not None:
+        return largest_batch(model, budget, seq_len, slim=slim, **shape)
+    return batch_memory(model, batch_size, seq_len, slim=slim, **shape)
+
+
+def _plan_batch(model, args, files: int) -> tuple[int, int]:
+    """``(batch size, encoder micro-batch)``: ``--batch-size``, or the largest slim batch in ``--max-memory``
+    (printed next to what the unpatched model would get in the same budget)."""
+    if args.max_memory is None:
+        plan = _whisper_budget(model, args, slim=True, batch_size=args.batch_size)
+        return args.batch_size, plan.encoder_batch
+    slim = _whisper_budget(model, args, slim=True, budget=args.max_memory)
+    if slim is None:
+        one = _whisper_budget(model, args, slim=True, batch_size=1)
+        raise CliError(
+            f"--max-memory {_human(args.max_memory)} is too small for one 30 s window of this model: it needs about "
+            f"{_human(one.peak)} (cache, encoder output and activations, estimated)"
+        )
+    vanilla = _whisper_budget(model, args, slim=False, budget=args.max_memory)
+    vanilla_batch = 0 if vanilla is None else vanilla.batch_size
+    ratio = f" ({slim.batch_size / vanilla_batch:.1f}x)" if vanilla_batch else ""
+    _note(
+        f"--max-memory {_human(args.max_memory)}: batch {slim.batch_size} of 30 s windows, {args.num_beams} "
+        f"beam(s) each (slim cache, encoder output and activations, estimated: {_human(slim.peak)}); the unpatched "
+        f"model would get batch {vanilla_batch}{ratio} in the same budget"
+    )
+    if files < slim.batch_size:
+        _note(f"using batch {files}: there are {files} files to transcribe")
+    batch = min(slim.batch_size, files)
+    return batch, min(slim.encoder_batch, batch)
 
 
 def cmd_transcribe(args) -> int:
-    from .api import unslimify
-    from .bundled import sample_audio_path
+    from .bulk import JobReport, check_audio, plan_audio_job, transcribe_tasks
 
-    audio = _read_audio(args.audio or [str(sample_audio_path())])  # fail on bad input before loading the model
+    prog = "hf-slim transcribe"
+    if args.format != "txt" and args.output_dir is None:
+        raise CliError(f"--format {args.format} writes files: give --output-dir DIR")
+    if args.ray is not None and args.compare:
+        raise CliError("--compare runs in one process: leave out --ray")
+    if args.audio:
+        arguments = args.audio
+    else:
+        from .bundled import sample_audio_path
+
+        arguments = [str(sample_audio_path())]
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    tasks, skipped = plan_audio_job(arguments, output_dir, args.format, resume=not args.overwrite)
     folder = _model_folder(args.model)
     model_type = _read_config(folder).get("model_type")
     if model_type != "whisper":
         raise CliError(f"transcribe needs a Whisper model; {folder} is {model_type!r} (use hf-slim generate)")
+    report = JobReport(skipped=skipped)
+    if skipped:
+        _note(f"skipping {skipped} file(s) whose {args.format} output exists (--overwrite redoes them)")
+    tasks = check_audio(tasks, report, _report_failure(prog))  # bad files are reported before the model loads
+    if not tasks:
+        return _transcribe_summary(args, report, output_dir)
+    if args.ray is not None:
+        return _transcribe_on_ray(args, tasks, report, output_dir, folder)
     processor = _whisper_processor(folder)
     model, _ = load_model(str(folder), args.dtype, args.mode, args.device)
-    runs = ["slim", "vanilla"] if args.compare else ["slim"]
-    results: dict[str, list[Transcript]] = {}
-    with _bar(len(runs) * len(audio), "transcribing", unit="file") as bar:
+    batch_size, encoder_batch = _plan_batch(model, args, len(tasks))
+    if args.compare:
+        return _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch, report)
+    with _bar(len(tasks), "transcribing", unit="file") as bar:
+        printed = 0
+
+        def progress(count: int) -> None:
+            nonlocal printed
+            bar.update(count)
+            if output_dir is None:  # print each batch's transcripts as it finishes
+                for path, result in list(report.results.items())[printed:]:
+                    bar.clear()
+                    print(f"{path.name}: {result.text}" if len(tasks) > 1 else result.text, flush=True)
+                printed = len(report.results)
+
+        transcribe_tasks(
+            model, processor, tasks, batch_size=batch_size, fmt=args.format, num_beams=args.num_beams,
+            encoder_batch=encoder_batch, max_new_tokens=args.max_new_tokens, report=report,
+            on_failure=_report_failure(prog), progress=progress,
+        )  # fmt: skip
+    return _transcribe_summary(args, report, output_dir)
+
+
+def _transcribe_on_ray(args, tasks, report, output_dir: Path | None, folder: Path) -> int:
+    from .raydata import transcribe_tasks_on_ray
+
+    model = _meta_model_of(folder, args.dtype)  # shapes for the batch plan; each actor loads the real weights
+    batch_size, encoder_batch = _plan_batch(model, args, len(tasks))
+    address = None if args.ray == "local" else args.ray
+    with _bar(len(tasks), f"transcribing on Ray ({args.workers} workers)", unit="file") as bar:
+        result = transcribe_tasks_on_ray(
+            tasks, address=address, workers=args.workers, model=args.model, dtype=args.dtype, mode=args.mode,
+            device=args.device, batch_size=batch_size, fmt=args.format, num_beams=args.num_beams,
+            encoder_batch=encoder_batch, max_new_tokens=args.max_new_tokens, on_failure=_report_failure(
+                "hf-slim transcribe"), progress=bar.update,
+        )  # fmt: skip
+    report.done += result.done
+    report.failed += result.failed
+    report.results.update(result.results)
+    if output_dir is None:
+        for path, transcript in report.results.items():
+            print(f"{path.name}: {transcript.text}" if len(report.results) > 1 else transcript.text)
+    return _transcribe_summary(args, report, output_dir)
+
+
+def _transcribe_summary(args, report, output_dir: Path | None) -> int:
+    """The one closing line (with --output-dir) and the exit status: 1 if any input failed."""
+    if output_dir is not None:
+        parts = [f"{report.skipped} skipped (already done)"] if report.skipped else []
+        parts += [f"{len(report.failed)} failed"] if report.failed else []
+        extra = f" ({', '.join(parts)})" if parts else ""
+        print(f"wrote {report.done} {args.format} file(s) to {output_dir}{extra}")
+    elif report.failed and report.done:
+        sys.stderr.write(
+            f"hf-slim transcribe: {len(report.failed)} of {report.done + len(report.failed)} files failed\n"
+        )
+    return 1 if report.failed else 0
+
+
+def _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch, report) -> int:
+    """Slim, then the unpatched model (unslimify), over the same batches; per file both transcripts, the peak cache
+    bytes of its batch on each side, and whether the token ids are identical."""
+    from .api import unslimify
+    from .bulk import batches, decode_batch
+    from .outputs import render, write_atomic
+    from .transcription import transcribe_batch
+
+    settings = dict(
+        timestamps=args.format in ("srt", "vtt", "json"), num_beams=args.num_beams, encoder_batch=encoder_batch,
+        max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
+    planned = []
+    for batch in batches(tasks, batch_size):
+        decoded = decode_batch(batch)
+        for task, samples in zip(batch, decoded, strict=True):
+            if isinstance(samples, str):
+                report.failed.append((task.path, samples))
+                _report_failure("hf-slim transcribe")(task.path, samples)
+        kept = [(task, samples) for task, samples in zip(batch, decoded, strict=True) if not isinstance(samples, str)]
+        if kept:
+            planned.append(kept)
+    runs: dict[str, list] = {"slim": [], "vanilla": []}
+    with _bar(2 * sum(len(batch) for batch in planned), "transcribing", unit="file") as bar:
         for run in runs:
             if run == "vanilla":
                 unslimify(model)
-            results[run] = []
-            for _, samples in audio:
-                results[run].append(transcribe_samples(model, processor, samples))
-                bar.update()
-    if not args.compare:
-        for (path, _), transcript in zip(audio, results["slim"], strict=True):
-            print(f"{path.name}: {transcript.text}" if len(audio) > 1 else transcript.text)
-        return 0
+            for batch in planned:
+                with _PeakCacheMeter(model) as meter:
+                    results = transcribe_batch(model, processor, [samples for _, samples in batch], **settings)
+                runs[run].append((results, meter.peak))
+                bar.update(len(batch))
     encoder_bytes = _whisper_encoder_bytes(model)
-    for index, (path, samples) in enumerate(audio):
-        slim, vanilla = results["slim"][index], results["vanilla"][index]
-        seconds = len(samples) / WHISPER_SAMPLING_RATE
-        windows = f", {slim.windows} windows of 30 s, peak cache per window" if slim.windows > 1 else ""
-        ratio = vanilla.cache_bytes / max(slim.cache_bytes, 1)
-        ratio_e = (vanilla.cache_bytes + encoder_bytes) / max(slim.cache_bytes + encoder_bytes, 1)
-        print(f"{path.name} ({seconds:.1f} s{windows})")
-        print(f"  slim:    {slim.text}")
-        print(f"  vanilla: {vanilla.text}")
-        print(
-            f"  cache bytes: slim {slim.cache_bytes} ({_human(slim.cache_bytes)}), vanilla {vanilla.cache_bytes} "
-            f"({_human(vanilla.cache_bytes)}), ratio {ratio:.1f}x; counting the encoder output both keep "
-            f"({_human(encoder_bytes)}): {ratio_e:.2f}x"
-        )
-        print(f"  transcripts identical: {'yes' if slim.text == vanilla.text else 'NO'}")
-    return 0
+    identical = 0
+    for batch, (slim_results, slim_bytes), (vanilla_results, vanilla_bytes) in zip(
+        planned, runs["slim"], runs["vanilla"], strict=True
+    ):
+        rows = f", batch of {len(batch)}" if len(batch) > 1 else ""
+        encoder = encoder_bytes * len(batch)
+        for (task, samples), slim, vanilla in zip(batch, slim_results, vanilla_results, strict=True):
+            seconds = len(samples) / WHISPER_SAMPLING_RATE
+            count = -(-len(samples) // int(WHISPER_WINDOW_SECONDS * WHISPER_SAMPLING_RATE))
+            windows = f", {count} windows of 30 s, peak cache per window" if count > 1 else ""
+            ratio = vanilla_bytes / max(slim_bytes, 1)
+            ratio_e = (vanilla_bytes + encoder) / max(slim_bytes + encoder, 1)
+            same = slim.token_ids == vanilla.token_ids and slim.text == vanilla.text
+            identical += same
+            print(f"{task.path.name} ({seconds:.1f} s{windows})")
+            print(f"  slim:    {slim.text}")
+            print(f"  vanilla: {vanilla.text}")
+            print(
+                f"  cache bytes{rows}: slim {slim_bytes} ({_human(slim_bytes)}), vanilla {vanilla_bytes} "
+                f"({_human(vanilla_bytes)}), ratio {ratio:.1f}x; counting the encoder output both keep "
+                f"({_human(encoder)}): {ratio_e:.2f}x"
+            )
+            print(f"  transcripts identical: {'yes' if same else 'NO'}")
+            if task.output is not None:
+                write_atomic(task.output, render(slim, args.format, source=str(task.path)))
+            report.results[task.path] = slim
+            report.done += 1
+    if len(report.results) > 1:
+        print(f"identical token ids: {identical} of {len(report.results)} files")
+    return _transcribe_summary(args, report, Path(args.output_dir) if args.output_dir else None)
 
 
 def _whisper_processor(folder: Path):
@@ -441,8 +551,9 @@ def _check_length(config, prompt_tokens: int, max_new_tokens: int, prompt: str =
         )
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int):
-    """Greedy continuation of ``prompt``: ``(text, cache_bytes)`` with the bytes of the cache generate returned."""
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, num_beams: int = 1):
+    """Greedy (or beam-search) continuation of ``prompt``: ``(text, cache_bytes)`` with the bytes of the cache
+    generate returned."""
     import torch
 
     from ._compat import returned_cache
@@ -451,7 +562,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int):
     inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     if inputs["input_ids"].shape[1] == 0:
         raise CliError("the prompt is empty after tokenization")
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, return_dict_in_generate=True)
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, return_dict_in_generate=True)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         settings["pad_token_id"] = tokenizer.eos_token_id
     with torch.inference_mode():
@@ -468,19 +579,27 @@ def cmd_generate(args) -> int:
     folder = _model_folder(args.model)
     if _read_config(folder).get("model_type") == "whisper":
         raise CliError(f"{folder} is a Whisper speech model: use hf-slim transcribe")
+    if args.input is None:
+        for option in ("output", "ray", "max_memory"):
+            if getattr(args, option) is not None:
+                raise CliError(f"--{option.replace('_', '-')} is for bulk jobs: give --input PROMPTS.jsonl")
+        if args.batch_size_given:
+            raise CliError("--batch-size is for bulk jobs: give --input PROMPTS.jsonl")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     _check_supported(config, args.mode)  # before the tokenizer: the clearer error first
+    if args.input is not None:
+        return _generate_bulk(args, folder, config)
     tokenizer = _tokenizer(folder)
     _check_length(config, len(tokenizer(args.prompt)["input_ids"]), args.max_new_tokens)  # before loading weights
     model, _ = load_model(args.model, args.dtype, args.mode, args.device)
-    text, slim_bytes = generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
+    text, slim_bytes = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.num_beams)
     if not args.compare:
         print(text)
         return 0
     unslimify(model)
-    vanilla_text, vanilla_bytes = generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
+    vanilla_text, vanilla_bytes = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.num_beams)
     print(f"slim:    {text}")
     print(f"vanilla: {vanilla_text}")
     print(
@@ -488,6 +607,105 @@ def cmd_generate(args) -> int:
         f"ratio {vanilla_bytes / max(slim_bytes, 1):.2f}x"
     )
     print(f"outputs identical: {'yes' if text == vanilla_text else 'NO'}")
+    return 0
+
+
+def _prepared_tokenizer(folder: Path):
+    """The checkpoint's tokenizer with a pad token (batches are padded; decoder-only models often have none)."""
+    tokenizer = _tokenizer(folder)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CliError(
+                f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token to pad batches with"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _text_budget(model, args, longest: int, *, slim: bool, budget: int | None = None, batch_size: int | None = None):
+    """:func:`hf_slim.budget` for prompts of ``longest`` tokens: encoder-decoders encode them and decode
+    ``--max-new-tokens``; decoder-only models prefill them and grow the cache by ``--max-new-tokens``."""
+    from .budget import batch_memory, largest_batch
+
+    if model.config.is_encoder_decoder:
+        shape = dict(seq_len=args.max_new_tokens + 1, encoder_len=longest, prompt_len=1)
+    else:
+        shape = dict(seq_len=longest + args.max_new_tokens, prompt_len=longest)
+    if budget is not None:
+        return largest_batch(model, budget, slim=slim, num_beams=args.num_beams, **shape)
+    return batch_memory(model, batch_size, slim=slim, num_beams=args.num_beams, **shape)
+
+
+def _generate_bulk(args, folder: Path, config) -> int:
+    """``--input PROMPTS.jsonl --output OUT.jsonl``: batches of prompts in input order, one output line per prompt
+    (``{"id", "output", "output_ids"}``) appended as each batch finishes; ids already in OUT.jsonl are skipped."""
+    from .bulk import append_lines, batches, completed_ids, generate_batch, read_prompts
+
+    prompts = read_prompts(Path(args.input))
+    if args.output is None:
+        raise CliError("--input needs --output OUT.jsonl (results are appended there, resumable)")
+    output = Path(args.output)
+    if args.overwrite:
+        output.unlink(missing_ok=True)
+    done = completed_ids(output)
+    pending = [prompt for prompt in prompts if prompt.id not in done]
+    skipped = len(prompts) - len(pending)
+    if skipped:
+        _note(f"skipping {skipped} prompt(s) already in {output} (--overwrite redoes them)")
+    if not pending:
+        print(f"wrote 0 results to {output} ({skipped} skipped (already done))")
+        return 0
+    tokenizer = _prepared_tokenizer(folder)
+    lengths = [len(tokenizer(prompt.text)["input_ids"]) for prompt in pending]
+    longest = max(lengths)
+    empty = [prompt.id for prompt, length in zip(pending, lengths, strict=True) if length == 0]
+    if empty:
+        raise CliError(f"prompt {empty[0]!r} is empty after tokenization")
+    _check_length(
+        config, longest, args.max_new_tokens, f"the longest prompt (id {pending[lengths.index(longest)].id!r})"
+    )
+    if args.ray is not None:
+        model = _meta_model_of(folder, args.dtype)
+    else:
+        model, _ = load_model(args.model, args.dtype, args.mode, args.device)
+    batch_size = args.batch_size
+    if args.max_memory is not None:
+        slim = _text_budget(model, args, longest, slim=True, budget=args.max_memory)
+        if slim is None:
+            raise CliError(f"--max-memory {_human(args.max_memory)} is too small for one prompt of {longest} tokens")
+        vanilla = _text_budget(model, args, longest, slim=False, budget=args.max_memory)
+        vanilla_batch = 0 if vanilla is None else vanilla.batch_size
+        ratio = f" ({slim.batch_size / vanilla_batch:.1f}x)" if vanilla_batch else ""
+        _note(
+            f"--max-memory {_human(args.max_memory)}: batch {slim.batch_size} (prompts of up to {longest} tokens, "
+            f"{args.max_new_tokens} new tokens, {args.num_beams} beam(s); slim cache, encoder output and activations, "
+            f"estimated: {_human(slim.peak)}); the unpatched model would get batch {vanilla_batch}{ratio}"
+        )
+        batch_size = min(slim.batch_size, len(pending))
+    if args.ray is not None:
+        from .raydata import generate_on_ray
+
+        with _bar(len(pending), f"generating on Ray ({args.workers} workers)", unit="prompt") as bar:
+            count = generate_on_ray(
+                pending, output, address=None if args.ray == "local" else args.ray, workers=args.workers,
+                model=str(folder), dtype=args.dtype, mode=args.mode, device=args.device, batch_size=batch_size,
+                max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, progress=bar.update,
+            )  # fmt: skip
+    else:
+        count = 0
+        with _bar(len(pending), "generating", unit="prompt") as bar:
+            for batch in batches(pending, batch_size):
+                results = generate_batch(
+                    model, tokenizer, [prompt.text for prompt in batch], max_new_tokens=args.max_new_tokens,
+                    num_beams=args.num_beams,
+                )  # fmt: skip
+                append_lines(
+                    output, [{"id": prompt.id} | result for prompt, result in zip(batch, results, strict=True)]
+                )
+                count += len(batch)
+                bar.update(len(batch))
+    extra = f" ({skipped} skipped (already done))" if skipped else ""
+    print(f"wrote {count} results to {output}{extra}")
     return 0
 
 
@@ -525,9 +743,10 @@ def _sample_inputs(model, folder: Path, args) -> dict:
     """A real sample input for the greedy comparison: the sample (or given) audio for Whisper, a prompt otherwise."""
     parameter = next(model.parameters())
     if model.config.model_type == "whisper":
+        from .audio import load_audio
         from .bundled import sample_audio_path
 
-        ((_, samples),) = _read_audio([args.audio or str(sample_audio_path())])
+        samples, _ = load_audio(args.audio or str(sample_audio_path()), WHISPER_SAMPLING_RATE)
         extractor = _whisper_processor(folder).feature_extractor
         features = extractor(samples, sampling_rate=WHISPER_SAMPLING_RATE, return_tensors="pt").input_features
         return {"input_features": features.to(device=parameter.device, dtype=parameter.dtype)}
@@ -635,8 +854,6 @@ def cmd_verify(args) -> int:
 
 def _meta_model(args):
     """The model of ``--model`` or ``--config``, built on the meta device (no weights are read or allocated)."""
-    import torch
-    import transformers
     from transformers import AutoConfig
 
     if args.config is not None:
@@ -659,10 +876,24 @@ def _meta_model(args):
         folder = _model_folder(args.model)
         raw = _read_config(folder)
         config = AutoConfig.from_pretrained(folder)
+    return _meta_from_config(config, raw, args.dtype)
+
+
+def _meta_model_of(folder: Path, dtype: str | None):
+    """The checkpoint's model on the meta device: shapes for planning without reading weights."""
+    from transformers import AutoConfig
+
+    return _meta_from_config(AutoConfig.from_pretrained(folder), _read_config(folder), dtype)
+
+
+def _meta_from_config(config, raw: dict, dtype_name: str | None):
+    import torch
+    import transformers
+
     _check_supported(config, None)
     names = raw.get("architectures") or []
     model_class = getattr(transformers, names[0], None) if names else None
-    dtype = _torch_dtype(args.dtype) or torch.float32
+    dtype = _torch_dtype(dtype_name) or torch.float32
     with torch.device("meta"):
         if model_class is None:
             return transformers.AutoModel.from_config(config, dtype=dtype)
@@ -763,20 +994,59 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", type=_device, default=None,
                          help="torch device (default: cuda if available, else cpu)")  # fmt: skip
 
-    sub = add("transcribe", "transcribe audio with a slim Whisper",
-              "Transcribe WAV files with a slim Whisper model (30 s windows for longer audio).")  # fmt: skip
-    sub.add_argument("audio", nargs="*", metavar="AUDIO", help="WAV files (default: the sample shipped with hf_slim)")
+    def bulk_options(sub, *, unit: str):
+        size = sub.add_mutually_exclusive_group()
+        size.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                          help=f"{unit} per generate() call (default {DEFAULT_BATCH_SIZE})")  # fmt: skip
+        size.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
+                          help="pick the largest batch whose slim cache, encoder output and activations fit SIZE "
+                          "(e.g. 8GiB; estimated from the model and the longest input), and print the batch the "
+                          "unpatched model would get")  # fmt: skip
+        sub.add_argument(
+            "--num-beams", type=_positive_int, default=1, metavar="N", help="beam search width (default 1)"
+        )
+        sub.add_argument("--overwrite", action="store_true",
+                         help="redo inputs whose output exists (default: skip them: a run resumes)")  # fmt: skip
+        sub.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                         help='run as a Ray Data pipeline, one slim model per actor: on a local Ray started for '
+                         'the job, or on the cluster at ADDRESS (pip install "hf-slim[ray]")')  # fmt: skip
+        sub.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+                         help="Ray actors, each with its own model (default 2)")  # fmt: skip
+
+    sub = add("transcribe", "transcribe audio files with a slim Whisper",
+              "Transcribe audio files (WAV, FLAC, MP3, OGG; M4A with PyAV) with a slim Whisper model, in batches "
+              "(30 s windows; longer files window by window), to the terminal or to txt/srt/vtt/json "
+              "files.")  # fmt: skip
+    sub.add_argument("audio", nargs="*", metavar="PATH",
+                     help="audio files, folders (searched recursively) or glob patterns (default: the sample shipped "
+                     "with hf_slim)")  # fmt: skip
     model_options(sub)
+    bulk_options(sub, unit="files")
+    sub.add_argument("--output-dir", metavar="DIR", default=None,
+                     help="write one output per input file here (default: print the transcripts)")  # fmt: skip
+    sub.add_argument("--format", choices=FORMATS, default="txt",
+                     help="output format with --output-dir: txt (default), srt, vtt or json (text, timestamped "
+                     "segments, language, token ids)")  # fmt: skip
+    sub.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+                     help="tokens per 30 s window (default: the model's limit, 448 positions)")  # fmt: skip
     sub.add_argument("--compare", action="store_true",
                      help="also run the unpatched model; print both transcripts and both cache sizes")  # fmt: skip
     sub.set_defaults(run=cmd_transcribe)
 
-    sub = add("generate", "continue a text prompt with a slim model", "Greedy text generation with a slim model.")
-    sub.add_argument("prompt", metavar="PROMPT", help="text to continue (decoder-only) or to transform (T5)")
+    sub = add("generate", "generate text with a slim model, one prompt or a JSONL file of them",
+              "Text generation with a slim model (greedy or beam search): one PROMPT, or --input PROMPTS.jsonl "
+              "(one {\"text\": ..., \"id\": ...} object per line) in batches to --output OUT.jsonl.")  # fmt: skip
+    sub.add_argument("prompt", nargs="?", default=None, metavar="PROMPT",
+                     help="text to continue (decoder-only) or to transform (encoder-decoders)")  # fmt: skip
     model_options(sub, required=True, bundled=False)
     sub.add_argument(
         "--max-new-tokens", type=_positive_int, default=32, metavar="N", help="tokens to generate (default 32)"
     )
+    sub.add_argument("--input", metavar="JSONL", default=None, help="prompts, one JSON object per line (bulk job)")
+    sub.add_argument("--output", metavar="JSONL", default=None,
+                     help='results, one {"id", "output", "output_ids"} line per prompt, appended '
+                     "(resumable)")  # fmt: skip
+    bulk_options(sub, unit="prompts")
     sub.add_argument("--compare", action="store_true", help="also run the unpatched model and compare")
     sub.set_defaults(run=cmd_generate)
 
@@ -822,6 +1092,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("choose a command: transcribe, generate, export, verify or memory")
     if getattr(args, "device", "cpu") is None:
         args.device = _default_device()
+    if args.command == "generate" and (args.prompt is None) == (args.input is None):
+        parser.error("give a PROMPT, or --input PROMPTS.jsonl for a bulk job (not both)")
+    if hasattr(args, "batch_size"):
+        args.batch_size_given = args.batch_size is not None
+        args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     prog = f"hf-slim {args.command}"
     try:
         import transformers

@@ -8,8 +8,9 @@ For every sentence this runs exactly::
     espeak-ng -v en-us -s 150 -g 3 -w <tmp>.wav "<sentence>"         # 22.05 kHz mono 16-bit, 30 ms word gaps
     sox -D <tmp>.wav -r 16000 -c 1 -b 16 -e signed-integer <out>.wav  # 16 kHz mono 16-bit PCM, no dither
 
-Outputs ``hf_slim/data/sample.wav`` and ``tests/data/*.wav`` plus ``tests/data/sentences.json`` (file name -> text).
-Requires the ``espeak-ng`` and ``sox`` executables (``apt-get install -y espeak-ng sox``).
+Outputs ``hf_slim/data/sample.wav`` and ``tests/data/*.wav`` plus ``tests/data/sentences.json`` (file name -> text),
+and, with ffmpeg, the compressed copies ``tests/data/*.{flac,mp3,ogg,m4a}`` that the bulk tests decode (see
+:data:`COMPRESSED`). Requires the ``espeak-ng`` and ``sox`` executables (``apt-get install -y espeak-ng sox ffmpeg``).
 
 Usage: ``python scripts/make_test_audio.py``
 """
@@ -32,6 +33,26 @@ TEST_SENTENCES = {
     "send_document.wav": "Please send me the document by email.",
     "reading_garden.wav": "My friend is reading a book in the garden.",
 }
+
+
+#: compressed copies for tests/test_bulk.py, name -> (source, ffmpeg options): lossless FLAC, 44.1 kHz stereo
+#: MP3, 22.05 kHz Vorbis, AAC in M4A; ~140 KiB in all
+COMPRESSED = {
+    "finish_report.flac": ("finish_report.wav", []),
+    "train_station.mp3": ("train_station.wav", ["-ar", "44100", "-ac", "2", "-b:a", "64k"]),
+    "send_document.ogg": ("send_document.wav", ["-ar", "22050", "-c:a", "libvorbis", "-q:a", "3"]),
+    "reading_garden.m4a": ("reading_garden.wav", ["-c:a", "aac", "-b:a", "48k"]),
+}
+
+
+def compress(test_dir: Path) -> None:
+    """The :data:`COMPRESSED` copies, with ffmpeg (skipped with a note when it is missing)."""
+    if shutil.which("ffmpeg") is None:
+        print("ffmpeg not found: the compressed copies are not regenerated")
+        return
+    for name, (source, options) in COMPRESSED.items():
+        command = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(test_dir / source), *options, str(test_dir / name)]
+        subprocess.run(command, check=True)
 
 
 def synthesize(text: str, out_path: Path) -> None:
@@ -62,6 +83,7 @@ def main() -> None:
     for name, text in TEST_SENTENCES.items():
         synthesize(text, test_dir / name)
     (test_dir / "sentences.json").write_text(json.dumps(TEST_SENTENCES, indent=2) + "\n", encoding="utf-8")
+    compress(test_dir)
     total = sum(
         p.stat().st_size for p in [ROOT / "hf_slim" / "data" / "sample.wav", *(test_dir / n for n in TEST_SENTENCES)]
     )

@@ -289,7 +289,7 @@ def bad_calibration_dir(tmp_path_factory, gpt2_dir) -> Path:
 
 BAD_INPUT = {
     "missing audio": (lambda d: ["transcribe", "nowhere.wav"], "audio file not found: nowhere.wav"),
-    "audio not a wav": (lambda d: ["transcribe", str(d["gpt2"] / "config.json")], "not a readable PCM WAV file"),
+    "audio not audio": (lambda d: ["transcribe", str(d["gpt2"] / "config.json")], "cannot decode this audio file"),
     "transcribe a text model": (lambda d: ["transcribe", "--model", str(d["gpt2"])], "needs a Whisper model"),
     "unsupported model": (lambda d: ["export", "--model", str(d["bert"]), "--out", "x"], "cannot patch 'bert'"),
     "not a checkpoint": (lambda d: ["verify", "--model", str(DATA)], "has no config.json"),
@@ -318,7 +318,9 @@ BAD_INPUT = {
         lambda d: ["generate", "--model", "openai/whisper-tiny", "hi"],
         "download it first with: hf download openai/whisper-tiny --local-dir DIR",
     ),
-    "audio folder": (lambda d: ["transcribe", str(DATA)], f"{DATA} is a folder: give the WAV files themselves"),
+    "audio folder without audio": (lambda d: ["transcribe", str(DATA / "configs")], "no audio files in this folder"),
+    "format without output folder": (lambda d: ["transcribe", "--format", "srt"], "--format srt writes files: give"),
+    "pattern matching nothing": (lambda d: ["transcribe", str(DATA / "*.nothing")], "no file matches this pattern"),
     "verify audio of a text model": (
         lambda d: ["verify", "--model", str(d["gpt2"]), "--audio", str(DATA / "finish_report.wav")],
         "--audio is for Whisper models; gpt2 takes text (use --prompt)",
@@ -334,7 +336,9 @@ USAGE_ERRORS = {
     "bad dtype": (["verify", "--dtype", "fp8"], "argument --dtype: unknown dtype 'fp8' (use fp32, fp16 or bf16)"),
     "bad mode": (["export", "--out", "x", "--mode", "v"], "argument --mode: invalid choice: 'v'"),
     "no command": ([], "choose a command"),
-    "missing prompt": (["generate", "--model", "x"], "the following arguments are required: PROMPT"),
+    "missing prompt": (["generate", "--model", "x"], "give a PROMPT, or --input PROMPTS.jsonl for a bulk job"),
+    "bad memory size": (["transcribe", "--max-memory", "lots"], "not a memory size: 'lots' (use e.g. 8GiB"),
+    "batch size and memory": (["transcribe", "--batch-size", "2", "--max-memory", "1GiB"], "not allowed with"),
     "memory without source": (["memory"], "one of the arguments --model --config is required"),
     "zero sequence length": (["memory", "--config", "c", "--seq-len", "0"], "--seq-len: must be at least 1, got 0"),
     "negative encoder length": (["memory", "--config", "c", "--encoder-len", "-5"], "--encoder-len: must be at least"),
@@ -398,7 +402,7 @@ def test_empty_wav_is_one_line_not_a_transcript(plain_env, tmp_path):
     result = hf_slim("transcribe", path, env=plain_env, check=False)
     assert result.returncode == 1 and result.stdout == ""
     assert terminal_lines(result.stderr) == [
-        f"hf-slim transcribe: error: {path}: the WAV file holds no audio samples (empty, or truncated after its "
+        f"hf-slim transcribe: error: {path}: the file holds no audio samples (empty, or truncated after its "
         "header); record or export it again"
     ], result.stderr
 
