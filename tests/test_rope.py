@@ -779,6 +779,10 @@ def test_crop_and_continue_match(name):
 def test_longrope_decode_compiles_across_the_factor_switch():
     """A history-dependent type under ``torch.compile`` with a static cache: the regime registration graph-breaks
     (as transformers' own dynamic update may), compiled decode steps across the longrope switch match eager ones."""
+    # a fresh dynamo: compiled tests before this one share hf_slim's code objects, and past dynamo's recompile limit
+    # their frames run eagerly around inductor's cos/sin, whose rounding the positions check then (rightly) refuses
+    # to reproduce: the cache falls back to the table (exact, 0.2% larger), not what this test is about
+    torch._dynamo.reset()
     slim = pair("phi3-longrope")[1]
     ids = torch.randint(0, slim.config.vocab_size, (1, 34), generator=torch.Generator().manual_seed(6))
     caches = [SlimCache(2, max_cache_len=36) for _ in range(2)]
