@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import assert_unchanged, snapshot
 from tiny_models import tiny_gpt2
+from transformers.cache_utils import Cache
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from hf_slim import is_slim, slimify
@@ -133,7 +134,9 @@ def test_every_declared_contract_holds_on_the_installed_transformers(contract):
     assert contract.signature_problems() == []
 
 
-def _forward_without_encoder_states(self, hidden_states, position_embeddings=None, cache=None, **kwargs):
+def _forward_without_encoder_states(
+    self, hidden_states, position_embeddings=None, cache: Cache | None = None, **kwargs
+):
     raise AssertionError("never called: slimify refuses first")
 
 
