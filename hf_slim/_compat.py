@@ -130,6 +130,12 @@ def cache_parameter(function: Callable) -> str | None:
     return None
 
 
+def with_cache(cache: object) -> dict:
+    """Keyword arguments that hand ``cache`` to a model's forward under the name the installed transformers uses
+    (``model(input_ids, **with_cache(cache))``), for code that drives forwards step by step."""
+    return {generation_cache_names()[0]: cache}
+
+
 def find_cache(args: tuple, kwargs: Mapping) -> object | None:
     """The first transformers ``Cache`` among a call's arguments (by type, whatever the argument is named)."""
     from transformers.cache_utils import Cache

@@ -23,6 +23,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import hf_slim
 from hf_slim import SlimCache, cache_nbytes, slim_record, slimify
+from hf_slim._compat import with_cache
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,11 +44,11 @@ def time_decode(model, cache, batch: int, context: int, steps: int) -> tuple[flo
     """Median ms of one decode step after a ``context``-token prefill, and the cache bytes at the end."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, context + steps + 1), generator=generator)
-    model(input_ids=ids[:, :context], past_key_values=cache)
+    model(input_ids=ids[:, :context], **with_cache(cache))
     times = []
     for position in range(context, context + steps + 1):
         start = time.perf_counter()
-        model(input_ids=ids[:, position : position + 1], past_key_values=cache)
+        model(input_ids=ids[:, position : position + 1], **with_cache(cache))
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[1:]), cache_nbytes(cache)
 

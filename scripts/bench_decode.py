@@ -37,6 +37,7 @@ from transformers import (
 
 import hf_slim
 from hf_slim import cache_nbytes, slim_record, slimify
+from hf_slim._compat import with_cache
 
 SHAPES = {
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257),
@@ -132,7 +133,7 @@ def run(model, batch: int, context: int, steps: int, compiled: bool, device: str
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    model(**{ids_key: ids[:, :context]}, past_key_values=cache, **extra)
+    model(**{ids_key: ids[:, :context]}, **with_cache(cache), **extra)
     # fullgraph=False: whether dynamo traces the Triton launcher whole is unverified (no GPU yet); a graph break
     # still leaves CUDA graphs around the pieces
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False) if compiled else model.forward
@@ -140,7 +141,7 @@ def run(model, batch: int, context: int, steps: int, compiled: bool, device: str
     for position in range(context, context + steps):
         kwargs = {
             ids_key: ids[:, position : position + 1],
-            "past_key_values": cache,
+            **with_cache(cache),
             "cache_position": torch.tensor([position], device=device),
         }
         if not model.config.is_encoder_decoder:

@@ -34,6 +34,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 import hf_slim
 from hf_slim import cache_nbytes, cache_report, slimify
+from hf_slim._compat import returned_cache
 from hf_slim.memory import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def whisper_memory_probe(model: WhisperForConditionalGeneration):
     decoder = model.model.decoder
 
     def after_decoder(module, args, kwargs, output):
-        cache = output.past_key_values
+        cache = returned_cache(output)
         if cache is not None and cache_nbytes(cache) >= seen["cache"]:
             seen["cache"], seen["tokens"] = cache_nbytes(cache), cache.get_seq_length()
         encoder = kwargs["encoder_hidden_states"]

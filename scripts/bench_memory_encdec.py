@@ -25,6 +25,7 @@ from transformers import AutoConfig
 
 import hf_slim
 from hf_slim import cache_nbytes, cache_report, slimify
+from hf_slim._compat import returned_cache
 from hf_slim.memory import format_bytes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -79,7 +80,7 @@ def measure(model, inputs: dict, beams: int, new_tokens: int) -> tuple[torch.Ten
     finally:
         handle.remove()
     encoder = seen["encoder"]
-    return out.sequences, cache_nbytes(out.past_key_values), encoder.numel() * encoder.element_size()
+    return out.sequences, cache_nbytes(returned_cache(out)), encoder.numel() * encoder.element_size()
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 import hf_slim
 from hf_slim import cache_nbytes, cache_report, slimify, unslimify
+from hf_slim._compat import returned_cache
 from hf_slim.memory import format_bytes
 
 T5_11B = dict(
@@ -80,7 +81,7 @@ def run(model, inputs: dict, args, beams: int) -> dict:
             do_sample=False, return_dict_in_generate=True,
         )  # fmt: skip
         seconds = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = returned_cache(out)
     return {
         "sequences": out.sequences,
         "cache": cache_nbytes(cache),

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa:
 
 import hf_slim  # noqa: E402
 from hf_slim import SlimCache, cache_nbytes, cache_report, slim_record, slimify  # noqa: E402
+from hf_slim._compat import with_cache  # noqa: E402
 
 PROMPTS = ["the quick brown fox", "slim attention keeps one tensor per token instead of", "memory"]
 STEPS = 24
@@ -48,8 +49,8 @@ def compare(name: str, attn: str, mode: str) -> str:
     generator = torch.Generator().manual_seed(1)
     worst, nbytes = 0.0, None
     for step in range(STEPS + 1):
-        expected = vanilla(input_ids=ids, attention_mask=mask, past_key_values=caches[0]).logits
-        actual = slim(input_ids=ids, attention_mask=mask, past_key_values=caches[1]).logits
+        expected = vanilla(input_ids=ids, attention_mask=mask, **with_cache(caches[0])).logits
+        actual = slim(input_ids=ids, attention_mask=mask, **with_cache(caches[1])).logits
         worst = max(worst, relative_difference(actual, expected))
         if step == 0:
             nbytes = cache_nbytes(caches[0]), cache_nbytes(caches[1])

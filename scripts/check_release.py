@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import hf_slim  # noqa: E402
 from hf_slim import cache_nbytes, slim_record, slimify, supported_model_types  # noqa: E402
-from hf_slim._compat import TransformersContractError, returned_cache  # noqa: E402
+from hf_slim._compat import TransformersContractError, returned_cache, with_cache  # noqa: E402
 from hf_slim.registry import UnsupportedModelError  # noqa: E402
 
 #: generate() settings shared by every row: long enough to decode past the prompt, no special-token shortcuts
@@ -147,14 +147,9 @@ def _greedy_steps(model, input_ids: torch.Tensor, new_tokens: int) -> _Sequences
     for _ in range(new_tokens):
         token = output.logits[:, -1:].argmax(-1)  # (rows, 1)
         tokens.append(token)
-        output = model(input_ids=token, use_cache=True, **{_cache_keyword(): returned_cache(output)})
+        output = model(input_ids=token, use_cache=True, **with_cache(returned_cache(output)))
     return _Sequences(sequences=torch.cat(tokens, dim=1), cache=returned_cache(output))
 
-
-def _cache_keyword() -> str:
-    from hf_slim._compat import generation_cache_names
-
-    return generation_cache_names()[0]
 
 
 def builders() -> dict[str, Callable]:

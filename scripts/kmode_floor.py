@@ -48,6 +48,7 @@ from transformers import DynamicCache, EncoderDecoderCache  # noqa: E402
 
 import hf_slim  # noqa: E402
 from hf_slim import SlimCache, slimify  # noqa: E402
+from hf_slim._compat import with_cache  # noqa: E402
 from hf_slim.api import _collect_attention_inputs  # noqa: E402
 from hf_slim.kmode import K_MODE_ABSOLUTE_FLOOR, RotaryRoundTrip, ValueErrorProbe, key_svd  # noqa: E402
 from hf_slim.registry import architecture_for  # noqa: E402
@@ -109,8 +110,8 @@ def text_logits_error(vanilla, slim) -> float:
     generator = torch.Generator().manual_seed(1)
     worst = 0.0
     for _ in range(TEXT_STEPS + 1):
-        expected = vanilla(input_ids=ids, attention_mask=mask, past_key_values=caches[0]).logits
-        actual = slim(input_ids=ids, attention_mask=mask, past_key_values=caches[1]).logits
+        expected = vanilla(input_ids=ids, attention_mask=mask, **with_cache(caches[0])).logits
+        actual = slim(input_ids=ids, attention_mask=mask, **with_cache(caches[1])).logits
         worst = max(worst, relative_difference(actual, expected))
         ids = torch.randint(0, vanilla.config.vocab_size, (ids.shape[0], 1), generator=generator)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -138,7 +139,7 @@ class WhisperDecode:
         for end in range(start, self.tokens.shape[1] + 1):
             ids = self.tokens[:, end - 1 : end] if end > start else self.tokens[:, :start]
             outputs = [
-                model(decoder_input_ids=ids, encoder_outputs=self.encoder_outputs, past_key_values=cache).logits
+                model(decoder_input_ids=ids, encoder_outputs=self.encoder_outputs, **with_cache(cache)).logits
                 for model, cache in ((vanilla, caches[0]), (slim, caches[1]))
             ]
             worst = max(worst, relative_difference(outputs[1], outputs[0]))

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hf_slim._compat import generation_cache_names, returned_cache
+from hf_slim._compat import returned_cache, with_cache  # noqa: F401  (with_cache: re-exported for the tests)
 
 #: Relative tolerance on logits, per dtype: fp32 per the issue; half precisions are compared on tokens instead.
 LOGITS_RTOL = {torch.float32: 1e-5}
-
-#: The keyword the installed transformers' forwards take a cache under (``past_key_values`` up to 5.23, ``cache``
-#: from 5.24), as transformers itself names it: the tests run unchanged on either.
-CACHE_KEYWORD = generation_cache_names()[0]
-
-
-def with_cache(cache) -> dict:
-    """Keyword arguments that hand ``cache`` to a model's forward, under the installed transformers' name."""
-    return {CACHE_KEYWORD: cache}
 
 
 def cache_of(output):
