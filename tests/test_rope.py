@@ -157,7 +157,10 @@ def test_generation_identical_past_original_context(name, how):
     assert isinstance(actual.past_key_values, SlimCache)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-dynamic", "olmo2"])
+#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj) and the history-dependent / key-norm variants
+@pytest.mark.parametrize(
+    "name", ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "gptj"]
+)
 def test_static_cache_generate_matches(name):
     vanilla, slim = pair(name)
     common = dict(cache_implementation="static", do_sample=False)
