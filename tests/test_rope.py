@@ -19,6 +19,7 @@ from helpers import (
     assert_unchanged,
     relative_difference,
     snapshot,
+    without_derived_state_checks,
 )
 from tiny_models import ROPE_CONFIGS, peak_logits, tiny_rope, tiny_tokenizer
 from transformers import DynamicCache
@@ -515,7 +516,7 @@ def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn):
+def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn, monkeypatch):
     """K+R on RoPE layers: the cache holds the rotated keys and ``Z = X U_r`` (never rotated); values come from the
     un-rotated keys and Z. Forced r = 16 of 64 on every layer matches the unpatched model; zeroing the residual
     projection (dropping Z) does not."""
@@ -529,6 +530,7 @@ def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn):
     assert caches["slim"].layers[0].states.shape[-1] == 64 + 16
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
     assert_same_tokens(actual.sequences, expected.sequences, "K+R greedy")
+    without_derived_state_checks(monkeypatch, slim)  # they would solve the zeroed z_proj again
     with torch.no_grad():
         for layer in slim.model.layers:
             layer.self_attn.hf_slim_z_proj.zero_()
@@ -590,6 +592,7 @@ def _drop_weight_fold(monkeypatch, slim) -> None:
 def test_olmo2_values_need_the_key_scale_and_the_weight_fold(monkeypatch, rank, mutation):
     """Without each token's scale, or without ``1/w`` folded into W_KV, the logits leave the unpatched model's."""
     vanilla, slim = _olmo2_forced(rank)
+    without_derived_state_checks(monkeypatch, slim)  # they would solve an edited W_KV again
     if mutation is _drop_key_scale:
         mutation(monkeypatch)
     else:
