@@ -38,6 +38,7 @@ Names other code relies on (stable): the module buffers ``hf_slim_w_kv`` ``(e + 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -436,42 +437,61 @@ def choose_residual_rank(
 _SKETCH_BLOCK = 1 << 21
 
 
+@functools.lru_cache(maxsize=64)
+def _probe(columns: int, device: torch.device, absolute: bool) -> torch.Tensor:
+    """The fixed sketch probe ``cos(0.785 j + 0.1)`` (no zero entries), float64 ``(columns,)``, made once per size."""
+    probe = torch.cos(torch.arange(columns, dtype=torch.float64, device=device) * 0.7853981 + 0.1)
+    return probe.abs() if absolute else probe
+
+
 @dataclass(frozen=True)
 class Sketch:
     """A float64 fingerprint of one tensor, on the CPU: ``values = rows @ probe`` and the bound ``|rows| @ |probe|``
-    (one number per row of the tensor viewed as ``(rows, columns)``), with a fixed probe.
+    (one number per row of a matrix, one per element of a vector), with a fixed probe.
 
     Why a sketch and not a copy: it costs one read of the tensor and a few bytes per row, yet any change of the values
     larger than rounding moves it (the probe has no zero entries and no structure a weight edit would follow), and it
-    is the same on every device. ``bound`` scales the tolerance of each row (:meth:`matches`).
+    is the same on every device. ``bound``, computed once at stamp time, scales the tolerance of each row
+    (:meth:`matches`); a check computes only the values.
     """
 
     values: torch.Tensor
     bound: torch.Tensor
 
+    @staticmethod
+    def _rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().reshape(-1, tensor.shape[-1] if tensor.dim() > 1 else 1)  # vectors: one row each
+
+    @staticmethod
+    def _apply(rows: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+        """``rows @ probe`` (or ``|rows| @ |probe|``) in float64, converting ``_SKETCH_BLOCK`` elements at a time."""
+        columns = rows.shape[-1]
+        probe = _probe(columns, rows.device, absolute)  # (cols,)
+        out = []
+        for block in rows.split(max(1, _SKETCH_BLOCK // columns)):  # (rows_b, cols)
+            block = block.to(torch.float64)
+            out.append(torch.mv(block.abs() if absolute else block, probe))
+        return torch.cat(out).cpu()
+
     @classmethod
     def of(cls, tensor: torch.Tensor | None) -> Sketch | None:
         if tensor is None:
             return None
-        rows = tensor.detach().reshape(-1, tensor.shape[-1]) if tensor.dim() else tensor.detach().reshape(1, 1)
-        columns = rows.shape[-1]
-        probe = torch.cos(torch.arange(columns, dtype=torch.float64, device=rows.device) * 0.7853981 + 0.1)  # (cols,)
-        values, bound = [], []
-        for block in rows.split(max(1, _SKETCH_BLOCK // max(columns, 1))):  # (rows_b, cols)
-            block = block.to(torch.float64)
-            values.append(block @ probe)
-            bound.append(block.abs() @ probe.abs())
-        return cls(torch.cat(values).cpu(), torch.cat(bound).cpu())
+        rows = cls._rows(tensor)
+        return cls(cls._apply(rows), cls._apply(rows, absolute=True))
 
-    def matches(self, other: Sketch | None, rtol: float) -> bool:
-        """Whether ``other`` sketches the same values up to ``rtol`` of each row's magnitude (NaN never matches)."""
-        if other is None or other.values.shape != self.values.shape:
+    def matches(self, tensor: torch.Tensor | None, rtol: float) -> bool:
+        """Whether ``tensor`` holds the sketched values up to ``rtol`` of each row's magnitude (NaN never matches)."""
+        if tensor is None:
             return False
-        return bool(((other.values - self.values).abs() <= rtol * self.bound + 1e-300).all())
+        rows = self._rows(tensor)
+        if rows.shape[0] != self.values.shape[0]:
+            return False
+        return bool(((self._apply(rows) - self.values).abs() <= rtol * self.bound + 1e-300).all())
 
 
-def _same(old: Sketch | None, new: Sketch | None, rtol: float) -> bool:
-    return (old is None and new is None) or (old is not None and old.matches(new, rtol))
+def _same(old: Sketch | None, tensor: torch.Tensor | None, rtol: float) -> bool:
+    return (old is None and tensor is None) or (old is not None and old.matches(tensor, rtol))
 
 
 #: Weights are compared as float64 values: a sketch of identical values differs only by the float64 summation order
@@ -553,17 +573,27 @@ class KSourceStamp:
     def check(
         self, projections: Projections, buffers: tuple[torch.Tensor, ...], where: str, rederive: Callable[[], None]
     ) -> None:
-        """The per-step O(1) check; runs :meth:`verify` when a version counter or data pointer moved."""
+        """The per-step O(1) check; runs :meth:`verify` when a version counter or data pointer moved (of the buffers
+        only when theirs moved: accelerate's offload hooks give the weights new storage at every step)."""
         self._check_kind(projections, where)
-        if _versions(projections, buffers) != self.versions:
-            self.verify(projections, buffers, where, rederive)
+        versions = _versions(projections, buffers)
+        if versions != self.versions:
+            moved = versions[-len(buffers) :] != self.versions[-len(buffers) :]
+            self.verify(projections, buffers, where, rederive, buffers_too=moved)
 
     def verify(
-        self, projections: Projections, buffers: tuple[torch.Tensor, ...], where: str, rederive: Callable[[], None]
+        self,
+        projections: Projections,
+        buffers: tuple[torch.Tensor, ...],
+        where: str,
+        rederive: Callable[[], None],
+        *,
+        buffers_too: bool = True,
     ) -> None:
         """Raise :class:`StaleKModeWeights` unless ``projections`` hold the stamped weights (values and dtype); call
         ``rederive()`` (solve the buffers again in place from the live weights) if the buffers no longer hold what was
-        derived from them, and raise if they still do not. Costs one read of W_K, W_V and the buffers."""
+        derived from them, and raise if they still do not. Costs one read of W_K, W_V and (``buffers_too``) the
+        buffers."""
         self._check_kind(projections, where)
         parts = _stamped(projections)
         if any(t is not None and t.is_meta for t in (*parts, *buffers)):
@@ -572,14 +602,14 @@ class KSourceStamp:
                 "(model.to_empty(device=...) and load_state_dict), or slimify after loading"
             )
         for old, tensor in zip(self.sketches, parts, strict=True):
-            if not _same(old, Sketch.of(tensor), _WEIGHT_RTOL):
+            if not _same(old, tensor, _WEIGHT_RTOL):
                 raise StaleKModeWeights(
                     f"{where}: the key/value weights changed after slimify (load_state_dict, an optimizer step or an "
                     "in-place edit), so its K-mode W_KV = W_K^-1 W_V is stale and decode would use the old weights. "
                     "Call hf_slim.unslimify(model) and hf_slim.slimify(model, mode='k') again after changing weights "
                     "(or, without RoPE, use mode='input', which always reads the live weights)"
                 )
-        if not self._derived_match(buffers):
+        if buffers_too and not self._derived_match(buffers):
             rederive()  # the weights are the stamped ones: the buffers lost what was derived from them (to_empty)
             if not self._derived_match(buffers):
                 raise StaleKModeWeights(
@@ -591,6 +621,5 @@ class KSourceStamp:
 
     def _derived_match(self, buffers: tuple[torch.Tensor, ...]) -> bool:
         return len(buffers) == len(self.derived) and all(
-            _same(old, Sketch.of(buffer), _derived_rtol(buffer.dtype))
-            for old, buffer in zip(self.derived, buffers, strict=True)
+            _same(old, buffer, _derived_rtol(buffer.dtype)) for old, buffer in zip(self.derived, buffers, strict=True)
         )
