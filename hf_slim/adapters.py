@@ -117,6 +117,11 @@ _TORCHAO_WEIGHT_ONLY = {
     "IntxUnpackedToInt8Tensor": ("activation_quantization",),
     "Float8Tensor": ("act_quant_kwargs",),
 }
+#: Subclasses of ``nn.Linear`` whose forward is known to compute ``x @ W.T + b`` (module, class name): each one read
+#: and checked against its transformers source. Every other subclass is refused (its forward may compute anything).
+_EXACT_LINEAR_SUBCLASSES = {
+    ("transformers.models.falcon.modeling_falcon", "FalconLinear"),  # input @ weight.T, then + bias (unfused)
+}
 _SUPPORTED_KINDS = (
     "torch nn.Linear, transformers Conv1D, PEFT LoRA on them, bitsandbytes 4-bit (Linear4bit), optimum-quanto "
     "weight-only QLinear, torchao weight-only int8/intx/float8 weights"
@@ -141,7 +146,9 @@ def _effective_weight(layer: torch.nn.Module, where: str) -> tuple[torch.Tensor,
     and a tensor subclass as weight may compute with values other than its elements: neither is trusted unless known.
     """
     kind = type(layer)
-    if kind is torch.nn.Linear and _is_plain(layer.weight):
+    if (kind is torch.nn.Linear or (kind.__module__, kind.__name__) in _EXACT_LINEAR_SUBCLASSES) and _is_plain(
+        layer.weight
+    ):
         return layer.weight, "linear"
     if kind is torch.nn.Linear and type(layer.weight).__name__ in _TORCHAO_WEIGHT_ONLY:  # torchao: a tensor subclass
         weight = layer.weight

@@ -265,6 +265,23 @@ def test_unknown_linear_subclasses_are_refused_not_trusted():
     assert_refused_untouched(model, "input", r"OPTAttention\[self 1\]: the value projection is a .*ScaledLinear")
 
 
+def test_the_known_exact_linear_subclasses_still_compute_x_w_t_plus_b():
+    """hf_slim reads these ``nn.Linear`` subclasses as plain layers (Falcon's FalconLinear: product, then bias); if a
+    transformers release changes what their forward computes, this fails."""
+    import importlib
+
+    from hf_slim.adapters import _EXACT_LINEAR_SUBCLASSES
+
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
+    for module_name, class_name in sorted(_EXACT_LINEAR_SUBCLASSES):
+        cls = getattr(importlib.import_module(module_name), class_name)
+        for bias in (True, False):
+            layer = cls(16, 8, bias=bias)
+            weights = read_projection(layer)
+            expected = x @ weights.weight + (0 if weights.bias is None else weights.bias)
+            assert_close_relative(layer(x), expected, 1e-6, f"{class_name}(bias={bias})")
+
+
 @needs("optimum.quanto")
 def test_quantizing_a_slim_model_afterwards_is_followed_or_refused():
     """Input cache: it reads the live layers at every step, so a model quantized after slimify is served exactly. K

@@ -426,6 +426,7 @@ def test_k_mode_under_torch_compile_sees_changed_weights():
     runs eagerly outside the compiled region."""
     vanilla = tiny_gpt2()
     model = slimify(copy.deepcopy(vanilla), "k", layer_modes=all_k(vanilla))
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     model.forward = torch.compile(model.forward, backend="eager")  # dynamo traces; no code generation (fast)
     assert_same_tokens(greedy(model, steps=6), greedy(vanilla, steps=6))
     with torch.no_grad():

@@ -180,6 +180,7 @@ def test_decode_step_compiles_fullgraph(name):
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
         slim(input_ids=ids[:, :5], past_key_values=cache)
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(input_ids=ids[:, 5:], position_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 16))
     eager = slim(**step, past_key_values=caches[0]).logits
@@ -788,6 +789,7 @@ def test_longrope_decode_compiles_across_the_factor_switch():
     caches = [SlimCache(2, max_cache_len=36) for _ in range(2)]
     for cache in caches:
         slim(input_ids=ids[:, :31], past_key_values=cache)
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     compiled = torch.compile(slim.forward, dynamic=False)
     for position in range(31, 34):
         step = dict(input_ids=ids[:, position : position + 1], position_ids=torch.tensor([[position]]))

@@ -501,6 +501,7 @@ def test_static_decode_step_compiles_fullgraph(variant):
     common = dict(encoder_outputs=encoder_outputs, attention_mask=batch.attention_mask, use_cache=True)
     for cache, model in ((caches[0], slim), (caches[1], slim), (reference, vanilla)):
         model(**common, decoder_input_ids=ids[:, :5], past_key_values=cache)  # prefill, eager
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(**common, decoder_input_ids=ids[:, 5:])
     eager = slim(**step, past_key_values=caches[0]).logits
