@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 
 from . import __version__
 from ._compat import cache_entry, cache_parameter, check_contracts, find_cache, generation_cache_names
+from .adapters import UnsupportedProjectionError
 from .attention import SlimAttentionState
 from .cache import CacheOwner, EncoderOutputCache, SlimCache, SlimLayout, adopt_cross_part
 from .generation import CONTRACTS as GENERATION_CONTRACTS
@@ -70,6 +71,16 @@ class SlimRecord:
     owner: CacheOwner = field(default_factory=CacheOwner, repr=False)
     #: why this architecture cannot use a static cache (its patch module's ``STATIC_CACHE_REFUSAL``), or None
     static_cache_refusal: str | None = None
+    #: some layer keeps weight-derived buffers (K mode), checked before every generate() and on every new cache
+    has_derived_state: bool = False
+
+    def k_layers(self) -> list[tuple[torch.nn.Module, SlimAttentionState]]:
+        """``(module, state)`` of every K-mode layer (those with weight-derived buffers to check)."""
+        return [
+            (patch.target, patch.value)
+            for patch in self.patches
+            if isinstance(patch, InstancePatch) and patch.name == "hf_slim" and patch.value.mode == "k"
+        ]
 
     def new_cache(self, max_cache_len: int | None = None) -> SlimCache | EncoderDecoderCache:
         """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache);
@@ -191,6 +202,7 @@ def slimify(
     if not sites:
         raise UnsupportedModelError(f"found no attention layers to patch in {type(model).__name__}")
     resolved = ("k" if architecture.positions == "rope" else "input") if mode == "auto" else mode
+    _check_projections(sites)  # layer kinds the slim path cannot reproduce, non-finite weights: refuse, untouched
 
     if residual_ranks is not None and layer_modes is None:
         raise ValueError("residual_ranks forces the rank of forced K layers: pass layer_modes too")
@@ -212,8 +224,12 @@ def slimify(
         static_cache_refusal=getattr(patch_module, "STATIC_CACHE_REFUSAL", None),
         residual_ranks={name: weights.residual_rank for name, weights in k_weights.items()},
         kv_layers=tuple(site.layer_idx for site in self_sites if layer_modes[site.name] == "kv"),
+        has_derived_state=any(mode == "k" for mode in layer_modes.values()),
     )
-    patches = _site_patches(sites, layer_modes, calibration, k_weights, record.owner)
+    # the record first: applied first and reverted last, so an interrupted unslimify leaves a model that is_slim()
+    # and that a second unslimify finishes (see revert_all)
+    patches = [InstancePatch(model, "_hf_slim_record", record)]
+    patches += _site_patches(sites, layer_modes, calibration, k_weights, record.owner)
     for owner in patch_module.cache_owners(model):
         patches.append(InstancePatch(owner, forward_attribute(owner), _forward_with_slim_cache(owner, record)))
     if hasattr(model, "_prepare_cache_for_generation"):
@@ -222,7 +238,6 @@ def slimify(
     from .export import export_patches  # export imports this module
 
     patches.extend(export_patches(model, record))
-    patches.append(InstancePatch(model, "_hf_slim_record", record))
     record.patches = patches
     apply_all(patches)
     return wrapper
@@ -244,6 +259,29 @@ def slimified(model: torch.nn.Module, mode: str = "auto", **kwargs) -> Iterator[
     finally:
         if not was_slim:
             unslimify(model)
+
+
+def _check_projections(sites: list[AttentionSite]) -> None:
+    """Read every site's key/value projections once, before anything is patched.
+
+    Why: the slim decode applies these weights itself, so a layer kind it cannot reproduce exactly (an unknown
+    ``nn.Linear`` subclass, bitsandbytes 8-bit, a layer that quantizes its input, an unmergeable adapter) must be
+    refused here with the model untouched, not at the first decode step; and non-finite weights make the model
+    compute NaN, whose pattern the slim path (other products, other order) would not reproduce.
+    """
+    for site in sites:
+        with resident_weights(site.module):
+            try:
+                projections = site.projections(site.module)
+            except UnsupportedProjectionError as error:
+                raise type(error)(f"{site.name}: {error}") from error
+            for tensor in (projections.w_k, projections.w_v, projections.b_k, projections.b_v):
+                if tensor is not None and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(
+                        f"{site.name}: the key/value weights contain NaN or inf, so the model itself computes NaN "
+                        "(and the slim decode would put it elsewhere); check how the weights were loaded or trained "
+                        "before slimify"
+                    )
 
 
 def _check_attention_implementation(model: torch.nn.Module) -> None:
@@ -293,6 +331,8 @@ def _choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs
                 choice = choose_residual_rank(projections, activations[site.name], dtype, round_trip)
             except SingularKeyProjection as error:
                 refused.append(f"{site.name}: {error}")
+                if error.numbers:
+                    calibration[site.name] = error.numbers  # what was measured (cond(W_K)), for hf-slim verify
                 continue
             except ValueError as error:
                 raise ValueError(f"{site.name}: {error}") from error
@@ -354,7 +394,8 @@ def _forced_layer_modes(sites, architecture, layer_modes, residual_ranks, k_weig
             try:
                 weights[name] = solve_layer_k_mode(site, rank)
             except ValueError as error:
-                raise ValueError(f"layer_modes[{name!r}] = 'k': {error}") from error
+                other = "'kv'" if architecture.positions == "rope" else "'input'"
+                raise ValueError(f"layer_modes[{name!r}] = 'k': {error}; use {other} for this layer") from error
     # K layers record the dtype they are set up in, as a calibration would: load_slim checks it
     calibration = {name: {"dtype": str(by_name[name].projections(by_name[name].module).w_k.dtype)} for name in weights}
     return {site.name: layer_modes[site.name] for site in sites}, calibration, weights
@@ -415,9 +456,19 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
         if mode == "kv":  # the model's own attention and K/V (a K/V layer of the mixed cache)
             continue
         projections = functools.partial(site.projections, module)
-        with resident_weights(module):
-            k_source = KSourceStamp.of(projections()) if mode == "k" else None
-            key_scale = mode == "k" and projections().key_norm is not None  # keys normalised per token: keep s
+        buffers = {}
+        k_source, key_scale = None, False
+        if mode == "k":
+            weights = k_weights[site.name]
+            with resident_weights(module):
+                live = projections()
+                dtype = live.w_v.dtype
+                buffers["hf_slim_w_kv"] = weights.w_kv.to(dtype)  # (e + r, e)
+                buffers["hf_slim_v_offset"] = weights.v_offset.to(dtype)  # (e,)
+                if weights.residual_rank:
+                    buffers["hf_slim_z_proj"] = weights.z_proj.to(dtype)  # (d, r)
+                k_source = KSourceStamp.of(live, tuple(buffers.values()))  # the weights and the buffers as installed
+                key_scale = live.key_norm is not None  # keys normalised per token: keep s
         state = SlimAttentionState(
             mode=mode,
             layer_idx=site.layer_idx,
@@ -435,13 +486,7 @@ def _site_patches(sites, layer_modes, calibration, k_weights, owner: CacheOwner)
             route=site.route,
         )
         patches.append(InstancePatch(module, "hf_slim", state))
-        if mode == "k":
-            weights = k_weights[site.name]
-            dtype = state.projections().w_v.dtype
-            patches.append(BufferPatch(module, "hf_slim_w_kv", weights.w_kv.to(dtype)))  # (e + r, e)
-            patches.append(BufferPatch(module, "hf_slim_v_offset", weights.v_offset.to(dtype)))  # (e,)
-            if weights.residual_rank:
-                patches.append(BufferPatch(module, "hf_slim_z_proj", weights.z_proj.to(dtype)))  # (d, r)
+        patches.extend(BufferPatch(module, name, tensor) for name, tensor in buffers.items())
         original = type(module).forward
         if site.route is not None:  # the model's own forward, served through the extension points
             patches.append(InstancePatch(module, "config", SlimAttentionConfig(module.config)))
@@ -518,6 +563,7 @@ def _slim_cache_owner_forward(
         if arguments.get(cache_name) is not None or not _use_cache_requested(owner, arguments):
             return original(owner, *args, **kwargs)
         cache = record.new_cache()
+        _check_new_cache(record, cache)
         position = names.index(cache_name)
         if len(args) > position:
             args = (*args[:position], cache, *args[position + 1 :])
@@ -535,7 +581,39 @@ def _slim_cache_owner_forward(
         cache = paired
     if isinstance(cache, EncoderDecoderCache):
         adopt_cross_part(cache)
+    _check_new_cache(record, cache)
     return _ending_step(cache, original(owner, *args, **kwargs))
+
+
+def _self_attention_cache(cache):
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+
+def _check_new_cache(record: SlimRecord, cache) -> None:
+    """Before the first forward on a slim cache that no check has seen (a new one, or a user's), check the K-mode
+    layers' derived buffers against the live weights (:func:`check_derived_state`). A plain attribute test at every
+    other step, so compiled decode steps of a checked cache stay one graph."""
+    inner = _self_attention_cache(cache)
+    if record.has_derived_state and isinstance(inner, SlimCache) and not getattr(inner, "derived_state_checked", False):
+        check_derived_state(record, inner)
+
+
+@torch.compiler.disable
+def check_derived_state(record: SlimRecord, cache: SlimCache | None = None) -> None:
+    """Check every K-mode layer's weight-derived buffers (``W_KV``, value offset, ``z_proj``) against the live weights
+    and dtype, eagerly (outside any compiled region), and mark ``cache`` as checked.
+
+    One read of W_K, W_V and the buffers per K-mode layer (float64 sketches, :class:`~hf_slim.kmode.KSourceStamp`):
+    weights that changed in any way (``param.data`` edits and compiled models included) raise
+    :class:`~hf_slim.kmode.StaleKModeWeights`; buffers that lost their values while the weights did not (``to_empty``
+    after a move through the meta device) are solved again. Runs before every ``generate()`` and at the first forward
+    on every new slim cache (``scripts/bench_derived_check.py`` measures it against a decode step).
+    """
+    for module, state in record.k_layers():
+        with resident_weights(module):
+            state.verify_derived(module)
+    if cache is not None:
+        cache.derived_state_checked = True
 
 
 def _ending_step(cache, output):
@@ -562,17 +640,20 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
         )
     if generation_config.cache_implementation == "static" and record.static_cache_refusal:
         raise NotImplementedError(f"cache_implementation='static': {record.static_cache_refusal}")
+    if record.has_derived_state:
+        check_derived_state(record)  # every generate(): the K-mode buffers still fit the weights (one read of each)
     original(self, generation_config, model_kwargs, *args, **kwargs)
     key, cache = cache_entry(model_kwargs)
     if cache is None:
         return
     if user_cache is not None:
-        inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        inner = _self_attention_cache(cache)
         if not isinstance(inner, SlimCache):
             raise TypeError(
                 f"this model is slimified but generate() got a {type(cache).__name__} as its cache; pass no cache "
                 "(generate builds a slim one), an hf_slim.SlimCache, or unslimify the model first"
             )
+        inner.derived_state_checked = True
         return
     self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     if type(self_cache) is DynamicCache:
@@ -583,4 +664,5 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
         raise NotImplementedError(f"hf_slim cannot replace a {type(cache).__name__} prepared by generate()")
     if generation_config.is_assistant:
         slim.activate_past_recording()
+    _self_attention_cache(slim).derived_state_checked = True  # checked above, before this generate()
     model_kwargs[key] = slim

@@ -15,6 +15,7 @@ patched module as ``module.hf_slim``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
-from .adapters import LowRank, apply_low_rank, projection_weights
+from .adapters import LowRank, apply_low_rank, projection_weights, read_projection
 from .cache import SlimLayout, slim_cache_for
 from .rope import RotaryLayout, RotarySource, cos_sin_table, unrotate_keys
 
@@ -90,6 +91,9 @@ class Projections:
     #: the parameters these were read from (K-mode stamps watch them); empty: the four tensors above
     sources: tuple[torch.Tensor, ...] = ()
     key_norm: KeyNorm | None = None
+    #: the kind of a quantized key or value layer (``w_k``/``w_v`` are then dense copies, dequantized at this read,
+    #: see :func:`~hf_slim.adapters.read_projection`), or None for plain layers
+    quantized: str | None = None
 
     @classmethod
     def of(
@@ -104,13 +108,16 @@ class Projections:
         """Read the live projections from the model's key and value layers (the same fused layer with two column
         ranges, or index tensors, for a fused ``qkv``), including active PEFT LoRA adapters on them; ``key_norm``:
         the RMSNorm module the model applies to the full-width projected keys (:class:`KeyNorm`), if any."""
-        w_k, b_k, k_low_rank, k_sources = projection_weights(k_layer, k_columns, where="the key projection")
-        w_v, b_v, v_low_rank, v_sources = projection_weights(v_layer, v_columns, where="the value projection")
+        k_read = read_projection(k_layer, where="the key projection")
+        v_read = k_read if v_layer is k_layer else read_projection(v_layer, where="the value projection")  # fused: once
+        w_k, b_k, k_low_rank, k_sources = projection_weights(k_layer, k_columns, read=k_read)
+        w_v, b_v, v_low_rank, v_sources = projection_weights(v_layer, v_columns, read=v_read)
         sources = k_sources + tuple(t for t in v_sources if all(t is not s for s in k_sources))
         norm = None if key_norm is None else KeyNorm.of(key_norm)
         if norm is not None:
             sources = (*sources, norm.weight)
-        return cls(w_k, w_v, b_k, b_v, k_low_rank, v_low_rank, sources, norm)
+        quantized = next((read.kind for read in (k_read, v_read) if read.kind not in ("linear", "conv1d")), None)
+        return cls(w_k, w_v, b_k, b_v, k_low_rank, v_low_rank, sources, norm, quantized)
 
 
 def interleaved_qkv_projections(fused: torch.nn.Linear, num_heads: int, head_dim: int) -> Projections:
@@ -185,16 +192,46 @@ class SlimAttentionState:
     key_scale: bool = False
     route: AttentionRoute | None = None
 
-    def live_projections(self) -> Projections:
-        """The layer's projections now; for a K-mode layer, after checking ``W_KV`` still fits them (O(1)).
+    def live_projections(self, module: torch.nn.Module) -> Projections:
+        """The layer's projections now; for a K-mode layer, after the O(1) check that ``W_KV`` still fits them
+        (:meth:`KSourceStamp.check`).
 
-        Inside a ``torch.compile`` trace the check is left out (version counters and data pointers cannot be
-        traced); it runs at every eager call (README, Limits).
+        Inside a ``torch.compile`` trace the O(1) check is left out (version counters and data pointers cannot be
+        traced); the full check (:meth:`verify_derived`) runs eagerly before every ``generate()`` and at the first
+        forward on every new slim cache, outside any compiled region.
         """
         projections = self.projections()
         if self.k_source is not None and not torch.compiler.is_compiling():
-            self.k_source.check(projections, self.name)
+            rederive = functools.partial(self._rederive, module, projections)
+            self.k_source.check(projections, self.derived_buffers(module), self.name, rederive)
         return projections
+
+    def derived_buffers(self, module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """A K-mode layer's buffers derived from its weights: ``W_KV (e + r, e)``, the value offset ``(e,)`` and, for
+        ``r > 0``, ``z_proj (d, r)`` (see :mod:`hf_slim.kmode`)."""
+        names = ("hf_slim_w_kv", "hf_slim_v_offset") + (("hf_slim_z_proj",) if self.residual_rank else ())
+        return tuple(module._buffers[name] for name in names)
+
+    @torch.compiler.disable
+    def verify_derived(self, module: torch.nn.Module) -> None:
+        """The full check of a K-mode layer (:meth:`KSourceStamp.verify`: one read of W_K, W_V and the derived
+        buffers), eager even when called from compiled code; a no-op for other layers."""
+        if self.k_source is None:
+            return
+        projections = self.projections()
+        rederive = functools.partial(self._rederive, module, projections)
+        self.k_source.verify(projections, self.derived_buffers(module), self.name, rederive)
+
+    @torch.no_grad()
+    def _rederive(self, module: torch.nn.Module, projections: Projections) -> None:
+        """Solve the derived buffers again from the live (already checked) weights, in place, at this layer's
+        residual rank (the float64 SVD of W_K: as long as slimify's solve of one layer)."""
+        from .kmode import solve_k_mode  # kmode imports this module
+
+        weights = solve_k_mode(projections, self.residual_rank)
+        values = (weights.w_kv, weights.v_offset) + ((weights.z_proj,) if self.residual_rank else ())
+        for buffer, value in zip(self.derived_buffers(module), values, strict=True):
+            buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
 
 
 def use_absorbed(num_queries: int, head_dim: int) -> bool:
@@ -414,7 +451,7 @@ def slim_self_attention(
     cache = slim_cache_for(cache, state.layer_idx, where=type(module).__name__)
     if cache is None:
         return run_attention(query, key, value, attention_mask)
-    projections = state.live_projections()  # K mode: W_KV still fits the weights and dtype (raises otherwise)
+    projections = state.live_projections(module)  # K mode: W_KV still fits the weights and dtype (raises otherwise)
     batch, _, num_queries, _ = query.shape
     if state.mode == "input":
         new_states = hidden_states  # (b, t, d)

@@ -64,6 +64,8 @@ def find_audio(arguments: Sequence[str]) -> list[tuple[Path, Path]]:
             )
             for file in matches:
                 add(file, fixed)
+        elif path.exists():
+            raise ValueError(f"{path} is not a regular file (a device, pipe or socket): give an audio file or folder")
         else:
             raise ValueError(f"audio file not found: {path}")
     return found

@@ -557,6 +557,9 @@ class SlimCache(DynamicCache):
         self._static_length = max_cache_len  # (Cache.max_cache_len is a read-only property in older transformers)
         self.rotary: RotaryPositions | None = None
         self._staged: dict[int, StepInputs] = {}  # per layer, from its forward wrapper to its update call
+        #: the model's K-mode buffers were checked against its weights before this cache was first written
+        #: (hf_slim.api.check_derived_state)
+        self.derived_state_checked = False
 
     @staticmethod
     def _new_layer(kv: bool, max_cache_len: int | None) -> CacheLayerMixin:
@@ -801,10 +804,11 @@ def slim_cache_for(cache_object: Cache | None, layer_idx: int, *, where: str) ->
     if isinstance(cache, SlimCache):
         return cache
     raise TypeError(
-        f"hf_slim: {where} (layer {layer_idx}) is slimified but got a {type(cache).__name__}. A slim model needs its "
-        "own cache: let generate()/forward() create it (pass no cache), pass hf_slim.SlimCache(), or call "
-        "hf_slim.unslimify(model) to use transformers' caches again. (If you slimified a part of a model, slimify "
-        "the model you call generate() on.)"
+        f"hf_slim: {where} (layer {layer_idx}) is slimified but got a {type(cache).__name__}. If you passed no cache, "
+        "the model you called created it because it is not the slimified one (slimify(model.transformer) and then "
+        "model.generate()): slimify the model you call generate()/forward() on (slimify(model)). Otherwise let "
+        "generate()/forward() create the cache (pass none), pass hf_slim.SlimCache(), or call "
+        "hf_slim.unslimify(model) to use transformers' caches again."
     )
 
 

@@ -96,6 +96,8 @@ def _device(name: str) -> str:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError(f"{name!r} holds no weights (shapes only): give a device to run on (cpu/cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{name!r}: this torch build or machine has no CUDA device (use cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -813,17 +815,22 @@ def cmd_verify(args) -> int:
         f"{'V err this mode':>16} {'ratio':>6}"
     )
     for name, layer_mode in record.layer_modes.items():
-        numbers = calibration.get(name)
-        if numbers is None:
-            print(f"{name:<34} {layer_mode:<8} {'-':>10} {'-':>5} {'-':>16} {'-':>17} {'-':>16} {'-':>6}")
-            continue
-        chosen = numbers["k_error"] if layer_mode == "k" else numbers["vanilla_error"]
+        numbers = calibration.get(name, {})  # a layer refused before any rank was tried has cond(W_K) only
+
+        def number(key: str, width: int, spec: str, numbers=numbers) -> str:
+            return f"{numbers[key]:>{width}{spec}}" if key in numbers else f"{'-':>{width}}"
+
+        chosen = "k_error" if layer_mode == "k" else "vanilla_error"
         # input cache: d per token against 2d for K+V; kv: the model's own K and V
-        ratio = numbers["cache_ratio"] if layer_mode == "k" else {"kv": 1.0}.get(layer_mode, 2.0)
-        rank = f"{numbers['residual_rank']}{'+s' if numbers.get('key_scale') else ''}"  # +s: the key scale column
+        ratio = numbers.get("cache_ratio") if layer_mode == "k" else {"kv": 1.0}.get(layer_mode, 2.0)
+        ratio = ratio if "k_error" in numbers else None
+        rank = "-"
+        if "residual_rank" in numbers:  # +s: one more column, the key scale
+            rank = f"{numbers['residual_rank']}{'+s' if numbers.get('key_scale') else ''}"
         print(
-            f"{name:<34} {layer_mode:<8} {numbers['cond_w_k']:>10.3g} {rank:>5} "
-            f"{numbers['k_error']:>16.2e} {numbers['vanilla_error']:>17.2e} {chosen:>16.2e} {ratio:>5.2f}x"
+            f"{name:<34} {layer_mode:<8} {number('cond_w_k', 10, '.3g')} {rank:>5} {number('k_error', 16, '.2e')} "
+            f"{number('vanilla_error', 17, '.2e')} {number(chosen, 16, '.2e')} "
+            + (f"{ratio:>5.2f}x" if ratio is not None else f"{'-':>6}")
         )
     print(
         "(r: input directions the K+R cache keeps beside K, the smallest that calibrates exact, or the largest tried "

@@ -32,6 +32,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import time
 from pathlib import Path
 
 import torch
@@ -94,9 +96,12 @@ def _save_slim_pretrained(self, save_directory: str | os.PathLike, *args, **kwar
             "push_to_hub from a slim model would upload before the hf_slim sidecar is written; save to a local "
             "folder with save_pretrained(dir) and upload that folder"
         )
+    from safetensors import SafetensorError
+
     record = slim_record(self)
     tensors = k_mode_tensors(self, record)  # before writing anything: a model whose weights changed fails here
     settings = slim_settings(record)
+    started = time.time()
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     is_main_process = args[0] if args else kwargs.get("is_main_process", True)
     if not is_main_process:
@@ -106,13 +111,41 @@ def _save_slim_pretrained(self, save_directory: str | os.PathLike, *args, **kwar
         _set_config_settings(directory, None)  # plain first (a stale key may come from the config object)
         _write_sidecar(directory, tensors)
         _set_config_settings(directory, settings)
-    except OSError as error:
+        _remove_stale_temporaries(directory, started)
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error type
         raise OSError(
             f"saved the weights and a plain config to {directory}, but writing the hf_slim settings failed ({error}). "
             "The folder holds the original (unslimmed) model, loadable with from_pretrained; free space or fix the "
             "folder and call save_pretrained again for a slim checkpoint"
         ) from error
     return result
+
+
+#: Temporary files safetensors (0.8: Rust ``tempfile``) writes beside its target before renaming it into place.
+_SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
+def _remove_stale_temporaries(directory: Path, started: float) -> None:
+    """Remove the temporary files that earlier saves into ``directory`` left behind when they were killed.
+
+    Why: safetensors writes each file to a ``.tmpXXXXXX`` name and renames it when complete; a process killed mid-write
+    cannot remove it, so the folder keeps a partial file of up to a model's size beside a correct checkpoint. Only
+    files of that name that are older than this save (no writer of this save can still own them) and hold nothing or
+    the start of a safetensors file (an 8-byte header length, then ``{``) are removed, as is hf_slim's own temporary.
+    """
+    for path in directory.iterdir():
+        own = path.name.endswith(".hf_slim-tmp")
+        if not (own or _SAFETENSORS_TEMPORARY.fullmatch(path.name)) or not path.is_file():
+            continue
+        try:
+            if path.stat().st_mtime >= started:
+                continue
+            with path.open("rb") as handle:
+                head = handle.read(9)
+            if own or len(head) < 9 or head[8:9] == b"{":  # empty, a partial header, or a header
+                path.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -380,8 +413,9 @@ def _verified_k_weights(
     sidecar = path / SIDECAR
     if not sidecar.is_file():
         raise SlimCheckpointError(
-            f"{path}: {len(k_names)} layers use the K cache but {SIDECAR} is missing (was the folder re-saved without "
-            "hf_slim?); load it with from_pretrained and call hf_slim.slimify(model) instead"
+            f"{path}: {len(k_names)} layers use the K cache but {SIDECAR} is missing: the folder was probably re-saved "
+            "by a model that is not slim (from_pretrained keeps the hf_slim key of config.json as a config attribute, "
+            "and save_pretrained writes it back); load it with from_pretrained and call hf_slim.slimify(model) instead"
         )
     from safetensors import SafetensorError
     from safetensors.torch import load_file

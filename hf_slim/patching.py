@@ -163,7 +163,8 @@ class BufferPatch:
 
     def revert(self) -> None:
         if self._applied:
-            del self.module._buffers[self.name]
+            # keep the buffer as it is now (moved or cast with the model), so that applying again restores it
+            self.tensor = self.module._buffers.pop(self.name)
             self._applied = False
 
 
@@ -181,6 +182,20 @@ def apply_all(patches: list) -> None:
 
 
 def revert_all(patches: list) -> None:
-    """Revert patches in reverse order of application."""
-    for patch in reversed(patches):
-        patch.revert()
+    """Revert every patch or none, in reverse order of application.
+
+    Why all-or-nothing: an undo interrupted half-way (Ctrl-C, an error in one revert) would leave some forwards slim
+    and others not, a model that is neither. On the first failure the patches already reverted are applied again and
+    the error re-raised, so the model is as slim as before and a second call finishes the undo. (Patches whose
+    revert already ran are skipped by a second call: each one knows whether it is applied.)
+    """
+    done = []
+    try:
+        for patch in reversed(patches):
+            if patch._applied:
+                patch.revert()
+                done.append(patch)
+    except BaseException:
+        for patch in reversed(done):
+            patch.apply()
+        raise

@@ -91,12 +91,18 @@ SUPPORTED: dict[str, Architecture] = {
     "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
 }
 
-#: Known architectures that are refused, with the reason quoted in the error.
-UNSUPPORTED: dict[str, str] = {
+#: Known architectures that are refused, with the reason quoted in the error (or a function of the config giving it,
+#: where the reason depends on the configuration).
+UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
     "mistral": "no patch for this RoPE model type yet (Mistral checkpoints use grouped-query attention, which slim "
     "attention cannot serve; an MHA config would need a mistral patch with its sliding window)",
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
-    "gpt_bigcode": "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache",
+    "gpt_bigcode": lambda config: (
+        "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache"
+        if getattr(config, "multi_query", True)
+        else "multi_query=False is multi-head attention, which slim attention could serve, but hf_slim has no patch "
+        "for GPTBigCode's fused c_attn layout yet; use the model unpatched"
+    ),
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "nllb-moe": "not implemented yet: its attention is M2M100's (the input and encoder caches would apply), but its "
@@ -204,14 +210,16 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
             f"implemented yet. Supported model types: {supported}."
         )
     if model_type in UNSUPPORTED:
-        if mode == "input" and "RoPE" in UNSUPPORTED[model_type]:
+        reason = UNSUPPORTED[model_type]
+        reason = reason(config) if callable(reason) else reason
+        if mode == "input" and "RoPE" in reason:
             raise UnsupportedModelError(
                 f"mode='input' cannot be used with {model_type!r}: RoPE sits between the key projection and the dot "
                 "product, so queries cannot be absorbed into the input space. Use mode='k' on a supported model. "
                 f"Supported model types: {supported}."
             )
         raise UnsupportedModelError(
-            f"hf_slim cannot patch {model_type!r}: {UNSUPPORTED[model_type]}. Supported model types: {supported}."
+            f"hf_slim cannot patch {model_type!r}: {reason}. Supported model types: {supported}."
         )
     if model_type not in SUPPORTED:
         raise UnsupportedModelError(

@@ -126,12 +126,16 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 def default_calibration_inputs(model: torch.nn.Module) -> dict:
     """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
     generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
+    text_config = model.config.get_text_config()  # Florence-2: the BART language model's config holds the vocabulary
+    vocab = text_config.vocab_size
     decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator).to(model.device)
-    if not getattr(model.config, "is_encoder_decoder", False):
+    if not getattr(text_config, "is_encoder_decoder", getattr(model.config, "is_encoder_decoder", False)):
         return {"input_ids": decoder_input_ids}
-    input_ids = torch.randint(0, vocab, (2, 64), generator=generator).to(model.device)
-    return {"input_ids": input_ids, "decoder_input_ids": decoder_input_ids}
+    input_ids = torch.randint(0, vocab, (2, 64), generator=generator)
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is not None:  # text only: no image placeholders without pixel_values
+        input_ids = input_ids.masked_fill(input_ids == image_token, 0)
+    return {"input_ids": input_ids.to(model.device), "decoder_input_ids": decoder_input_ids}
 
 
 def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:

@@ -97,6 +97,20 @@ def _position_bias(
     return module.compute_bias(num_queries, key_length, device=like.device, past_seen_tokens=past_seen_tokens)
 
 
+def _self_key_length(cache, layer_idx: int, num_queries: int) -> int:
+    """How many keys the unmodified self-attention sees after its cache update, the width of its position bias:
+    ``past + new`` with a dynamic cache (or none), every slot (``max_cache_len``) with a static one, whose K/V are
+    preallocated (the slim static step masks the unwritten slots and reads this full-width bias on its absorbed path).
+    """
+    if cache is None:
+        return num_queries
+    cache = getattr(cache, "self_attention_cache", cache)
+    layers = getattr(cache, "layers", ())
+    if layer_idx < len(layers) and layers[layer_idx].is_compileable:
+        return layers[layer_idx].get_max_length()
+    return cache.get_seq_length(layer_idx) + num_queries
+
+
 # Adapted from transformers 5.24.0, models/t5/modeling_t5.py, T5Attention.forward (shared by the T5, mT5 and UMT5
 # forwards below): the cache handling and the attention call change; projections, the module's own compute_bias and
 # the output projection are the model's own.
@@ -129,11 +143,14 @@ def _slim_t5_attention(
     batch, num_queries = hidden_states.shape[:2]
     head_dim = module.key_value_proj_dim
     past_seen_tokens = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+    # a static cache's length is a tensor that the cache update below advances in place: keep the value before it (as
+    # the unmodified forward does)
+    past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
     query = split_heads(module.q(hidden_states), head_dim)  # (b, h, t, dk)
     if encoder_states is not None:
         key_length = encoder_states.shape[1]
     else:
-        key_length = past_seen_tokens + num_queries if cache is not None else num_queries
+        key_length = _self_key_length(cache, module.layer_idx, num_queries)
     if position_bias is None:
         position_bias = _position_bias(module, num_queries, key_length, past_seen_tokens, query)
 
@@ -141,6 +158,9 @@ def _slim_t5_attention(
     dropout = module.dropout if module.training else 0.0
 
     def run_attention(query, key, value, attention_mask):
+        # over a static cache the slim step hands the model's attention the written slots only (as many keys as a
+        # dynamic cache holds), while the bias spans every slot, like the unmodified model's: keep its first columns
+        # (slot j is key position j); a no-op for every other call
         return interface(
             module,
             query,
@@ -149,7 +169,7 @@ def _slim_t5_attention(
             attention_mask,
             dropout=dropout,
             scaling=module.scaling,
-            position_bias=position_bias,
+            position_bias=position_bias[..., : key.shape[-2]],
             **kwargs,
         )
 

@@ -151,7 +151,6 @@ def _greedy_steps(model, input_ids: torch.Tensor, new_tokens: int) -> _Sequences
     return _Sequences(sequences=torch.cat(tokens, dim=1), cache=returned_cache(output))
 
 
-
 def builders() -> dict[str, Callable]:
     """``model_type -> () -> (tiny model, generate inputs)`` for every supported type."""
     from tiny_encdec import BART_FAMILY

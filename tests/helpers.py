@@ -158,3 +158,14 @@ def assert_unchanged(model: torch.nn.Module, before: tuple[dict[str, torch.Tenso
     assert state_after.keys() == state_before.keys()
     for name, tensor in state_before.items():
         assert torch.equal(tensor, state_after[name]), name
+
+
+def without_derived_state_checks(monkeypatch, model: torch.nn.Module) -> None:
+    """Switch off the K-mode derived-state checks of ``model`` (per step and per generate()), for mutation tests
+    that edit W_KV / z_proj in place: the checks would see buffers that no longer fit the weights and solve them
+    again, undoing the mutation."""
+    for module in model.modules():
+        state = vars(module).get("hf_slim")
+        if state is not None and state.k_source is not None:
+            monkeypatch.setattr(state.k_source, "check", lambda *args: None)
+            monkeypatch.setattr(state.k_source, "verify", lambda *args: None)

@@ -221,6 +221,22 @@ def test_verify_bf16_in_process_reports_k_plus_r_ranks_and_fallbacks(gpt2_dir, c
     assert "identical to the unpatched model" in captured.out
 
 
+def test_verify_shows_cond_of_a_singular_rope_layer(tmp_path, capsys):
+    """A RoPE layer whose W_K is singular beyond the K+R cap keeps its own K/V ("kv"); verify still prints the
+    cond(W_K) that decided it, and "-" only for the numbers no rank measured."""
+    from tiny_models import tiny_rope
+
+    model = tiny_rope("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[:, :40] = 0  # rank 24 of 64
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert main(["verify", "--model", str(tmp_path), "--mode", "k", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("LlamaAttention[self 0]"))
+    assert row[2] == "kv" and float(row[3]) > 1e12 and row[4:] == ["-"] * 5, out
+
+
 # ------------------------------------------------------------------------------------------------------ memory
 
 
@@ -321,6 +337,7 @@ BAD_INPUT = {
     "audio folder without audio": (lambda d: ["transcribe", str(DATA / "configs")], "no audio files in this folder"),
     "format without output folder": (lambda d: ["transcribe", "--format", "srt"], "--format srt writes files: give"),
     "pattern matching nothing": (lambda d: ["transcribe", str(DATA / "*.nothing")], "no file matches this pattern"),
+    "audio not a regular file": (lambda d: ["transcribe", os.devnull], f"{os.devnull} is not a regular file"),
     "verify audio of a text model": (
         lambda d: ["verify", "--model", str(d["gpt2"]), "--audio", str(DATA / "finish_report.wav")],
         "--audio is for Whisper models; gpt2 takes text (use --prompt)",
@@ -334,6 +351,7 @@ BAD_INPUT = {
 }  # fmt: skip
 USAGE_ERRORS = {
     "bad dtype": (["verify", "--dtype", "fp8"], "argument --dtype: unknown dtype 'fp8' (use fp32, fp16 or bf16)"),
+    "meta device": (["verify", "--device", "meta"], "argument --device: 'meta' holds no weights (shapes only)"),
     "bad mode": (["export", "--out", "x", "--mode", "v"], "argument --mode: invalid choice: 'v'"),
     "no command": ([], "choose a command"),
     "missing prompt": (["generate", "--model", "x"], "give a PROMPT, or --input PROMPTS.jsonl for a bulk job"),

@@ -227,6 +227,7 @@ def test_static_decode_step_compiles_fullgraph(name, attn):
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
         slim(input_ids=ids[:, :12], attention_mask=_static_mask(name, 1, 12, 16), **with_cache(cache))
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(input_ids=ids[:, 12:], position_ids=torch.tensor([[12]]), attention_mask=_static_mask(name, 1, 13, 16))
     eager = slim(**step, **with_cache(caches[0])).logits

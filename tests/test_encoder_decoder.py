@@ -324,6 +324,29 @@ def florence2_inputs(batch: int = 3) -> dict:
     }
 
 
+def test_florence2_k_mode_with_the_default_calibration_batch():
+    """No calibration_inputs: random token ids of the language model's vocabulary (Florence2Config keeps it in
+    text_config), text only; generation matches the unpatched model whatever each layer gets."""
+    vanilla = tiny_florence2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlimFallbackWarning)
+        slim = slimify(copy.deepcopy(vanilla), "k")
+    assert set(slim_record(slim).layer_modes.values()) <= {"k", "input", "encoder"}
+    common = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    expected = vanilla.generate(**florence2_inputs(), **common)
+    assert_same_tokens(slim.generate(**florence2_inputs(), **common), expected, "florence2 k mode")
+
+
+def test_florence2_static_cache_generate_identical():
+    """``cache_implementation="static"``, greedy and 2 beams: the unpatched model's tokens."""
+    vanilla = tiny_florence2()
+    slim = slimify(copy.deepcopy(vanilla))
+    common = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static")
+    for kwargs in (dict(), dict(num_beams=2)):
+        expected = vanilla.generate(**florence2_inputs(), **common, **kwargs)
+        assert_same_tokens(slim.generate(**florence2_inputs(), **common, **kwargs), expected, f"static {kwargs}")
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_florence2_logits_and_generation_identical_with_one_encoder_copy(attn):
     vanilla = tiny_florence2(attn)

@@ -238,9 +238,15 @@ def test_lora_with_k_mode_falls_back_or_refuses_and_dora_is_refused():
     with pytest.raises(StaleKModeWeights, match="LoRA"):
         greedy(later, steps=2)
 
-    dora = slimify(lora_gpt2(targets=("c_attn",), use_dora=True), "input")
+    dora = lora_gpt2(targets=("c_attn",), use_dora=True)
+    with pytest.raises(UnsupportedAdapterError, match="merge_and_unload"):  # refused by slimify, model untouched
+        slimify(dora, "input")
+    assert not is_slim(dora) and "forward" not in vars(dora.get_base_model().transformer.h[0].attn)
+    later_dora = slimify(lora_gpt2(), "input")  # a DoRA adapter added after slimify: refused at decode
+    later_dora.add_adapter("dora", peft.LoraConfig(r=2, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True))
+    later_dora.set_adapter("dora")
     with pytest.raises(UnsupportedAdapterError, match="merge_and_unload"):
-        greedy(dora, steps=2)
+        greedy(later_dora, steps=2)
 
 
 # --- 6. nested slimify ---
@@ -373,3 +379,230 @@ def test_forced_k_layers_record_their_dtype_and_load_slim_refuses_another(tmp_pa
     with pytest.raises(SlimCheckpointError, match="calibrated in torch.float32"):
         load_slim(tmp_path, dtype=torch.bfloat16)
     assert is_slim(load_slim(tmp_path))
+
+
+# --- 11. derived state never outlives what it was derived from (K mode) ---
+
+
+def k_model(seed: int = 0):
+    model = tiny_gpt2(seed=seed)
+    return slimify(model, "k", layer_modes=all_k(model))
+
+
+def test_k_mode_through_the_meta_device_and_to_empty_solves_its_buffers_again():
+    """``to("meta")``, ``to_empty()`` and ``load_state_dict`` of the same weights: the non-persistent W_KV buffers
+    hold uninitialised memory while the weights are back. The check sees buffers that no longer fit the (unchanged)
+    weights and solves them again: tokens and logits of the unpatched model."""
+    vanilla = tiny_gpt2()
+    model = k_model()
+    attention = model.transformer.h[0].attn
+    before = attention.hf_slim_w_kv.clone()
+    greedy(model, steps=2)
+    model.to("meta")
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        attention.hf_slim_w_kv.fill_(7.0)  # what uninitialised memory may hold, made certain
+    model.load_state_dict(vanilla.state_dict())
+    assert_same_tokens(greedy(model, steps=16), greedy(vanilla, steps=16))
+    assert torch.equal(attention.hf_slim_w_kv, before), "W_KV was not solved again from the weights"
+    assert_close_relative(decode_logits(model), decode_logits(vanilla), RTOL)
+
+
+def test_k_mode_on_the_meta_device_is_a_clear_error():
+    model = k_model()
+    model.to("meta")
+    with pytest.raises(StaleKModeWeights, match="meta device"):
+        model(PROMPT.to("meta"), use_cache=True)
+
+
+@pytest.mark.parametrize("where", ["generate", "new cache"])
+def test_k_mode_sees_edits_through_param_data(where):
+    """``param.data[...] += x`` bumps no version counter; the check before every generate() and on every new cache
+    reads the values."""
+    model = k_model()
+    greedy(model, steps=2)
+    model.transformer.h[0].attn.c_attn.weight.data[:, 70] += 0.05
+    with pytest.raises(StaleKModeWeights, match="changed after slimify"):
+        if where == "generate":
+            greedy(model, steps=2)
+        else:
+            model(PROMPT, use_cache=True)
+
+
+def test_k_mode_under_torch_compile_sees_changed_weights():
+    """A compiled forward leaves the per-step check out (it cannot be traced); the check before every generate()
+    runs eagerly outside the compiled region."""
+    vanilla = tiny_gpt2()
+    model = slimify(copy.deepcopy(vanilla), "k", layer_modes=all_k(vanilla))
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
+    model.forward = torch.compile(model.forward, backend="eager")  # dynamo traces; no code generation (fast)
+    assert_same_tokens(greedy(model, steps=6), greedy(vanilla, steps=6))
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[:, 70] += 0.05
+    with pytest.raises(StaleKModeWeights, match="changed after slimify"):
+        greedy(model, steps=6)
+
+
+def test_the_derived_state_check_runs_once_per_generate_and_per_new_cache(monkeypatch):
+    """Not at every step: one read of W_K, W_V and the buffers per generate() call (and per new cache)."""
+    import hf_slim.kmode
+
+    calls = []
+    verify = hf_slim.kmode.KSourceStamp.verify
+    monkeypatch.setattr(hf_slim.kmode.KSourceStamp, "verify", lambda *a, **k: calls.append(1) or verify(*a, **k))
+    model = k_model()
+    greedy(model, steps=8)
+    assert len(calls) == 2, calls  # two K layers, once each
+    decode_logits(model, steps=8)  # a new cache made by forward(): checked at its first step only
+    assert len(calls) == 4, calls
+
+
+# --- 12. NaN weights in every mode ---
+
+
+@pytest.mark.parametrize("mode", ["auto", "input"])
+def test_non_finite_key_weights_are_refused_in_every_mode(mode):
+    broken = tiny_gpt2()
+    with torch.no_grad():
+        broken.transformer.h[0].attn.c_attn.weight[0, 70] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        slimify(broken, mode)
+    assert not is_slim(broken) and "forward" not in vars(broken.transformer.h[0].attn)
+
+
+# --- 13. an interrupted unslimify ---
+
+
+@pytest.mark.parametrize("mode", ["input", "k"])
+def test_an_interrupted_unslimify_leaves_the_model_slim_and_a_second_one_finishes(mode, monkeypatch):
+    """Ctrl-C at each of the patch reverts in turn: the model stays fully slim (same tokens), and the next
+    unslimify restores it exactly."""
+    from hf_slim.patching import BufferPatch, InstancePatch
+
+    vanilla = tiny_gpt2()
+    reference = greedy(vanilla)
+    before = snapshot(vanilla)
+    originals = {cls: cls.revert for cls in (InstancePatch, BufferPatch)}
+    point = 0
+    while True:
+        point += 1
+        model = copy.deepcopy(vanilla)
+        slimify(model, mode, **({"layer_modes": all_k(model)} if mode == "k" else {}))
+        calls = []
+
+        def interrupting(self, calls=calls, point=point):
+            calls.append(self)
+            if len(calls) == point:
+                raise KeyboardInterrupt
+            return originals[type(self)](self)
+
+        for cls in originals:
+            monkeypatch.setattr(cls, "revert", interrupting)
+        try:
+            unslimify(model)
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+        for cls, revert in originals.items():
+            monkeypatch.setattr(cls, "revert", revert)
+        if not interrupted:
+            break
+        assert is_slim(model), f"interrupted at revert {point}: no longer slim"
+        assert_same_tokens(greedy(model), reference, f"slim after an interruption at revert {point}")
+        unslimify(model)
+        assert not is_slim(model)
+        assert_unchanged(model, before)
+        assert_same_tokens(greedy(model), reference)
+    assert point > 5, "the loop never interrupted a revert"
+    assert_unchanged(model, before)
+
+
+# --- 14. the model you call generate on ---
+
+
+def test_generate_on_a_model_around_a_slimified_part_says_which_to_slimify():
+    model = tiny_gpt2()
+    slimify(model.transformer)
+    with pytest.raises(TypeError, match=r"slimify the model you call generate\(\)/forward\(\) on"):
+        greedy(model, steps=2)
+
+
+# --- 15. saves ---
+
+
+def test_a_sidecar_write_failing_with_a_safetensors_error_is_wrapped(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError (not an OSError): same message, plain folder."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    slim = k_model()
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(OSError, match="No space left on device.*original \\(unslimmed\\) model"):
+        slim.save_pretrained(folder)
+    assert CONFIG_KEY not in json.loads((folder / "config.json").read_text())
+    assert_same_tokens(greedy(GPT2LMHeadModel.from_pretrained(folder).eval()), greedy(tiny_gpt2()))
+
+
+def test_a_slim_save_removes_temporary_files_of_earlier_killed_saves(tmp_path):
+    """A process killed while safetensors writes leaves its ``.tmpXXXXXX`` file; the next slim save removes the
+    ones it can tell are such leftovers (older than the save, empty or a safetensors start) and nothing else."""
+    import os
+    import time
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    stale = {".tmpAb12Cd": b"", ".tmpXy34Zw": (100).to_bytes(8, "little") + b'{"a":', ".config.json.hf_slim-tmp": b"{"}
+    kept = {".tmpQw56Er": b"not a safetensors file", "tmp123456": b"", "notes.txt": b"mine"}
+    for name, content in {**stale, **kept}.items():
+        (folder / name).write_bytes(content)
+        os.utime(folder / name, (time.time() - 60, time.time() - 60))
+    k_model().save_pretrained(folder)
+    assert not [name for name in stale if (folder / name).exists()]
+    assert all((folder / name).exists() for name in kept)
+    assert is_slim(load_slim(folder))
+
+
+def test_a_plain_resave_of_a_slim_checkpoint_is_refused_clearly_by_load_slim(tmp_path):
+    """transformers keeps the ``hf_slim`` key as a config attribute; a plain model saved again writes it without the
+    sidecar. load_slim refuses that folder and says what to do; from_pretrained loads the original model."""
+    k_model().save_pretrained(tmp_path / "slim")
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "slim").eval()
+    plain.save_pretrained(tmp_path / "resaved")
+    with pytest.raises(SlimCheckpointError, match="re-saved by a model that is not slim.*hf_slim.slimify"):
+        load_slim(tmp_path / "resaved")
+    assert_same_tokens(greedy(GPT2LMHeadModel.from_pretrained(tmp_path / "resaved").eval()), greedy(tiny_gpt2()))
+
+
+# --- 16. refusals that say the right thing ---
+
+
+def test_gpt_bigcode_multi_head_is_not_called_multi_query():
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    settings = dict(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=32)
+    with pytest.raises(UnsupportedModelError, match="multi_query=False is multi-head attention") as error:
+        slimify(GPTBigCodeForCausalLM(GPTBigCodeConfig(multi_query=False, **settings)))
+    assert "multi-query attention (one shared" not in str(error.value)
+    with pytest.raises(UnsupportedModelError, match="multi-query attention"):
+        slimify(GPTBigCodeForCausalLM(GPTBigCodeConfig(multi_query=True, **settings)))
+
+
+def test_a_singular_rope_key_projection_keeps_own_kv_without_advice_rope_refuses():
+    """The fallback warning of a RoPE layer whose W_K is singular says what the layer keeps, not mode='input' (which
+    RoPE refuses), and the record keeps cond(W_K) for hf-slim verify."""
+    from tiny_models import tiny_rope
+
+    model = tiny_rope("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[:, :40] = 0  # rank 24 of 64: singular beyond the r cap
+    with pytest.warns(SlimFallbackWarning, match="keep the model's own keys and values") as caught:
+        slimify(model, "k", calibration_inputs={"input_ids": PROMPT})
+    assert "mode='input'" not in str(caught[0].message)
+    record = slim_record(model)
+    assert record.layer_modes["LlamaAttention[self 0]"] == "kv"
+    assert record.calibration["LlamaAttention[self 0]"]["cond_w_k"] > 1e12

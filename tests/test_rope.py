@@ -21,6 +21,7 @@ from helpers import (
     relative_difference,
     snapshot,
     with_cache,
+    without_derived_state_checks,
 )
 from tiny_models import ROPE_CONFIGS, peak_logits, tiny_rope, tiny_tokenizer
 from transformers import DynamicCache
@@ -159,7 +160,10 @@ def test_generation_identical_past_original_context(name, how):
     assert isinstance(cache_of(actual), SlimCache)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-dynamic", "olmo2"])
+#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj) and the history-dependent / key-norm variants
+@pytest.mark.parametrize(
+    "name", ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "gptj"]
+)
 def test_static_cache_generate_matches(name):
     vanilla, slim = pair(name)
     common = dict(cache_implementation="static", do_sample=False)
@@ -178,6 +182,7 @@ def test_decode_step_compiles_fullgraph(name):
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
         slim(input_ids=ids[:, :5], **with_cache(cache))
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(input_ids=ids[:, 5:], position_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 16))
     eager = slim(**step, **with_cache(caches[0])).logits
@@ -514,7 +519,7 @@ def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn):
+def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn, monkeypatch):
     """K+R on RoPE layers: the cache holds the rotated keys and ``Z = X U_r`` (never rotated); values come from the
     un-rotated keys and Z. Forced r = 16 of 64 on every layer matches the unpatched model; zeroing the residual
     projection (dropping Z) does not."""
@@ -528,6 +533,7 @@ def test_k_plus_r_on_rope_layers_matches_and_needs_its_residual(attn):
     assert caches["slim"].layers[0].states.shape[-1] == 64 + 16
     expected, actual = _generate(vanilla, do_sample=False), _generate(slim, do_sample=False)
     assert_same_tokens(actual.sequences, expected.sequences, "K+R greedy")
+    without_derived_state_checks(monkeypatch, slim)  # they would solve the zeroed z_proj again
     with torch.no_grad():
         for layer in slim.model.layers:
             layer.self_attn.hf_slim_z_proj.zero_()
@@ -589,6 +595,7 @@ def _drop_weight_fold(monkeypatch, slim) -> None:
 def test_olmo2_values_need_the_key_scale_and_the_weight_fold(monkeypatch, rank, mutation):
     """Without each token's scale, or without ``1/w`` folded into W_KV, the logits leave the unpatched model's."""
     vanilla, slim = _olmo2_forced(rank)
+    without_derived_state_checks(monkeypatch, slim)  # they would solve an edited W_KV again
     if mutation is _drop_key_scale:
         mutation(monkeypatch)
     else:
@@ -788,6 +795,7 @@ def test_longrope_decode_compiles_across_the_factor_switch():
     caches = [SlimCache(2, max_cache_len=36) for _ in range(2)]
     for cache in caches:
         slim(input_ids=ids[:, :31], **with_cache(cache))
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     compiled = torch.compile(slim.forward, dynamic=False)
     for position in range(31, 34):
         step = dict(input_ids=ids[:, position : position + 1], position_ids=torch.tensor([[position]]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -67,8 +68,43 @@ def test_decode_step_compiles_fullgraph():
     caches = [SlimCache(2, max_cache_len=16) for _ in range(2)]
     for cache in caches:
         slim(input_ids=ids[:, :5], **with_cache(cache))
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
     compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
     step = dict(input_ids=ids[:, 5:], position_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 16))
     eager = slim(**step, **with_cache(caches[0])).logits
     traced = compiled(**step, **with_cache(caches[1])).logits
     assert_close_relative(traced, eager, 1e-5, "compiled vs eager decode step")
+
+
+#: Where each patch module's static cache (``cache_implementation="static"`` or a preallocated ``SlimCache``) is
+#: compared with the unpatched model: ``"file.py::test"``. A patch module that serves static caches (no
+#: ``STATIC_CACHE_REFUSAL``) must be listed, so a new family cannot claim one untested.
+STATIC_CACHE_TESTS = {
+    "hf_slim.patches.gpt2": "test_static.py::test_generate_with_static_cache_matches_vanilla",
+    "hf_slim.patches.whisper": "test_whisper.py::test_static_slim_cache_matches_step_by_step",
+    "hf_slim.patches.t5": "test_t5.py::test_static_cache_generate_identical",
+    "hf_slim.patches.bart": "test_bart.py::test_static_cache_generate_identical",  # Florence-2: test_encoder_decoder
+    "hf_slim.patches.trocr": "test_encoder_decoder.py::test_static_cache_generate_identical",
+    "hf_slim.patches.encoder_decoder": "test_encoder_decoder.py::test_static_cache_generate_identical",
+    "hf_slim.patches.opt": "test_decoders.py::test_static_cache_generate_matches_vanilla",
+    "hf_slim.patches.gpt_neo": "test_decoders.py::test_static_cache_generate_matches_vanilla",
+    "hf_slim.patches.bloom": "test_decoders.py::test_static_cache_generate_matches_vanilla",
+    "hf_slim.patches.mpt": "test_decoders.py::test_static_cache_generate_matches_vanilla",
+    "hf_slim.patches.falcon": "test_decoders.py::test_static_cache_generate_matches_vanilla",
+    "hf_slim.patches.llama": "test_rope.py::test_static_cache_generate_matches",
+    "hf_slim.patches.phi3": "test_rope.py::test_static_cache_generate_matches",
+    "hf_slim.patches.phi": "test_rope.py::test_static_cache_generate_matches",
+    "hf_slim.patches.gpt_neox": "test_rope.py::test_static_cache_generate_matches",
+    "hf_slim.patches.gptj": "test_rope.py::test_static_cache_generate_matches",
+}
+
+
+def test_every_family_that_serves_a_static_cache_has_a_static_cache_test():
+    from hf_slim.registry import SUPPORTED
+
+    modules = {architecture.patch_module for architecture in SUPPORTED.values()}
+    serving = {name for name in modules if getattr(importlib.import_module(name), "STATIC_CACHE_REFUSAL", None) is None}
+    assert serving == set(STATIC_CACHE_TESTS), f"untested: {sorted(serving - set(STATIC_CACHE_TESTS))}"
+    for where in STATIC_CACHE_TESTS.values():
+        file, test = where.split("::")
+        assert callable(getattr(importlib.import_module(file.removesuffix(".py")), test, None)), f"{where} is gone"

@@ -47,6 +47,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
+from hf_slim.cache import StaticSlimLayer
 
 #: model_type -> (config class, model class, feed-forward settings). v1.0: ReLU, tied embeddings with the decoder
 #: output scaled by d_model**-0.5; v1.1 / Flan-T5 / mT5: gated GELU, untied; UMT5: gated GELU, per-layer position bias.
@@ -467,3 +468,46 @@ def test_unslimify_restores_exactly():
     expected, actual = _generate(vanilla), _generate(model)
     assert_same_tokens(actual.sequences, expected.sequences)
     assert type(cache_of(actual).self_attention_cache) is DynamicCache
+
+
+# --- static (preallocated) cache: greedy, beams, a compiled decode step ---
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_static_cache_generate_identical(variant):
+    """``cache_implementation="static"``: the relative position bias spans every slot of the static cache, as in
+    the unmodified model, and the prefill's attention reads the written slots only. Greedy and 3 beams over a
+    right-padded batch: the tokens (and greedy scores) of the unpatched model with its own static cache."""
+    vanilla, slim = pair(variant)
+    for kwargs in (dict(), dict(num_beams=3)):
+        expected = _generate(vanilla, cache_implementation="static", **kwargs)
+        actual = _generate(slim, cache_implementation="static", **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"{variant} static {kwargs}")
+        if not kwargs:
+            logits = (torch.stack(out.logits) for out in (actual, expected))  # raw (scores hold no-repeat -inf)
+            assert_close_relative(*logits, LOGITS_RTOL[torch.float32], f"{variant} static greedy logits")
+        assert isinstance(cache_of(expected).self_attention_cache, transformers.StaticCache)
+        assert all(isinstance(layer, StaticSlimLayer) for layer in cache_of(actual).self_attention_cache.layers)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["t5-v1.1", "umt5"])  # T5 / mT5 share one forward; UMT5 has its own
+def test_static_decode_step_compiles_fullgraph(variant):
+    """A decode step over a static slim cache traces as one graph; compiled = eager = the unpatched model's step."""
+    vanilla, slim = pair(variant)
+    batch = encoder_batch()
+    encoder_outputs = slim.get_encoder()(**batch)
+    ids = torch.randint(3, vanilla.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+    caches = [slim_record(slim).new_cache(max_cache_len=16) for _ in range(2)]
+    reference = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    common = dict(encoder_outputs=encoder_outputs, attention_mask=batch.attention_mask, use_cache=True)
+    for cache, model in ((caches[0], slim), (caches[1], slim), (reference, vanilla)):
+        model(**common, decoder_input_ids=ids[:, :5], **with_cache(cache))  # prefill, eager
+    torch._dynamo.reset()  # fresh caches: every model's forward shares one transformers wrapper frame
+    compiled = torch.compile(slim.forward, fullgraph=True, dynamic=False)
+    step = dict(**common, decoder_input_ids=ids[:, 5:])
+    eager = slim(**step, **with_cache(caches[0])).logits
+    traced = compiled(**step, **with_cache(caches[1])).logits
+    expected = vanilla(**step, **with_cache(reference)).logits
+    assert_close_relative(traced, eager, 1e-5, f"{variant} compiled vs eager decode step")
+    assert_close_relative(eager, expected, LOGITS_RTOL[torch.float32], f"{variant} static slim vs unpatched step")

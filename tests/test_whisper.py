@@ -49,6 +49,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
+from hf_slim.cache import StaticSlimLayer
 
 DATA = Path(__file__).parent / "data"
 SAMPLING_RATE = 16_000
@@ -215,6 +216,41 @@ def test_generate_greedy_and_beams_identical(mode):
                 finite = torch.isfinite(e)
                 assert torch.equal(finite, torch.isfinite(a)), f"step {step}: different tokens masked"
                 assert_close_relative(a[finite], e[finite], LOGITS_RTOL[torch.float32], f"scores step {step}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["input", "k"])
+def test_static_slim_cache_matches_step_by_step(mode):
+    """A static (preallocated) slim cache, ``record.new_cache(max_cache_len)``, over a left-padded prompt and 12
+    single-token steps: the logits of the unpatched model with its dynamic cache at every real (unpadded) position.
+    (Whisper's generate() keeps a dynamic cache whatever ``cache_implementation`` says, unpatched too, so the static
+    path is driven here. Padding query rows see no key at all; what attention returns there differs between
+    implementations, and nothing reads it.)"""
+    vanilla, slim = pair(mode)
+    features = random_features(3)
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in row 1
+    caches = {"vanilla": new_caches()[0], "slim": slim_record(slim).new_cache(max_cache_len=24)}
+    encoder_outputs = vanilla.model.encoder(features)
+    generator = torch.Generator().manual_seed(7)
+    for step in range(13):
+        outs = {
+            name: model(
+                encoder_outputs=encoder_outputs,
+                decoder_input_ids=ids,
+                decoder_attention_mask=mask,
+                **with_cache(caches[name]),
+                use_cache=True,
+            )
+            for name, model in (("vanilla", vanilla), ("slim", slim))
+        }
+        real = mask[:, -ids.shape[1] :].bool()  # (b, new): the queries that are not padding
+        actual, expected = outs["slim"].logits[real], outs["vanilla"].logits[real]
+        assert_close_relative(actual, expected, LOGITS_RTOL[torch.float32], f"step {step}")
+        ids = torch.randint(3, 96, (3, 1), generator=generator)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    assert all(isinstance(layer, StaticSlimLayer) for layer in caches["slim"].self_attention_cache.layers)
 
 
 def test_forced_decoder_ids_and_prompt_ids_identical():
