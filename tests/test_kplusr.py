@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
 import warnings
 
@@ -541,6 +542,26 @@ def test_cache_bytes_and_report_count_the_residual():
     report = cache_report(slim, batch, seq, verbose=False)
     assert report.slim_bytes == slim_bytes and report.vanilla_bytes == vanilla_bytes
     assert report.ratio == pytest.approx(2 * D_MODEL / (D_MODEL + 16))
+
+
+def test_slimify_logs_what_the_model_got(caplog, monkeypatch):
+    """One INFO line per slimify: layers per mode, the K+R ranks, and the cache ratio at the model's maximum length
+    (nothing said it: the README's "half the cache" is 1.60x on this GPT-2's K+R layers)."""
+    with caplog.at_level(logging.INFO, logger="hf_slim"):
+        slimify(tiny_gpt2())
+        slimify(tiny_gpt2(), "k")
+        slimify(tiny_whisper())
+        monkeypatch.setattr(kmode, "max_residual_rank", lambda d_model: 0)  # K refused: the model's own K/V kept
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlimFallbackWarning)
+            slimify(tiny_rope("llama", dtype=torch.bfloat16, seed=0))
+    assert [record.getMessage() for record in caplog.records] == [
+        "hf_slim: 2 layers input (X); cache 2.00x smaller than K/V at 256 tokens",
+        "hf_slim: 2 layers K+R (r 16); cache 1.60x smaller than K/V at 256 tokens",
+        "hf_slim: 2 layers input (X), 2 layers cross-attention (reads the encoder output, no cache); cache 2.41x "
+        "smaller than K/V at 96 tokens, counting the encoder output",
+        "hf_slim: 2 layers their own K/V (no exact K+R); cache 1.00x smaller than K/V at 32 tokens",
+    ]
 
 
 def test_deepcopy_and_pickle_keep_the_k_plus_r_buffers():
