@@ -141,7 +141,8 @@ def slimify(
         :mod:`hf_slim.kmode`) and rebuilds values from them, with per layer the smallest ``r`` for which a
         calibration in the model's dtype shows it is as exact as the unmodified model; layers that would need
         ``r > d/2`` keep the input cache, with a :class:`SlimFallbackWarning` (one factorisation of every W_K,
-        ~10 s per d = 4096 layer on two CPU cores, with a progress bar over the layers). ``"auto"`` picks
+        7-10 s per d = 4096 layer on two idle CPU cores, a quarter to a third of one float64 SVD; with a progress
+        bar over the layers). ``"auto"`` picks
         ``"input"`` wherever the architecture allows it. Logs one line at INFO (logger ``hf_slim``) saying what
         the model got: layers per mode, residual ranks and the cache ratio against K/V at its maximum length.
         Cross-attention always reads the encoder output directly (no cache) whatever the mode.

@@ -290,7 +290,7 @@ class KeyInverse:
         self.singular = int(info) != 0 or not bool(torch.isfinite(self.lu).all())
         if self.singular:
             return
-        self.lu32, self.pivots32 = torch.linalg.lu_factor(w_k.float())  # for the basis iterations only
+        self.lu32, self.pivots32 = self.lu.float(), self.pivots  # the same factors in float32, for the basis
         self.a = torch.linalg.lu_solve(self.lu, self.pivots, w_v)  # W_K^-1 W_V: (e, e)
         self.s_1, self.s_min = self._extreme_singular_values(w_k)
         self.basis = w_k.new_zeros(d, 0)  # Y: (d, k), orthonormal
