@@ -267,7 +267,10 @@ def slim_summary(model: torch.nn.Module) -> str:
             part += f" (r {ranks[0]})" if ranks[0] == ranks[-1] else f" (r {ranks[0]}-{ranks[-1]})"
         parts.append(part)
     length = summary_length(model.config)
-    report = cache_report(model, 1, length, verbose=False)
+    try:
+        report = cache_report(model, 1, length, verbose=False)
+    except ValueError as error:  # e.g. a DoRA adapter, refused at the first forward: say so, do not fail slimify
+        return f"hf_slim: {', '.join(parts)}; cache size not computed: {str(error).splitlines()[0]}"
     ratio, encoder = report.ratio, ""
     if report.encoder_bytes:  # generate keeps the encoder output beside either cache: count it on both sides
         ratio, encoder = report.ratio_with_encoder, ", counting the encoder output"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import pickle
 
 import pytest
@@ -213,7 +214,7 @@ def test_lora_added_after_slimify_and_on_whisper_cross_attention():
         assert_same_tokens(actual, expected)
 
 
-def test_lora_with_k_mode_falls_back_or_refuses_and_dora_is_refused():
+def test_lora_with_k_mode_falls_back_or_refuses_and_dora_is_refused(caplog):
     adapted = lora_gpt2()
     with pytest.warns(SlimFallbackWarning, match="merge_and_unload"):
         slimify(adapted, "k", calibration_inputs={"input_ids": PROMPT})
@@ -230,7 +231,9 @@ def test_lora_with_k_mode_falls_back_or_refuses_and_dora_is_refused():
     with pytest.raises(StaleKModeWeights, match="LoRA"):
         greedy(later, steps=2)
 
-    dora = slimify(lora_gpt2(targets=("c_attn",), use_dora=True), "input")
+    with caplog.at_level(logging.INFO, logger="hf_slim"):
+        dora = slimify(lora_gpt2(targets=("c_attn",), use_dora=True), "input")
+    assert "cache size not computed: the key projection: adapter 'default' is a LoRA variant" in caplog.text
     with pytest.raises(UnsupportedAdapterError, match="merge_and_unload"):
         greedy(dora, steps=2)
 
