@@ -292,6 +292,9 @@ class KeyInverse:
             return
         self.lu32, self.pivots32 = self.lu.float(), self.pivots  # the same factors in float32, for the basis
         self.a = torch.linalg.lu_solve(self.lu, self.pivots, w_v)  # W_K^-1 W_V: (e, e)
+        self.singular = not bool(torch.isfinite(self.a).all())  # numerically singular: the solve overflowed
+        if self.singular:
+            return
         self.s_1, self.s_min = self._extreme_singular_values(w_k)
         self.basis = w_k.new_zeros(d, 0)  # Y: (d, k), orthonormal
         self.basis32 = self.basis.float()
@@ -302,7 +305,7 @@ class KeyInverse:
     @property
     def cond(self) -> float:
         """Estimated ``s_1 / s_min`` of W_K (inf if the LU broke down)."""
-        return math.inf if self.singular else self.s_1 / self.s_min
+        return math.inf if self.singular or self.s_min <= 0 else self.s_1 / self.s_min
 
     def _extreme_singular_values(self, w_k: torch.Tensor) -> tuple[float, float]:
         """Estimates of the largest and smallest singular values of W_K, from block Krylov spaces of ``W_K^T W_K``
@@ -315,7 +318,8 @@ class KeyInverse:
         top = _krylov_basis(lambda y: w_k32.T @ (w_k32 @ y), start[:, : self.ESTIMATE_COLUMNS], self.ESTIMATE_STEPS)
         bottom = _krylov_basis(self._inverse_gram32, start[:, self.ESTIMATE_COLUMNS :], self.ESTIMATE_STEPS)
         s_1 = float(torch.linalg.svdvals(w_k @ top.double())[0])
-        s_min = 1 / float(torch.linalg.svdvals(torch.linalg.lu_solve(self.lu, self.pivots, bottom.double()))[0])
+        solved = torch.linalg.lu_solve(self.lu, self.pivots, bottom.double())  # (e, (steps + 1) c)
+        s_min = 1 / float(torch.linalg.svdvals(solved)[0]) if bool(torch.isfinite(solved).all()) else 0.0
         return s_1, s_min
 
     def _inverse_gram32(self, y: torch.Tensor) -> torch.Tensor:
