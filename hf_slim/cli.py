@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -120,10 +121,11 @@ def _default_device() -> str:
 
 
 def _bar(total: int, desc: str, unit: str = "step"):
-    """A progress bar on stderr, erased when closed; :func:`main` erases the ones an error interrupted."""
+    """A progress bar on stderr, erased when closed, none when stderr is not a terminal (tqdm's ``disable=None``);
+    :func:`main` erases the ones an error interrupted."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
     _OPEN_BARS.add(bar)
     return bar
 
@@ -161,6 +163,64 @@ def _fallback_notes() -> Iterator[None]:
         if issubclass(warning.category, SlimFallbackWarning):
             lines = str(warning.message).splitlines()
             _note(f"{lines[0]} ({len(lines) - 1} layers)")
+
+
+@contextlib.contextmanager
+def _calibration_progress() -> Iterator[None]:
+    """Let slimify draw its per-layer calibration bar: it is transformers' tqdm, which :func:`main` switches off (for
+    from_pretrained's weight-loading bars), so it is switched on for the slimify call alone."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled:
+            transformers_logging.disable_progress_bar()
+
+
+def _slimify(model, mode: str, *, notes: bool = True) -> None:
+    """``slimify(model, mode)`` with its calibration bar, its K-mode fallbacks as notes (``notes=False``: silenced,
+    and no summary line either: for a calibration whose model is not the one reported)."""
+    from .api import slimify
+
+    if notes:
+        with _calibration_progress(), _fallback_notes():
+            slimify(model, mode)
+        return
+    hf_slim_logger = logging.getLogger("hf_slim")
+    level = hf_slim_logger.level
+    hf_slim_logger.setLevel(logging.WARNING)
+    try:
+        with _calibration_progress(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            slimify(model, mode)
+    finally:
+        hf_slim_logger.setLevel(level)
+
+
+class _StderrLines(logging.Handler):
+    """hf_slim's INFO lines (what slimify gave the model) on stderr, each on its own line above any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _hf_slim_lines() -> Iterator[None]:
+    """Show the ``hf_slim`` logger's INFO lines on stderr for the duration of one command."""
+    hf_slim_logger, handler = logging.getLogger("hf_slim"), _StderrLines(logging.INFO)
+    level = hf_slim_logger.level
+    hf_slim_logger.addHandler(handler)
+    hf_slim_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        hf_slim_logger.removeHandler(handler)
+        hf_slim_logger.setLevel(level)
 
 
 #: config attributes giving the size of a learned position table, decoder's first (T5's relative positions have none)
@@ -221,7 +281,6 @@ def load_model(path: str | None, dtype: str, mode: str | None, device: str, *, s
     """
     from transformers import AutoConfig
 
-    from .api import slimify
     from .export import CONFIG_KEY, _model_class, load_slim, read_slim_settings
 
     folder = _model_folder(path)
@@ -241,8 +300,7 @@ def load_model(path: str | None, dtype: str, mode: str | None, device: str, *, s
                 delattr(model.config, CONFIG_KEY)
             bar.update()
             if slim:
-                with _fallback_notes():
-                    slimify(model, mode or recorded or "auto")
+                _slimify(model, mode or recorded or "auto")
             bar.update()
     return model.eval(), folder
 
@@ -775,8 +833,9 @@ def _greedy(model, inputs: dict, max_new_tokens: int):
 
 
 def cmd_verify(args) -> int:
-    from .api import slim_record, slimify, unslimify
+    from .api import slim_record, unslimify
     from .export import CONFIG_KEY
+    from .registry import architecture_for
 
     model_type = "whisper" if args.model is None else _read_config(_model_folder(args.model)).get("model_type")
     if args.audio is not None and model_type != "whisper":
@@ -790,18 +849,20 @@ def cmd_verify(args) -> int:
     steps = _bar(3, "verifying")
     expected = _greedy(model, inputs, args.max_new_tokens)
     steps.update()
-    # the K-mode calibration numbers of every layer, whichever mode is verified: they say what the K cache would cost
+    # the K-mode calibration numbers of every layer, whichever mode is verified: they say what the K cache would cost.
+    # One calibration: where the verified mode is K mode (auto on RoPE models is), its own slimify gives them
+    k_mode = mode == "k" or (mode == "auto" and architecture_for(model.config, mode).positions == "rope")
     calibration = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    if not k_mode:
         try:
-            slimify(model, "k")
+            _slimify(model, "k", notes=False)
             calibration = dict(slim_record(model).calibration)
             unslimify(model)
         except ValueError as error:  # no K mode for this architecture (e.g. e != d): no numbers
             _note(f"no K-mode numbers: {error}")
-    with _fallback_notes():
-        slimify(model, mode)
+    _slimify(model, mode)
+    if k_mode:
+        calibration = dict(slim_record(model).calibration)
     steps.update()
     actual = _greedy(model, inputs, args.max_new_tokens)
     steps.update()
@@ -1110,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _hf_slim_lines():
             warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
             warnings.filterwarnings("ignore", category=FutureWarning)
             return args.run(args)

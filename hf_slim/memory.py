@@ -11,9 +11,10 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedConfig
 
-from .api import is_slim, slim_record
-from .registry import SUPPORTED
+from .api import _check_attention_implementation, is_slim, slim_record
+from .registry import SUPPORTED, architecture_for
 from .rope import RotarySource
 
 
@@ -169,11 +170,17 @@ def cache_report(
 
     Raises
     ------
+    UnsupportedModelError
+        for a model that is not slimified and that ``slimify`` would refuse (GQA/MQA, unsupported architectures or
+        attention implementations): the same error, never a saving slimify will not deliver.
     ValueError
         a batch size or length below 1 (the table would show zero or negative bytes), an ``encoder_len`` for a model
         without an encoder, or a model with no supported attention layers.
     """
     model_type = model.config.model_type
+    if not is_slim(model):  # the report assumes slimify(model): refuse where slimify would (it raises the same error)
+        architecture_for(model.config, "auto")
+        _check_attention_implementation(model)
     for name, value in (
         ("batch_size", batch_size),
         ("seq_len", seq_len),
@@ -221,3 +228,50 @@ def cache_report(
     if verbose:
         print(report)
     return report
+
+
+#: How :func:`slim_summary` names each layer mode.
+_MODE_NAMES = {
+    "k": "K+R",
+    "input": "input (X)",
+    "kv": "their own K/V (no exact K+R)",
+    "encoder": "cross-attention (reads the encoder output, no cache)",
+}
+
+#: Config attributes giving a model's maximum length (decoder positions), first match wins.
+_MAX_LENGTHS = ("max_target_positions", "n_positions", "max_position_embeddings", "max_sequence_length", "seq_length")
+
+
+def summary_length(config) -> int:
+    """The decoder length :func:`slim_summary` reports the cache ratio at: the model's maximum (its position table or
+    ``max_position_embeddings``), 512 for models without one (T5's relative positions)."""
+    decoder = getattr(config, "decoder", None)
+    config = decoder if isinstance(decoder, PreTrainedConfig) else config  # composites: the decoder's positions
+    return next((value for name in _MAX_LENGTHS if isinstance(value := getattr(config, name, None), int)), 512)
+
+
+def slim_summary(model: torch.nn.Module) -> str:
+    """One line saying what ``slimify`` gave a model: its layers per mode, the K+R residual ranks, and the cache
+    ratio against the unmodified model's K/V cache at :func:`summary_length` tokens, batch 1 (with the encoder output
+    both keep, for encoder-decoders), e.g. ``hf_slim: 32 layers K+R (r 0-384); cache 1.86x smaller than K/V at 4096
+    tokens``."""
+    record = slim_record(model)
+    parts = []
+    for mode, label in _MODE_NAMES.items():
+        names = [name for name, layer_mode in record.layer_modes.items() if layer_mode == mode]
+        if not names:
+            continue
+        part = f"{len(names)} layer{'s' if len(names) > 1 else ''} {label}"
+        if mode == "k":
+            ranks = sorted(record.residual_ranks.get(name, 0) for name in names)
+            part += f" (r {ranks[0]})" if ranks[0] == ranks[-1] else f" (r {ranks[0]}-{ranks[-1]})"
+        parts.append(part)
+    length = summary_length(model.config)
+    try:
+        report = cache_report(model, 1, length, verbose=False)
+    except ValueError as error:  # e.g. a DoRA adapter, refused at the first forward: say so, do not fail slimify
+        return f"hf_slim: {', '.join(parts)}; cache size not computed: {str(error).splitlines()[0]}"
+    ratio, encoder = report.ratio, ""
+    if report.encoder_bytes:  # generate keeps the encoder output beside either cache: count it on both sides
+        ratio, encoder = report.ratio_with_encoder, ", counting the encoder output"
+    return f"hf_slim: {', '.join(parts)}; cache {ratio:.2f}x smaller than K/V at {length} tokens{encoder}"

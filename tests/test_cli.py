@@ -17,12 +17,13 @@ import pytest
 import torch
 from test_export import one_thread, tiny_t5  # noqa: F401 (autouse fixture)
 from test_input_errors import BAD_WAV
-from tiny_models import tiny_gpt2, tiny_t5_tokenizer, tiny_tokenizer
+from tiny_models import tiny_gpt2, tiny_rope, tiny_t5_tokenizer, tiny_tokenizer
 from transformers import AutoTokenizer, BertConfig, BertModel, GPT2LMHeadModel
 
-from hf_slim import is_slim, kmode, load_slim, slim_record
+from hf_slim import api, is_slim, kmode, load_slim, slim_record
 from hf_slim.cli import main
 from hf_slim.export import CONFIG_KEY, SIDECAR
+from hf_slim.kmode import choose_residual_rank
 
 DATA = Path(__file__).parent / "data"
 SCRIPT = Path(sys.executable).parent / "hf-slim"
@@ -49,6 +50,15 @@ def hf_slim(*args, env: dict, check: bool = True) -> subprocess.CompletedProcess
 def gpt2_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("gpt2")
     tiny_gpt2().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny RoPE model: its default mode is K mode, so slimify calibrates."""
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_rope("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
@@ -199,6 +209,38 @@ def test_verify_reports_per_layer_errors_and_greedy_equality(env, gpt2_dir):
         # random GPT-2 W_K (cond ~1e2): the plain fp32 K cache is off by 2-6e-6, above the floor; r = 16 is exact
         assert rank == 16 and 0 < vanilla_error <= k_error <= max(4 * vanilla_error, kmode.K_MODE_ABSOLUTE_FLOOR), row
     assert "greedy outputs: identical to the unpatched model" in result.stdout
+
+
+@pytest.mark.parametrize(("folder", "mode"), [("llama_dir", None), ("gpt2_dir", "k"), ("gpt2_dir", None)])
+def test_verify_calibrates_each_layer_once(folder, mode, request, capsys, monkeypatch):
+    """verify used to calibrate twice where the verified mode is K mode (the K numbers, then the mode itself, which
+    on RoPE models is K mode by default); the K numbers of an input-mode verify are the one calibration."""
+    calibrated = []
+
+    def counting(projections, *args, **kwargs):
+        calibrated.append(projections.w_k.shape)
+        return choose_residual_rank(projections, *args, **kwargs)
+
+    monkeypatch.setattr(api, "choose_residual_rank", counting)
+    argv = ["verify", "--model", str(request.getfixturevalue(folder)), "--max-new-tokens", "4"]
+    assert main(argv + (["--mode", mode] if mode else [])) == 0
+    captured = capsys.readouterr()
+    assert len(calibrated) == 2, calibrated  # two layers, once each
+    rows = [line.split() for line in captured.out.splitlines() if "Attention[self" in line]
+    assert len(rows) == 2 and all(row[4] != "-" for row in rows), captured.out  # every layer has its K numbers
+    assert captured.err.count("hf_slim: ") == 1, captured.err  # the summary of the verified mode only
+
+
+def test_calibration_bar_names_the_layer_on_a_terminal(llama_dir, capsys, monkeypatch):
+    """main() switches transformers' bars off (from_pretrained's); slimify's calibration bar is still drawn, with the
+    layer (and rank) being calibrated, and slimify's summary is printed after it."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["generate", "--model", str(llama_dir), "--max-new-tokens", "2", "the quick brown fox"]) == 0
+    err = capsys.readouterr().err
+    assert "hf_slim: K+R calibration" in err and "LlamaAttention[self 1], r = " in err, repr(err)
+    summary = r"hf_slim: 2 layers K\+R \(r \d+(?:-\d+)?\); cache [\d.]+x smaller than K/V at 32 tokens"
+    summaries = re.findall(summary, err)
+    assert len(summaries) == 1, repr(err)
 
 
 def test_verify_bf16_in_process_reports_k_plus_r_ranks_and_fallbacks(gpt2_dir, capsys, monkeypatch):
@@ -464,15 +506,24 @@ def test_error_under_a_progress_bar_starts_on_a_clean_line(command, interruption
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT2LMHeadModel, "forward", forward_failing_at_the_third_step)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are drawn on terminals only
     arguments = {"generate": ["the quick brown fox"], "verify": []}[command]
     status = main([command, "--model", str(gpt2_dir), *arguments])
     err = capsys.readouterr().err
     assert {"generate": "generating:", "verify": "verifying:"}[command] in err, "the bar was drawn"
+    lines = terminal_lines(err)
+    assert all(line.startswith("hf_slim: ") for line in lines[:-1]), repr(err)  # slimify's summary, on its own line
     if interruption is KeyboardInterrupt:
-        assert status == 130 and terminal_lines(err) == [f"hf-slim {command}: interrupted"], repr(err)
+        assert status == 130 and lines[-1] == f"hf-slim {command}: interrupted", repr(err)
     else:
         message = f"hf-slim {command}: error: RuntimeError: stopped in the middle of generation"
-        assert status == 1 and terminal_lines(err) == [message], repr(err)
+        assert status == 1 and lines[-1] == message, repr(err)
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(gpt2_dir, capsys):
+    """Piped or captured stderr gets no bars (tqdm's rule), only the lines meant for it: slimify's summary."""
+    assert main(["generate", "--model", str(gpt2_dir), "--max-new-tokens", "4", "the quick brown fox"]) == 0
+    assert capsys.readouterr().err == "hf_slim: 2 layers input (X); cache 2.00x smaller than K/V at 256 tokens\n"
 
 
 def test_memory_beyond_the_model_positions_is_noted(gpt2_dir, capsys):

@@ -9,7 +9,7 @@ from tiny_models import tiny_gpt2
 from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import hf_slim.patching
-from hf_slim import SlimCache, UnsupportedModelError, is_slim, slimify
+from hf_slim import SlimCache, UnsupportedModelError, cache_report, is_slim, slimify
 
 
 def tiny_llama(kv_heads: int) -> LlamaForCausalLM:
@@ -27,6 +27,25 @@ def tiny_llama(kv_heads: int) -> LlamaForCausalLM:
 def test_gqa_model_is_refused_with_mha_explanation():
     with pytest.raises(UnsupportedModelError, match=r"needs multi-head attention.*num_key_value_heads"):
         slimify(tiny_llama(kv_heads=2))
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_cache_report_refuses_what_slimify_refuses(kv_heads):
+    """cache_report on a GQA/MQA model reported 2.00x and mode 'k' per layer, a saving slimify never delivers: it now
+    raises slimify's own error (as hf-slim memory does)."""
+    model = tiny_llama(kv_heads=kv_heads)
+    with pytest.raises(UnsupportedModelError) as refused:
+        slimify(model)
+    with pytest.raises(UnsupportedModelError) as reported:
+        cache_report(model, 1, 16, verbose=False)
+    assert str(reported.value) == str(refused.value) and "grouped/multi-query attention" in str(reported.value)
+
+
+def test_cache_report_refuses_an_attention_implementation_slimify_refuses():
+    model = tiny_llama(kv_heads=4)
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(UnsupportedModelError, match="attn_implementation='flex_attention' is not supported"):
+        cache_report(model, 1, 16, verbose=False)
 
 
 def test_input_mode_on_rope_model_is_refused():
