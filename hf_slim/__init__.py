@@ -49,15 +49,15 @@ _patches_from_a_source_tree()
 #: public name -> the submodule that defines it
 _PUBLIC = {
     "SlimFallbackWarning": "api",
-    "is_slim": "api",
-    "slim_record": "api",
+    "is_slim": "record",
+    "slim_record": "record",
     "slimified": "api",
     "slimify": "api",
     "unslimify": "api",
     "SlimCache": "cache",
     "cache_nbytes": "cache",
     "SlimCheckpointError": "export",
-    "load_slim": "export",
+    "load_slim": "load",
     "cache_report": "memory",
     "UnsupportedModelError": "registry",
     "supported_model_types": "registry",

@@ -11,29 +11,33 @@ import contextlib
 import functools
 import inspect
 import logging
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 
-from . import __version__
 from ._compat import cache_entry, cache_parameter, check_contracts, find_cache, generation_cache_names
 from .adapters import UnsupportedProjectionError
 from .attention import SlimAttentionState
 from .cache import CacheOwner, EncoderOutputCache, SlimCache, SlimLayout, adopt_cross_part
+from .export import export_patches
 from .generation import CONTRACTS as GENERATION_CONTRACTS
-from .interface import SUPPORTED_ATTENTION, RoutedSignature, SlimAttentionConfig, check_implementation, routed_forward
+from .interface import (
+    RoutedSignature,
+    SlimAttentionConfig,
+    check_implementation,
+    check_model_implementation,
+    routed_forward,
+)
 from .kmode import (
     KModeWeights,
     KSourceStamp,
     RotaryRoundTrip,
     SingularKeyProjection,
     choose_residual_rank,
-    solve_layer_k_mode,
 )
+from .memory import slim_summary
 from .patching import (
     BufferPatch,
     InstancePatch,
@@ -43,11 +47,10 @@ from .patching import (
     resident_weights,
     revert_all,
 )
+from .record import MODES, SlimRecord, is_slim, slim_part, slim_record, unwrapped
 from .registry import UnsupportedModelError, architecture_for
 from .rope import rotary_state_kept
-from .sites import AttentionSite
-
-MODES = ("auto", "input", "k")
+from .sites import AttentionSite, solve_layer_k_mode
 
 logger = logging.getLogger(__name__)
 
@@ -55,78 +58,6 @@ logger = logging.getLogger(__name__)
 class SlimFallbackWarning(UserWarning):
     """Some layers asked for the K cache keep the input cache (RoPE models: the model's own K and V) because no K or
     K+R cache (``r <= d/2``) is exact there."""
-
-
-@dataclass
-class SlimRecord:
-    """Everything slimify did to one model: the settings, per-layer modes and numbers, and the patches to undo."""
-
-    requested_mode: str
-    layer_modes: dict[str, str]
-    calibration: dict[str, dict]
-    num_cache_layers: int
-    is_encoder_decoder: bool
-    kv_layers: tuple[int, ...] = ()
-    version: str = __version__
-    #: residual rank r of every K-mode layer (cache width e + r; 0 is the plain K cache), see hf_slim.kmode
-    residual_ranks: dict[str, int] = field(default_factory=dict)
-    patches: list = field(default_factory=list, repr=False)
-    owner: CacheOwner = field(default_factory=CacheOwner, repr=False)
-    #: why this architecture cannot use a static cache (its patch module's ``STATIC_CACHE_REFUSAL``), or None
-    static_cache_refusal: str | None = None
-    #: some layer keeps weight-derived buffers (K mode), checked before every generate() and on every new cache
-    has_derived_state: bool = False
-
-    def k_layers(self) -> list[tuple[torch.nn.Module, SlimAttentionState]]:
-        """``(module, state)`` of every K-mode layer (those with weight-derived buffers to check)."""
-        return [
-            (patch.target, patch.value)
-            for patch in self.patches
-            if isinstance(patch, InstancePatch) and patch.name == "hf_slim" and patch.value.mode == "k"
-        ]
-
-    def new_cache(self, max_cache_len: int | None = None) -> SlimCache | EncoderDecoderCache:
-        """A fresh, empty slim cache for this model (encoder-decoder models get no cross-attention cache);
-        ``max_cache_len`` makes it static (preallocated); ``kv_layers`` (RoPE layers in mode ``"kv"``) hold K/V.
-        Layers adopt each writer's layout."""
-        cache = SlimCache(self.num_cache_layers, max_cache_len=max_cache_len, kv_layers=self.kv_layers)
-        if self.is_encoder_decoder:
-            return EncoderDecoderCache(cache, EncoderOutputCache())
-        return cache
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT ``PeftModel`` (slimify patches that one), or ``model`` itself."""
-    peft = sys.modules.get("peft")  # a PeftModel can only exist if peft was imported
-    if peft is not None and isinstance(model, peft.PeftModel):
-        return model.get_base_model()
-    return model
-
-
-def is_slim(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or the model inside a PEFT wrapper) is currently slimified."""
-    return "_hf_slim_record" in vars(_unwrapped(model))
-
-
-def slim_record(model: torch.nn.Module) -> SlimRecord:
-    """The :class:`SlimRecord` of a slimified model."""
-    if not is_slim(model):
-        part = _slim_part(model)
-        if part is not None:
-            raise ValueError(
-                f"this module is not slimified itself, but part of it ({part!r}) belongs to a slimify() call on "
-                "another model: call hf_slim.unslimify on the model that was passed to slimify"
-            )
-        raise ValueError("this model is not slimified; call hf_slim.slimify(model) first")
-    return vars(_unwrapped(model))["_hf_slim_record"]
-
-
-def _slim_part(model: torch.nn.Module) -> str | None:
-    """The name of a submodule of ``model`` that a slimify() call patched, or None."""
-    for name, module in _unwrapped(model).named_modules():
-        if "hf_slim" in vars(module) or "_hf_slim_record" in vars(module):
-            return name or type(module).__name__
-    return None
 
 
 def slimify(
@@ -178,7 +109,7 @@ def slimify(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    wrapper, model = model, _unwrapped(model)
+    wrapper, model = model, unwrapped(model)
     if is_slim(model):
         record = slim_record(model)
         if (layer_modes is not None and layer_modes != record.layer_modes) or (
@@ -191,7 +122,7 @@ def slimify(
                 f"before slimify(model, mode={mode!r})"
             )
         return wrapper
-    part = _slim_part(model)
+    part = slim_part(model)
     if part is not None:
         raise ValueError(
             f"part of this model ({part!r}) is already slimified, by a slimify() call on it or on a model that "
@@ -200,7 +131,7 @@ def slimify(
         )
     config = model.config
     architecture = architecture_for(config, mode)
-    _check_attention_implementation(model)
+    check_model_implementation(model)
     patch_module = architecture.load()
     check_contracts((*GENERATION_CONTRACTS, *getattr(patch_module, "CONTRACTS", ())), model)  # transformers drift
     sites: list[AttentionSite] = patch_module.attention_sites(model)
@@ -240,13 +171,9 @@ def slimify(
     if hasattr(model, "_prepare_cache_for_generation"):
         patches.append(InstancePatch(model, "_prepare_cache_for_generation", _prepare_slim_cache(model, record)))
     patches.extend(getattr(patch_module, "extra_patches", lambda model: [])(model))
-    from .export import export_patches  # export imports this module
-
     patches.extend(export_patches(model, record))
     record.patches = patches
     apply_all(patches)
-    from .memory import slim_summary  # memory imports this module
-
     logger.info(slim_summary(model))  # what the user got: layers per mode, ranks, the cache ratio
     return wrapper
 
@@ -290,17 +217,6 @@ def _check_projections(sites: list[AttentionSite]) -> None:
                         "(and the slim decode would put it elsewhere); check how the weights were loaded or trained "
                         "before slimify"
                     )
-
-
-def _check_attention_implementation(model: torch.nn.Module) -> None:
-    configs = [model.config] + [getattr(model.config, name) for name in model.config.sub_configs]
-    for config in configs:
-        implementation = getattr(config, "_attn_implementation", None)
-        if implementation is not None and implementation not in SUPPORTED_ATTENTION:
-            raise UnsupportedModelError(
-                f"attn_implementation={implementation!r} is not supported by hf_slim yet; load the model with "
-                f"attn_implementation='sdpa' or 'eager' (supported: {', '.join(SUPPORTED_ATTENTION)})"
-            )
 
 
 def fallback_mode(architecture) -> str:

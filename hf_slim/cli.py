@@ -281,7 +281,8 @@ def load_model(path: str | None, dtype: str, mode: str | None, device: str, *, s
     """
     from transformers import AutoConfig
 
-    from .export import CONFIG_KEY, _model_class, load_slim, read_slim_settings
+    from .export import CONFIG_KEY, _model_class, read_slim_settings
+    from .load import load_slim
 
     folder = _model_folder(path)
     raw = _read_config(folder)
@@ -450,8 +451,8 @@ def _transcribe_on_ray(args, tasks, report, output_dir: Path | None, folder: Pat
     address = None if args.ray == "local" else args.ray
     with _bar(len(tasks), f"transcribing on Ray ({args.workers} workers)", unit="file") as bar:
         result = transcribe_tasks_on_ray(
-            tasks, address=address, workers=args.workers, model=args.model, dtype=args.dtype, mode=args.mode,
-            device=args.device, batch_size=batch_size, fmt=args.format, num_beams=args.num_beams,
+            tasks, load=load_whisper, address=address, workers=args.workers, model=args.model, dtype=args.dtype,
+            mode=args.mode, device=args.device, batch_size=batch_size, fmt=args.format, num_beams=args.num_beams,
             encoder_batch=encoder_batch, max_new_tokens=args.max_new_tokens, on_failure=_report_failure(
                 "hf-slim transcribe"), progress=bar.update,
         )  # fmt: skip
@@ -541,6 +542,18 @@ def _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch
     if len(report.results) > 1:
         print(f"identical token ids: {identical} of {len(report.results)} files")
     return _transcribe_summary(args, report, Path(args.output_dir) if args.output_dir else None)
+
+
+def load_whisper(model: str | None, dtype: str, mode: str | None, device: str):
+    """``(slim Whisper, its processor)`` for a bulk worker (Ray ships this function to its actors by name)."""
+    loaded, folder = load_model(model, dtype, mode, device)
+    return loaded, _whisper_processor(folder)
+
+
+def load_text_model(model: str, dtype: str, mode: str | None, device: str):
+    """``(slim model, its tokenizer with a pad token)`` for a bulk worker, as :func:`load_whisper`."""
+    loaded, folder = load_model(model, dtype, mode, device)
+    return loaded, _prepared_tokenizer(folder)
 
 
 def _whisper_processor(folder: Path):
@@ -747,9 +760,10 @@ def _generate_bulk(args, folder: Path, config) -> int:
 
         with _bar(len(pending), f"generating on Ray ({args.workers} workers)", unit="prompt") as bar:
             count = generate_on_ray(
-                pending, output, address=None if args.ray == "local" else args.ray, workers=args.workers,
-                model=str(folder), dtype=args.dtype, mode=args.mode, device=args.device, batch_size=batch_size,
-                max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, progress=bar.update,
+                pending, output, load=load_text_model, address=None if args.ray == "local" else args.ray,
+                workers=args.workers, model=str(folder), dtype=args.dtype, mode=args.mode, device=args.device,
+                batch_size=batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                progress=bar.update,
             )  # fmt: skip
     else:
         count = 0

@@ -23,7 +23,6 @@ layer, the wrapper notices that the staged step was never served and raises inst
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,53 +31,16 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ._compat import TransformersContractError, find_cache
+from .attention import encoder_cross_attention, grouped_cross_attention, slim_self_attention
 from .cache import EncoderOutputCache, SlimStep, StepInputs, adopt_cross_part, slim_cache_for
 from .patching import resident_weights
+from .registry import UnsupportedModelError
+from .sites import AttentionRoute
 
 #: The attention implementation name hf_slim registers (the attention modules of a slim model report it).
 IMPLEMENTATION = "hf_slim"
 #: The model attention implementations the slim paths understand (their masks and their functions).
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-
-
-@dataclass(frozen=True)
-class AttentionRoute:
-    """How one attention class of a family is served through the extension points (declared by its patch module).
-
-    Attributes
-    ----------
-    rotary_parameter:
-        the forward parameter that receives the RoPE ``position_embeddings``, or None (no RoPE).
-    rotary_columns:
-        ``position_embeddings -> (cos, sin)``, each ``(batch|1, new, rotary_dim)`` as they multiply the key columns
-        (Llama's are that already; GPT-J's come as ``(sin, cos)`` of half width, one entry per rotated pair).
-    encoder_parameter:
-        the forward parameter that receives the encoder output for cross-attention (``key_value_states``,
-        ``encoder_hidden_states``), or None.
-    eager:
-        ``module -> function`` giving the model file's own eager attention for that module (what
-        ``attn_implementation="eager"`` runs), default the module's file's ``eager_attention_forward``.
-    pre_norm_keys:
-        ``(module, hidden_states) -> keys`` before a per-token key norm (OLMo-2's ``k_norm``), for the key scale
-        the K cache keeps; None where the keys are not normalised.
-    """
-
-    rotary_parameter: str | None = None
-    rotary_columns: Callable | None = None
-    encoder_parameter: str | None = None
-    eager: Callable[[torch.nn.Module], Callable] | None = None
-    pre_norm_keys: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
-
-    def eager_function(self, module: torch.nn.Module) -> Callable:
-        if self.eager is not None:
-            return self.eager(module)
-        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if function is None:
-            raise TransformersContractError(
-                f"{type(module).__module__} has no eager_attention_forward for {type(module).__name__}; hf_slim "
-                "needs the model's own eager attention function"
-            )
-        return function
 
 
 class SlimAttentionConfig:
@@ -131,8 +93,6 @@ def model_implementation(module: torch.nn.Module) -> str | None:
 def check_implementation(module: torch.nn.Module) -> str:
     """The model's attention implementation for ``module``; one the slim paths cannot serve raises (e.g.
     ``model.set_attn_implementation("flex_attention")`` after slimify)."""
-    from .registry import UnsupportedModelError
-
     implementation = model_implementation(module)
     if implementation not in SUPPORTED_ATTENTION:
         raise UnsupportedModelError(
@@ -141,6 +101,18 @@ def check_implementation(module: torch.nn.Module) -> str:
             "hf_slim.unslimify(model) to use another implementation"
         )
     return implementation
+
+
+def check_model_implementation(model: torch.nn.Module) -> None:
+    """Refuse a model (or a sub-config of it) that runs an attention implementation the slim paths do not serve."""
+    configs = [model.config] + [getattr(model.config, name) for name in model.config.sub_configs]
+    for config in configs:
+        implementation = getattr(config, "_attn_implementation", None)
+        if implementation is not None and implementation not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"attn_implementation={implementation!r} is not supported by hf_slim yet; load the model with "
+                f"attn_implementation='sdpa' or 'eager' (supported: {', '.join(SUPPORTED_ATTENTION)})"
+            )
 
 
 def model_attention(module: torch.nn.Module, route: AttentionRoute) -> Callable:
@@ -168,8 +140,6 @@ def slim_attention(
     head_dim)`` when the forward got no cache. Returns ``(batch, new, heads, head_dim)`` and the weights or None, as
     transformers' attention functions do.
     """
-    from .attention import encoder_cross_attention, grouped_cross_attention, slim_self_attention
-
     state = module.hf_slim
     route: AttentionRoute = state.route
     function = model_attention(module, route)

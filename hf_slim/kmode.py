@@ -51,10 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import Projections
-from .patching import resident_weights
+from .projections import Projections
 from .rope import RotaryLayout, rotate, unrotate_keys
-from .sites import AttentionSite
 
 #: A layer keeps the K cache when rebuilding V from cached keys is at most this many times less accurate than the
 #: unmodified model computing V in the same dtype (both measured against float64). 4x is two bits of the mantissa:
@@ -474,12 +472,6 @@ def value_offset(key_part: torch.Tensor, b_k: torch.Tensor | None, b_v: torch.Te
     if b_k is not None:
         offset = offset - b_k.detach().to(device=key_part.device, dtype=torch.float64) @ key_part
     return offset
-
-
-def solve_layer_k_mode(site: AttentionSite, residual_rank: int = 0) -> KModeWeights:
-    """:func:`solve_k_mode` on a site's real weights (accelerate-offloaded ones are loaded for the solve)."""
-    with resident_weights(site.module):
-        return solve_k_mode(site.projections(site.module), residual_rank)
 
 
 def residual_rank_grid(d_model: int) -> list[int]:

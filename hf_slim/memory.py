@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedConfig
 
-from .api import _check_attention_implementation, is_slim, slim_record
+from .interface import check_model_implementation
+from .record import is_slim, slim_record
 from .registry import SUPPORTED, architecture_for
 from .rope import RotarySource
 
@@ -180,7 +181,7 @@ def cache_report(
     model_type = model.config.model_type
     if not is_slim(model):  # the report assumes slimify(model): refuse where slimify would (it raises the same error)
         architecture_for(model.config, "auto")
-        _check_attention_implementation(model)
+        check_model_implementation(model)
     for name, value in (
         ("batch_size", batch_size),
         ("seq_len", seq_len),

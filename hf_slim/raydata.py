@@ -92,13 +92,11 @@ def _decode_row(row: dict) -> dict:
 
 
 class _Transcriber:
-    """Ray ``map_batches`` actor: one slim Whisper per actor, loaded once; one planned batch per call."""
+    """Ray ``map_batches`` actor: one slim Whisper per actor, loaded once (by ``load``, which the command line hands
+    over: ``(model, dtype, mode, device) -> (slim model, processor)``); one planned batch per call."""
 
-    def __init__(self, model: str | None, dtype: str, mode: str | None, device: str, settings: dict) -> None:
-        from .cli import _whisper_processor, load_model
-
-        self.model, folder = load_model(model, dtype, mode, device)
-        self.processor = _whisper_processor(folder)
+    def __init__(self, load: Callable, model: str | None, dtype: str, mode: str | None, device: str, settings: dict):
+        self.model, self.processor = load(model, dtype, mode, device)
         self.settings = settings
 
     def __call__(self, batch: dict) -> dict:
@@ -113,6 +111,7 @@ class _Transcriber:
 def transcribe_tasks_on_ray(
     tasks: list[AudioTask],
     *,
+    load: Callable,
     address: str | None,
     workers: int,
     model: str | None,
@@ -127,7 +126,8 @@ def transcribe_tasks_on_ray(
     on_failure: Callable[[Path, str], None] = lambda path, reason: None,
     progress: Callable[[int], None] = lambda count: None,
 ) -> JobReport:
-    """:func:`hf_slim.bulk.transcribe_tasks` on Ray: ``workers`` actors, each with its own slim model."""
+    """:func:`hf_slim.bulk.transcribe_tasks` on Ray: ``workers`` actors, each with its own slim model loaded by
+    ``load(model, dtype, mode, device) -> (model, processor)`` (a module-level function: Ray ships it by name)."""
     report = JobReport()
     planned = batches(tasks, batch_size)
     settings = dict(
@@ -141,7 +141,9 @@ def transcribe_tasks_on_ray(
             .map(_decode_row)
             .map_batches(
                 _Transcriber,
-                fn_constructor_kwargs=dict(model=model, dtype=dtype, mode=mode, device=device, settings=settings),
+                fn_constructor_kwargs=dict(
+                    load=load, model=model, dtype=dtype, mode=mode, device=device, settings=settings
+                ),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 **_actor_resources(ray),
@@ -162,13 +164,11 @@ def _transcription(item: dict) -> Transcription:
 
 
 class _Generator:
-    """Ray ``map_batches`` actor for text: one slim model and tokenizer per actor; one planned batch per call."""
+    """Ray ``map_batches`` actor for text: one slim model and tokenizer per actor (``load``, as for
+    :class:`_Transcriber`, returns the model and its tokenizer); one planned batch per call."""
 
-    def __init__(self, model: str, dtype: str, mode: str | None, device: str, settings: dict) -> None:
-        from .cli import _prepared_tokenizer, load_model
-
-        self.model, folder = load_model(model, dtype, mode, device)
-        self.tokenizer = _prepared_tokenizer(folder)
+    def __init__(self, load: Callable, model: str, dtype: str, mode: str | None, device: str, settings: dict):
+        self.model, self.tokenizer = load(model, dtype, mode, device)
         self.settings = settings
 
     def __call__(self, batch: dict) -> dict:
@@ -183,6 +183,7 @@ def generate_on_ray(
     prompts: list,
     output: Path,
     *,
+    load: Callable,
     address: str | None,
     workers: int,
     model: str,
@@ -194,8 +195,9 @@ def generate_on_ray(
     num_beams: int = 1,
     progress: Callable[[int], None] = lambda count: None,
 ) -> int:
-    """:func:`hf_slim.cli` bulk generate on Ray: planned batches of prompts, ``workers`` actors; the driver appends
-    each batch's lines to ``output`` as it arrives. Returns the number of prompts done."""
+    """:func:`hf_slim.cli` bulk generate on Ray: planned batches of prompts, ``workers`` actors (each loading its
+    model and tokenizer with ``load(model, dtype, mode, device)``); the driver appends each batch's lines to
+    ``output`` as it arrives. Returns the number of prompts done."""
     planned = batches(prompts, batch_size)
     settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
     done = 0
@@ -203,7 +205,9 @@ def generate_on_ray(
         items = [{"index": i, "texts": [prompt.text for prompt in batch]} for i, batch in enumerate(planned)]
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _Generator,
-            fn_constructor_kwargs=dict(model=model, dtype=dtype, mode=mode, device=device, settings=settings),
+            fn_constructor_kwargs=dict(
+                load=load, model=model, dtype=dtype, mode=mode, device=device, settings=settings
+            ),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers),
             **_actor_resources(ray),

@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .attention import Projections
-from .interface import AttentionRoute
+from ._compat import TransformersContractError
+from .kmode import KModeWeights, solve_k_mode
+from .patching import resident_weights
+from .projections import Projections
 from .rope import RotaryLayout, RotarySource, find_rotary_frequencies
+
+
+@dataclass(frozen=True)
+class AttentionRoute:
+    """How one attention class of a family is served through the extension points (declared by its patch module).
+
+    Attributes
+    ----------
+    rotary_parameter:
+        the forward parameter that receives the RoPE ``position_embeddings``, or None (no RoPE).
+    rotary_columns:
+        ``position_embeddings -> (cos, sin)``, each ``(batch|1, new, rotary_dim)`` as they multiply the key columns
+        (Llama's are that already; GPT-J's come as ``(sin, cos)`` of half width, one entry per rotated pair).
+    encoder_parameter:
+        the forward parameter that receives the encoder output for cross-attention (``key_value_states``,
+        ``encoder_hidden_states``), or None.
+    eager:
+        ``module -> function`` giving the model file's own eager attention for that module (what
+        ``attn_implementation="eager"`` runs), default the module's file's ``eager_attention_forward``.
+    pre_norm_keys:
+        ``(module, hidden_states) -> keys`` before a per-token key norm (OLMo-2's ``k_norm``), for the key scale
+        the K cache keeps; None where the keys are not normalised.
+    """
+
+    rotary_parameter: str | None = None
+    rotary_columns: Callable | None = None
+    encoder_parameter: str | None = None
+    eager: Callable[[torch.nn.Module], Callable] | None = None
+    pre_norm_keys: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+    def eager_function(self, module: torch.nn.Module) -> Callable:
+        if self.eager is not None:
+            return self.eager(module)
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if function is None:
+            raise TransformersContractError(
+                f"{type(module).__module__} has no eager_attention_forward for {type(module).__name__}; hf_slim "
+                "needs the model's own eager attention function"
+            )
+        return function
 
 
 @dataclass
@@ -91,6 +134,13 @@ class AttentionSite:
     @property
     def name(self) -> str:
         return f"{type(self.module).__name__}[{self.kind} {self.layer_idx}]"
+
+
+def solve_layer_k_mode(site: AttentionSite, residual_rank: int = 0) -> KModeWeights:
+    """:func:`~hf_slim.kmode.solve_k_mode` on a site's real weights (accelerate-offloaded ones are loaded for the
+    solve)."""
+    with resident_weights(site.module):
+        return solve_k_mode(site.projections(site.module), residual_rank)
 
 
 def token_calibration_inputs(model: torch.nn.Module) -> dict:

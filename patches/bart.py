@@ -47,12 +47,11 @@ from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, 
 from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
 
 from hf_slim._compat import route_contracts
-from hf_slim.attention import Projections
 from hf_slim.generation import keep_one_encoder_output_per_input
-from hf_slim.interface import AttentionRoute
 from hf_slim.patching import InstancePatch
+from hf_slim.projections import Projections
 from hf_slim.registry import UnsupportedModelError
-from hf_slim.sites import AttentionSite
+from hf_slim.sites import AttentionRoute, AttentionSite
 
 #: The decoders (they create the cache when none is given) and their attention classes, all copies of BartAttention.
 DECODERS = (

@@ -20,7 +20,8 @@ from torch import nn
 from transformers.models.bloom.modeling_bloom import BloomAttention, BloomModel, dropout_add
 
 from hf_slim._compat import forward_contracts
-from hf_slim.attention import interleaved_qkv_projections, slim_self_attention
+from hf_slim.attention import slim_self_attention
+from hf_slim.projections import interleaved_qkv_projections
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 

@@ -34,8 +34,9 @@ from transformers.models.falcon.configuration_falcon import FalconConfig
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconForCausalLM, FalconModel
 
 from hf_slim._compat import CACHE, Contract, find_cache, forward_contracts
-from hf_slim.attention import interleaved_qkv_projections, slim_self_attention
+from hf_slim.attention import slim_self_attention
 from hf_slim.patching import InstancePatch, PatchedMethod
+from hf_slim.projections import interleaved_qkv_projections
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 

@@ -12,9 +12,8 @@ import torch
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eager_attention_forward
 
 from hf_slim._compat import route_contracts
-from hf_slim.attention import Projections
-from hf_slim.interface import AttentionRoute
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.projections import Projections
+from hf_slim.sites import AttentionRoute, AttentionSite, token_calibration_inputs
 
 
 def _self_projections(module: GPT2Attention) -> Projections:

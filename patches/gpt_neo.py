@@ -29,7 +29,8 @@ from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoModel, GPTNeoSelf
 
 from hf_slim._compat import forward_contracts
 from hf_slim.absorbed import additive_bias
-from hf_slim.attention import Projections, slim_self_attention, split_heads
+from hf_slim.attention import slim_self_attention, split_heads
+from hf_slim.projections import Projections
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 

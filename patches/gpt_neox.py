@@ -7,10 +7,9 @@ import torch
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXModel
 
 from hf_slim._compat import route_contracts
-from hf_slim.attention import Projections, interleaved_qkv_projections
-from hf_slim.interface import AttentionRoute
+from hf_slim.projections import Projections, interleaved_qkv_projections
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+from hf_slim.sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
 #: The attention classes this patch adapts, and the base models whose forward creates the cache.
 ATTENTION_CLASSES = (GPTNeoXAttention,)

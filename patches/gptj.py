@@ -16,10 +16,10 @@ import torch
 from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, apply_rotary_pos_emb
 
 from hf_slim._compat import forward_contracts, route_contracts
-from hf_slim.attention import Projections, slim_self_attention, split_heads
-from hf_slim.interface import AttentionRoute
+from hf_slim.attention import slim_self_attention, split_heads
+from hf_slim.projections import Projections
 from hf_slim.rope import RotaryLayout, SinusoidPositions
-from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+from hf_slim.sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
 #: The attention classes this patch adapts, and the base models whose forward creates the cache.
 ATTENTION_CLASSES = (GPTJAttention,)

@@ -22,10 +22,9 @@ from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 
 from hf_slim._compat import route_contracts
-from hf_slim.attention import Projections
-from hf_slim.interface import AttentionRoute
+from hf_slim.projections import Projections
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+from hf_slim.sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
 #: The attention classes this patch adapts, and the base models whose forward creates the cache.
 ATTENTION_CLASSES = (LlamaAttention, Qwen2Attention, OlmoAttention, Olmo2Attention)

@@ -21,7 +21,8 @@ from torch import nn
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
 from hf_slim._compat import forward_contracts
-from hf_slim.attention import Projections, slim_self_attention, split_heads
+from hf_slim.attention import slim_self_attention, split_heads
+from hf_slim.projections import Projections
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 

@@ -24,9 +24,9 @@ from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoder
 from transformers.models.xglm.modeling_xglm import XGLMAttention, XGLMModel
 
 from hf_slim._compat import forward_contracts, route_contracts
-from hf_slim.attention import Projections, slim_self_attention, split_heads
-from hf_slim.interface import AttentionRoute
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.attention import slim_self_attention, split_heads
+from hf_slim.projections import Projections
+from hf_slim.sites import AttentionRoute, AttentionSite, token_calibration_inputs
 
 #: OPT and BioGPT: the model's own forward, served through the extension points.
 ROUTED = (OPTAttention, BioGptAttention)

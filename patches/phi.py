@@ -12,10 +12,9 @@ from transformers.models.phi.modeling_phi import PhiAttention, PhiModel
 from transformers.models.stablelm.modeling_stablelm import StableLmAttention, StableLmModel
 
 from hf_slim._compat import route_contracts
-from hf_slim.attention import Projections
-from hf_slim.interface import AttentionRoute
+from hf_slim.projections import Projections
 from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+from hf_slim.sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
 #: The attention classes this patch adapts, and the base models whose forward creates the cache.
 ATTENTION_CLASSES = (PhiAttention, StableLmAttention)

@@ -27,8 +27,9 @@ from transformers.models.t5.modeling_t5 import T5Attention, T5Stack, eager_atten
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
 from hf_slim._compat import CACHE, Contract
-from hf_slim.attention import Projections, encoder_cross_attention, slim_self_attention, split_heads
+from hf_slim.attention import encoder_cross_attention, slim_self_attention, split_heads
 from hf_slim.generation import keep_one_encoder_output_per_input
+from hf_slim.projections import Projections
 from hf_slim.sites import AttentionSite
 
 #: Stacks whose decoder owns the cache, and attention classes with T5's forward signature

@@ -17,7 +17,8 @@ import torch
 from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRDecoder
 
 from hf_slim._compat import forward_contracts
-from hf_slim.attention import DECODER_ATTENTION_READS, Projections, decoder_attention, split_heads
+from hf_slim.attention import DECODER_ATTENTION_READS, decoder_attention, split_heads
+from hf_slim.projections import Projections
 from hf_slim.sites import AttentionSite
 
 

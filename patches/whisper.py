@@ -25,13 +25,12 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperDecoder, WhisperDecoderLayer
 
 from hf_slim._compat import Contract, cache_entry, cache_parameter, route_contracts
-from hf_slim.attention import Projections
 from hf_slim.cache import EncoderOutputCache, SlimCache
 from hf_slim.generation import expand_inputs_keeping_encoder_output
-from hf_slim.interface import AttentionRoute
 from hf_slim.patching import InstancePatch, PatchedMethod
+from hf_slim.projections import Projections
 from hf_slim.registry import UnsupportedModelError
-from hf_slim.sites import AttentionSite
+from hf_slim.sites import AttentionRoute, AttentionSite
 
 #: Whisper classes slimify accepts, and the ones it refuses with the reason.
 SUPPORTED_CLASSES = (WhisperForConditionalGeneration, WhisperModel)

@@ -48,7 +48,6 @@ from hf_slim import (
     slimify,
 )
 from hf_slim.absorbed import absorbed_attention
-from hf_slim.attention import Projections
 from hf_slim.export import CONFIG_KEY, SIDECAR
 from hf_slim.kmode import (
     KeyInverse,
@@ -63,6 +62,7 @@ from hf_slim.kmode import (
     residual_rank_grid,
     solve_k_mode,
 )
+from hf_slim.projections import Projections
 
 
 @pytest.fixture(autouse=True, scope="module")
