@@ -349,6 +349,13 @@ def _report_failure(prog: str) -> callable:
     return report
 
 
+def _unpatched_batch(slim, vanilla) -> str:
+    """``"batch N (R x)"``: the unpatched model's batch in the budget and how many times larger slim's is."""
+    vanilla_batch = 0 if vanilla is None else vanilla.batch_size
+    ratio = f" ({slim.batch_size / vanilla_batch:.1f}x)" if vanilla_batch else ""
+    return f"batch {vanilla_batch}{ratio}"
+
+
 def _whisper_budget(model, args, *, slim: bool, budget: int | None = None, batch_size: int | None = None):
     """:func:`hf_slim.budget.largest_batch` (``budget``) or :func:`hf_slim.budget.batch_memory` (``batch_size``)
     for 30 s Whisper windows: 1500 encoder frames, the decoder up to the generation limit (448 positions)."""
@@ -377,12 +384,10 @@ def _plan_batch(model, args, files: int) -> tuple[int, int]:
             f"{_human(one.peak)} (cache, encoder output and activations, estimated)"
         )
     vanilla = _whisper_budget(model, args, slim=False, budget=args.max_memory)
-    vanilla_batch = 0 if vanilla is None else vanilla.batch_size
-    ratio = f" ({slim.batch_size / vanilla_batch:.1f}x)" if vanilla_batch else ""
     _note(
         f"--max-memory {_human(args.max_memory)}: batch {slim.batch_size} of 30 s windows, {args.num_beams} "
         f"beam(s) each (slim cache, encoder output and activations, estimated: {_human(slim.peak)}); the unpatched "
-        f"model would get batch {vanilla_batch}{ratio} in the same budget"
+        f"model would get {_unpatched_batch(slim, vanilla)} in the same budget"
     )
     if files < slim.batch_size:
         _note(f"using batch {files}: there are {files} files to transcribe")
@@ -747,12 +752,10 @@ def _generate_bulk(args, folder: Path, config) -> int:
         if slim is None:
             raise CliError(f"--max-memory {_human(args.max_memory)} is too small for one prompt of {longest} tokens")
         vanilla = _text_budget(model, args, longest, slim=False, budget=args.max_memory)
-        vanilla_batch = 0 if vanilla is None else vanilla.batch_size
-        ratio = f" ({slim.batch_size / vanilla_batch:.1f}x)" if vanilla_batch else ""
         _note(
             f"--max-memory {_human(args.max_memory)}: batch {slim.batch_size} (prompts of up to {longest} tokens, "
             f"{args.max_new_tokens} new tokens, {args.num_beams} beam(s); slim cache, encoder output and activations, "
-            f"estimated: {_human(slim.peak)}); the unpatched model would get batch {vanilla_batch}{ratio}"
+            f"estimated: {_human(slim.peak)}); the unpatched model would get {_unpatched_batch(slim, vanilla)}"
         )
         batch_size = min(slim.batch_size, len(pending))
     if args.ray is not None:

@@ -76,6 +76,18 @@ def _actor_resources(ray) -> dict:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
 
 
+def _on_actors(ray, dataset, actor: type, workers: int, **constructor_kwargs):
+    """``dataset.map_batches`` through a pool of ``workers`` ``actor`` s (each built once with
+    ``constructor_kwargs``), one planned batch per call."""
+    return dataset.map_batches(
+        actor,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        **_actor_resources(ray),
+    )
+
+
 def _decode_row(row: dict) -> dict:
     """Ray ``map``: read and decode the files of one planned batch; float32 bytes per file, or the reason."""
     from .audio import load_audio
@@ -136,19 +148,11 @@ def transcribe_tasks_on_ray(
     )  # fmt: skip
     with ray_session(address, workers) as ray:
         items = [{"index": i, "paths": [str(task.path) for task in batch]} for i, batch in enumerate(planned)]
-        dataset = (
-            ray.data.from_items(items, override_num_blocks=len(items))
-            .map(_decode_row)
-            .map_batches(
-                _Transcriber,
-                fn_constructor_kwargs=dict(
-                    load=load, model=model, dtype=dtype, mode=mode, device=device, settings=settings
-                ),
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=workers),
-                **_actor_resources(ray),
-            )
-        )
+        decoded = ray.data.from_items(items, override_num_blocks=len(items)).map(_decode_row)
+        dataset = _on_actors(
+            ray, decoded, _Transcriber, workers, load=load, model=model, dtype=dtype, mode=mode, device=device,
+            settings=settings,
+        )  # fmt: skip
         for row in dataset.iter_rows():
             batch = planned[int(row["index"])]
             decoded = [reason if reason else np.empty(0) for reason in row["errors"]]
@@ -203,15 +207,10 @@ def generate_on_ray(
     done = 0
     with ray_session(address, workers) as ray:
         items = [{"index": i, "texts": [prompt.text for prompt in batch]} for i, batch in enumerate(planned)]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _Generator,
-            fn_constructor_kwargs=dict(
-                load=load, model=model, dtype=dtype, mode=mode, device=device, settings=settings
-            ),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            **_actor_resources(ray),
-        )
+        dataset = _on_actors(
+            ray, ray.data.from_items(items, override_num_blocks=len(items)), _Generator, workers, load=load,
+            model=model, dtype=dtype, mode=mode, device=device, settings=settings,
+        )  # fmt: skip
         for row in dataset.iter_rows():
             batch = planned[int(row["index"])]
             results = json.loads(row["outputs"])
