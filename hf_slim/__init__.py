@@ -42,6 +42,7 @@ def _patches_from_a_source_tree() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    globals()["patches"] = module  # what the import system sets on a parent package
 
 
 _patches_from_a_source_tree()

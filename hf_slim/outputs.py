@@ -11,8 +11,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .transcription import Transcription
+if TYPE_CHECKING:
+    from .transcription import Transcription
 
 FORMATS = ("txt", "srt", "vtt", "json")
 #: prefix of the temporary files :func:`write_atomic` creates (left behind only by a killed process)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,40 @@ def test_changed_generic_mask_function_is_refused_for_falcon(monkeypatch):
         slimify(model)
     assert not is_slim(model)
     assert_unchanged(model, before)
+
+
+def test_a_source_checkout_imports_its_patch_modules_without_an_editable_install():
+    """README's snippet run from the repository root next to a non-editable install: ``import hf_slim`` finds the
+    source folder, which has no ``patches`` subfolder; ``hf_slim.patches`` must still resolve, to ``patches/``."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import hf_slim.patches.gpt2\n"
+        "print(hf_slim.__file__)\n"
+        "print(hf_slim.patches.gpt2.__file__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    package, patch = result.stdout.split()
+    assert Path(package) == root / "hf_slim" / "__init__.py"
+    assert Path(patch) == root / "patches" / "gpt2.py"
+
+
+def test_the_command_line_starts_without_importing_transformers_models():
+    """``hf-slim --help`` parses before importing what a command needs: no torch, no transformers modeling code."""
+    heavy = ("torch", "transformers.modeling_utils")
+    code = f"import sys, hf_slim.cli\nprint(sorted(m for m in {heavy} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_pyproject_requires_the_tested_transformers_range():
+    """pyproject.toml's transformers requirement is the range the version check calls tested: a fresh install can
+    only resolve to a tested release."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"transformers{TESTED_RANGE}" in dependencies
