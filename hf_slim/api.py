@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from ._compat import cache_entry, cache_parameter, check_contracts, find_cache, generation_cache_names
 from .adapters import UnsupportedProjectionError
 from .attention import SlimAttentionState
-from .cache import CacheOwner, EncoderOutputCache, SlimCache, SlimLayout, adopt_cross_part
+from .cache import CacheOwner, EncoderOutputCache, SlimCache, SlimLayout, adopt_cross_part, self_attention_part
 from .export import export_patches
 from .generation import CONTRACTS as GENERATION_CONTRACTS
 from .interface import (
@@ -516,15 +516,11 @@ def _slim_cache_owner_forward(
     return _ending_step(cache, original(owner, *args, **kwargs))
 
 
-def _self_attention_cache(cache):
-    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-
-
 def _check_new_cache(record: SlimRecord, cache) -> None:
     """Before the first forward on a slim cache that no check has seen (a new one, or a user's), check the K-mode
     layers' derived buffers against the live weights (:func:`check_derived_state`). A plain attribute test at every
     other step, so compiled decode steps of a checked cache stay one graph."""
-    inner = _self_attention_cache(cache)
+    inner = self_attention_part(cache)
     if record.has_derived_state and isinstance(inner, SlimCache) and not getattr(inner, "derived_state_checked", False):
         check_derived_state(record, inner)
 
@@ -550,7 +546,7 @@ def check_derived_state(record: SlimRecord, cache: SlimCache | None = None) -> N
 def _ending_step(cache, output):
     """Drop the slim cache's per-step working state (the rotary table of the step) once the forward is done: it is
     not part of the cache and must not hold memory between steps."""
-    inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    inner = self_attention_part(cache)
     if isinstance(inner, SlimCache):
         inner.end_step()
     return output
@@ -578,7 +574,7 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
     if cache is None:
         return
     if user_cache is not None:
-        inner = _self_attention_cache(cache)
+        inner = self_attention_part(cache)
         if not isinstance(inner, SlimCache):
             raise TypeError(
                 f"this model is slimified but generate() got a {type(cache).__name__} as its cache; pass no cache "
@@ -586,7 +582,7 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
             )
         inner.derived_state_checked = True
         return
-    self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    self_cache = self_attention_part(cache)
     if type(self_cache) is DynamicCache:
         slim = record.new_cache()
     elif type(self_cache) is StaticCache:
@@ -595,5 +591,5 @@ def _prepare_slim_cache_for_generation(self, record: SlimRecord, generation_conf
         raise NotImplementedError(f"hf_slim cannot replace a {type(cache).__name__} prepared by generate()")
     if generation_config.is_assistant:
         slim.activate_past_recording()
-    _self_attention_cache(slim).derived_state_checked = True  # checked above, before this generate()
+    self_attention_part(slim).derived_state_checked = True  # checked above, before this generate()
     model_kwargs[key] = slim

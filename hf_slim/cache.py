@@ -789,6 +789,11 @@ def adopt_cross_part(cache: EncoderDecoderCache) -> None:
         cache.cross_attention_cache = EncoderOutputCache()
 
 
+def self_attention_part(cache_object: Cache | None):
+    """The self-attention cache of an ``EncoderDecoderCache``, or the cache itself (None stays None)."""
+    return cache_object.self_attention_cache if isinstance(cache_object, EncoderDecoderCache) else cache_object
+
+
 def slim_cache_for(cache_object: Cache | None, layer_idx: int, *, where: str) -> SlimCache | None:
     """Return the slim self-attention cache inside ``cache_object`` (a cache handed to a layer), or a clear error if
     it is not one.
@@ -798,9 +803,7 @@ def slim_cache_for(cache_object: Cache | None, layer_idx: int, *, where: str) ->
     """
     if cache_object is None:
         return None
-    cache = cache_object
-    if isinstance(cache, EncoderDecoderCache):
-        cache = cache.self_attention_cache
+    cache = self_attention_part(cache_object)
     if isinstance(cache, SlimCache):
         return cache
     raise TypeError(

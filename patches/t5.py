@@ -28,6 +28,7 @@ from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
 from hf_slim._compat import CACHE, Contract
 from hf_slim.attention import encoder_cross_attention, slim_self_attention, split_heads
+from hf_slim.cache import self_attention_part
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.projections import Projections
 from hf_slim.sites import AttentionSite
@@ -105,7 +106,7 @@ def _self_key_length(cache, layer_idx: int, num_queries: int) -> int:
     """
     if cache is None:
         return num_queries
-    cache = getattr(cache, "self_attention_cache", cache)
+    cache = self_attention_part(cache)
     layers = getattr(cache, "layers", ())
     if layer_idx < len(layers) and layers[layer_idx].is_compileable:
         return layers[layer_idx].get_max_length()

@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperDecoder, WhisperDecoderLayer
 
 from hf_slim._compat import Contract, cache_entry, cache_parameter, route_contracts
-from hf_slim.cache import EncoderOutputCache, SlimCache
+from hf_slim.cache import EncoderOutputCache, SlimCache, self_attention_part
 from hf_slim.generation import expand_inputs_keeping_encoder_output
 from hf_slim.patching import InstancePatch, PatchedMethod
 from hf_slim.projections import Projections
@@ -127,7 +127,7 @@ def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
 
 def _slim_self_cache(cache) -> SlimCache | None:
     """The SlimCache inside a cache returned by generate(), or None for any other cache."""
-    inner = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    inner = self_attention_part(cache)
     return inner if isinstance(inner, SlimCache) else None
 
 
