@@ -130,6 +130,12 @@ def cache_parameter(function: Callable) -> str | None:
     return None
 
 
+def positional_parameters(method: Callable) -> tuple[str, ...]:
+    """The names of a method's parameters that can be passed by position, after ``self``."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in inspect.signature(method).parameters.values() if p.kind in positional)[1:]
+
+
 def with_cache(cache: object) -> dict:
     """Keyword arguments that hand ``cache`` to a model's forward under the name the installed transformers uses
     (``model(input_ids, **with_cache(cache))``), for code that drives forwards step by step."""
@@ -280,8 +286,7 @@ def forward_contracts(
     contract. ``also_reads``: attributes a shared helper the forward calls reads (e.g.
     :data:`hf_slim.attention.DECODER_ATTENTION_READS`).
     """
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p.name for p in inspect.signature(forward).parameters.values() if p.kind in positional][1:]
+    names = list(positional_parameters(forward))
     # the cache arrives by keyword under the original's name or by position: the parameters up to it must line up
     leading = (
         tuple(CACHE if name == "cache" else name for name in names[: names.index("cache") + 1])

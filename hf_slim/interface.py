@@ -22,7 +22,6 @@ layer, the wrapper notices that the staged step was never served and raises inst
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ import torch
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from ._compat import TransformersContractError, find_cache
+from ._compat import TransformersContractError, find_cache, positional_parameters
 from .attention import encoder_cross_attention, grouped_cross_attention, slim_self_attention
 from .cache import EncoderOutputCache, SlimStep, StepInputs, adopt_cross_part, slim_cache_for
 from .patching import resident_weights
@@ -115,14 +114,6 @@ def check_model_implementation(model: torch.nn.Module) -> None:
             )
 
 
-def model_attention(module: torch.nn.Module, route: AttentionRoute) -> Callable:
-    """The attention function the unpatched model would call for ``module`` (its SDPA, or its own eager one)."""
-    implementation = check_implementation(module)
-    if implementation == "eager":
-        return route.eager_function(module)
-    return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
 def slim_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -142,13 +133,15 @@ def slim_attention(
     """
     state = module.hf_slim
     route: AttentionRoute = state.route
-    function = model_attention(module, route)
+    implementation = check_implementation(module)
+    # the function the unpatched model would call: its own eager one, or the registered one (SDPA)
+    function = route.eager_function(module) if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
 
     def run(q, k, v, mask):
         return function(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    want_weights = model_implementation(module) == "eager"
+    want_weights = implementation == "eager"
     if not isinstance(key, SlimStep):  # no cache: the model's own attention, beams folded onto one encoder copy
         if state.mode == "encoder" and key.shape[0] != query.shape[0]:
             return grouped_cross_attention(query, key, value, attention_mask, run)
@@ -199,9 +192,7 @@ class RoutedSignature:
 
     @classmethod
     def of(cls, forward: Callable) -> RoutedSignature:
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        parameters = inspect.signature(forward).parameters.values()
-        return cls(tuple(p.name for p in parameters if p.kind in positional)[1:])
+        return cls(positional_parameters(forward))
 
     def argument(self, name: str | None, args: tuple, kwargs: dict):
         """The value passed for parameter ``name`` (by keyword or position), or None."""
