@@ -19,9 +19,12 @@ CPU path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .adapters import LowRank
+from .dispatch import padded_head_scores
 
 
 def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -91,26 +94,69 @@ def absorbed_attention(
     """
     batch, heads, queries, _ = query.shape
     width = cache.shape[-1]
-    cache32 = cache.float()  # (b, n, w)
+    cache32 = None
     if head_slice:
         head_dim = query.shape[-1]
         if heads * head_dim > width:
             raise ValueError(f"head_slice needs heads*head_dim <= cache width, got {heads}*{head_dim} > {width}")
-        keys = cache32[..., : heads * head_dim].unflatten(-1, (heads, head_dim)).transpose(1, 2)  # (b, h, n, dk)
-        scores = torch.matmul(query.float(), keys.transpose(-1, -2))  # (b, h, t, n)
+        if padded_head_scores(cache):
+            scores = _block_diagonal_scores(query, cache)  # (b, h, t, n)
+        else:
+            cache32 = cache.float() if values is None else None  # (b, n, w), also what the weighted sum reads
+            keys = (cache32 if cache32 is not None else cache[..., : heads * head_dim].float())[..., : heads * head_dim]
+            keys = keys.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # (b, h, n, dk)
+            scores = torch.matmul(query.float(), keys.transpose(-1, -2))  # (b, h, t, n)
     else:
         if query.shape[-1] != width:
             raise ValueError(f"query width {query.shape[-1]} does not match cache width {width}")
+        cache32 = cache.float()  # (b, n, w)
         flat_query = query.float().reshape(batch, heads * queries, width)  # (b, h*t, w)
         scores = torch.bmm(flat_query, cache32.transpose(1, 2)).view(batch, heads, queries, -1)  # (b, h, t, n)
-    scores = scores * scale
-    if bias is not None:
-        scores = scores + bias.float()
+    # scale * scores + bias, one pass (bias: float32 already, as additive_bias makes it)
+    scores = scores.mul_(scale) if bias is None else torch.add(bias.float(), scores, alpha=scale)
     weights = torch.softmax(scores, dim=-1)  # (b, h, t, n)
-    values32 = cache32 if values is None else values.float()  # (b, n, v)
+    if values is not None:
+        values32 = values.float()  # (b, n, v)
+    else:
+        values32 = cache32 if cache32 is not None else cache.float()  # (b, n, w)
     mixed = torch.bmm(weights.view(batch, heads * queries, -1), values32)  # (b, h*t, v)
     mixed = mixed.view(batch, heads, queries, -1)
     return mixed, (weights if return_weights else None)
+
+
+@functools.cache
+def _bmm_takes_out_dtype() -> bool:
+    """Whether this torch's CUDA ``bmm`` multiplies half-precision operands into a float32 result (``out_dtype``)."""
+    try:
+        operand = torch.ones((1, 1, 1), dtype=torch.float16, device="cuda")
+        return torch.bmm(operand, operand, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _block_diagonal_scores(query: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """K-cache scores read in place: ``query: (batch, heads, queries, head_dim)`` against each head's slice of
+    ``cache: (batch, seq, width)`` -> ``(batch, heads, queries, seq)`` float32.
+
+    Head ``i``'s query is laid out at its own columns ``[i*dk, (i+1)*dk)`` of a zero row as wide as the keys, so one
+    batched matmul over the cache's key columns (a strided view, no copy) gives every head's scores; the zeros add
+    exact zeros. Half-precision caches multiply in their own dtype with float32 accumulation and output (the
+    products of two half-precision numbers are exact in float32, as in the float32 reference); the query is in the
+    cache dtype already (the model's own), else it is computed in float32. See :mod:`hf_slim.dispatch` for why.
+    """
+    batch, heads, queries, head_dim = query.shape
+    key_width = heads * head_dim
+    half = cache.dtype in (torch.float16, torch.bfloat16) and query.dtype == cache.dtype
+    dtype = cache.dtype if half else torch.float32
+    padded = torch.zeros((batch, queries, heads, heads, head_dim), dtype=dtype, device=cache.device)  # (b, t, h, h, dk)
+    padded.diagonal(dim1=2, dim2=3).copy_(query.permute(0, 2, 3, 1))  # head i's query at its own slice: (b, t, dk, h)
+    padded = padded.transpose(1, 2).reshape(batch, heads * queries, key_width)  # (b, h*t, e), rows in (h, t) order
+    keys_t = cache[..., :key_width].transpose(1, 2)  # (b, e, n), a view
+    if half and _bmm_takes_out_dtype():
+        scores = torch.bmm(padded, keys_t, out_dtype=torch.float32)  # (b, h*t, n)
+    else:
+        scores = torch.bmm(padded.float(), keys_t.float())
+    return scores.view(batch, heads, queries, -1)
 
 
 def absorb_query(query: torch.Tensor, w_k: torch.Tensor, low_rank: tuple[LowRank, ...] = ()) -> torch.Tensor:
@@ -167,11 +213,11 @@ def project_heads(
     width, inner = w_v.shape
     w_v_heads = w_v.float().view(width, heads, inner // heads).transpose(0, 1)  # (h, w, dk)
     flat = mixed.transpose(0, 1).reshape(heads, batch * queries, width)  # (h, b*t, w), see absorb_query
-    out = torch.bmm(flat, w_v_heads)  # (h, b*t, dk)
+    if b_v is None:
+        out = torch.bmm(flat, w_v_heads)  # (h, b*t, dk)
+    else:  # the bias added in the same pass
+        out = torch.baddbmm(b_v.float().view(heads, 1, inner // heads), flat, w_v_heads)  # (h, b*t, dk)
     for term in low_rank:
         up_heads = term.up.float().view(-1, heads, inner // heads).transpose(0, 1)  # (h, r, dk)
         out = out + torch.bmm(torch.matmul(flat, term.down.float()), up_heads) * term.scale  # (h, b*t, dk)
-    out = out.view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, dk)
-    if b_v is not None:
-        out = out + b_v.float().view(1, heads, 1, inner // heads)
-    return out
+    return out.view(heads, batch, queries, -1).transpose(0, 1)  # (b, h, t, dk)

@@ -61,6 +61,12 @@ def _is_peft_layer(layer: torch.nn.Module) -> bool:
     return "base_layer" in layer._modules and hasattr(layer, "active_adapters")
 
 
+def holds_adapter_layers(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a submodule is a PEFT tuner layer, whose adapters can be switched, disabled, merged or
+    rescaled by flags alone (no tensor changes)."""
+    return any(_is_peft_layer(sub) for sub in module.modules())
+
+
 def _low_rank_terms(layer: torch.nn.Module, where: str) -> tuple[LowRank, ...]:
     """The LoRA updates a PEFT layer's forward adds right now (none when adapters are disabled or merged)."""
     if not hasattr(layer, "lora_A"):

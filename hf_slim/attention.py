@@ -16,7 +16,6 @@ patched module as ``module.hf_slim``.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,11 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
-from .adapters import LowRank, apply_low_rank
+from .adapters import LowRank, apply_low_rank, holds_adapter_layers
 from .cache import SlimLayout, slim_cache_for
+from .dispatch import use_fused_kernel
 from .kmode import KSourceStamp, solve_k_mode
 from .projections import KeyNorm, Projections
-from .rope import RotaryLayout, RotarySource, cos_sin_table, unrotate_keys
+from .rope import RotaryLayout, RotarySource, unrotate_keys
 
 if TYPE_CHECKING:
     from .sites import AttentionRoute
@@ -95,6 +95,11 @@ class SlimAttentionState:
     rotary_source: RotarySource | None = None
     key_scale: bool = False
     route: AttentionRoute | None = None
+    _projection_cache: tuple | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles start without the cached read (it holds views of this instance's weights)."""
+        return {**self.__dict__, "_projection_cache": None}
 
     def live_projections(self, module: torch.nn.Module) -> Projections:
         """The layer's projections now; for a K-mode layer, after the O(1) check that ``W_KV`` still fits them
@@ -104,10 +109,30 @@ class SlimAttentionState:
         traced); the full check (:meth:`verify_derived`) runs eagerly before every ``generate()`` and at the first
         forward on every new slim cache, outside any compiled region.
         """
-        projections = self.projections()
+        projections = self.current_projections(module)
         if self.k_source is not None and not torch.compiler.is_compiling():
             rederive = functools.partial(self._rederive, module, projections)
             self.k_source.check(projections, self.derived_buffers(module), self.name, rederive)
+        return projections
+
+    def current_projections(self, module: torch.nn.Module) -> Projections:
+        """:attr:`projections`, read again only when the layer's state may have changed since the last read.
+
+        Why: reading them (PEFT detection, dequantization rules, weight views) costs more host time than the rest of
+        a decode step's bookkeeping, at every step of every layer. The last read is reused while the layer holds
+        the same submodules (a PEFT wrapper or a quantized layer swapped in replaces one) and its weights the same
+        storage (``.data = ...``, a cast or a device move changes it; in-place edits reach the views the read holds,
+        and the K-mode stamp's version counters see them). Layers with PEFT adapter layers (enabled or not) or
+        quantized projections are read at every step: their state lives in flags and codes these keys do not cover.
+        """
+        cached = self._projection_cache
+        if cached is not None and not torch.compiler.is_compiling():
+            key, projections = cached
+            if key == _layer_state_key(module, projections):
+                return projections
+        projections = self.projections()
+        plain = projections.quantized is None and not holds_adapter_layers(module)
+        self._projection_cache = (_layer_state_key(module, projections), projections) if plain else None
         return projections
 
     def derived_buffers(self, module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -135,6 +160,16 @@ class SlimAttentionState:
         values = (weights.w_kv, weights.v_offset) + ((weights.z_proj,) if self.residual_rank else ())
         for buffer, value in zip(self.derived_buffers(module), values, strict=True):
             buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
+
+
+def _layer_state_key(module: torch.nn.Module, projections: Projections) -> tuple:
+    """What a cached read of a layer's projections depends on: the identity of the module's submodules (all levels)
+    and the storage of the tensors the read came from (:meth:`SlimAttentionState.current_projections`)."""
+    sources = projections.sources or (projections.w_k, projections.w_v, projections.b_k, projections.b_v)
+    return (
+        tuple(id(sub) for sub in module.modules()),
+        tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in sources if t is not None),
+    )
 
 
 def use_absorbed(num_queries: int, head_dim: int) -> bool:
@@ -165,16 +200,8 @@ def _bias_for_decode(mask: torch.Tensor | None, num_queries: int, seq_len: int, 
 
 
 def fused_kernel_enabled(cache: torch.Tensor) -> bool:
-    """Whether decode uses the Triton kernel: CUDA tensors, Triton usable there, and ``HF_SLIM_KERNEL`` not ``0``.
-
-    The pure PyTorch path (:func:`hf_slim.absorbed.absorbed_attention`) is the reference and the CPU path. Triton is
-    imported only when a CUDA tensor gets here, so CPU users never pay for it.
-    """
-    if not cache.is_cuda or os.environ.get("HF_SLIM_KERNEL", "1") == "0":
-        return False
-    from . import kernels
-
-    return kernels.triton_available(cache.device)
+    """Whether decode over ``cache`` runs the Triton kernel: the measured rule of :mod:`hf_slim.dispatch`."""
+    return use_fused_kernel(cache)
 
 
 def attend(
@@ -238,13 +265,15 @@ def k_cache_states(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (b, n, e [+ r] [+ 1])
 
 
-def scale_keys(keys: torch.Tensor, key_width: int) -> torch.Tensor:
+def scale_keys(keys: torch.Tensor, key_width: int, *, owned: bool = False) -> torch.Tensor:
     """``[K | Z | s] -> [s * K | Z]`` in float32, ``(batch, seq, e + r + 1) -> (batch, seq, e + r)``: a key-scaled
     layer's (un-rotated) keys back at the scale ``W_KV`` maps to values (its ``diag(1/w)`` folded in); the residual
-    Z, a plain projection of X, is not scaled."""
-    keys = keys.float()
-    scale = keys[..., -1:]  # (b, n, 1)
-    return torch.cat((keys[..., :key_width] * scale, keys[..., key_width:-1]), dim=-1)  # (b, n, e + r)
+    Z, a plain projection of X, is not scaled. ``owned``: ``keys`` is a float32 buffer of the caller's (the
+    un-rotated keys of this step), scaled in place and returned as a view; otherwise a new tensor."""
+    if not owned:
+        keys = keys.float().clone()
+    keys[..., :key_width].mul_(keys[..., -1:])  # (b, n, e) * (b, n, 1)
+    return keys[..., :-1]  # (b, n, e + r)
 
 
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -371,21 +400,20 @@ def slim_self_attention(
     states = cache.update_slim(new_states, state.layer_idx, state.layout)  # (b, n, w)
     plain_keys = None
     if state.rotary is not None:
-        cos_sin = cos_sin_table(*rotary, batch)  # (b, t, 2r)
-        table = cache.update_rotary(cos_sin, state.layer_idx, position_ids, state.rotary_source)  # (b, n, 2r)
+        unrotation = cache.update_rotary(rotary, state.layer_idx, position_ids, state.rotary_source)
     if static and not absorbed:
         # The model's own attention gets the written slots only, as from a dynamic cache: models that slice a mask or
         # a bias by key length (GPT-Neo's window rows, ALiBi) then see the same lengths; later slots are unwritten.
         written = past + num_queries
         states = states[:, :written]  # (b, past + t, w)
-        table = table[:, :written] if state.rotary is not None else None
         attention_mask = None if attention_mask is None else attention_mask[..., :written]
     if past == 0:
         return run_attention(query, key, value, attention_mask)
     if state.rotary is not None:
-        plain_keys = unrotate_keys(states, table, state.num_heads, state.head_dim, state.rotary)  # (b, n, w) fp32
+        plain_keys = unrotate_keys(states, unrotation, state.num_heads, state.head_dim, state.rotary)  # (b, n, w) fp32
     if state.key_scale:
-        plain_keys = scale_keys(states if plain_keys is None else plain_keys, state.num_heads * state.head_dim)
+        key_width = state.num_heads * state.head_dim
+        plain_keys = scale_keys(states if plain_keys is None else plain_keys, key_width, owned=plain_keys is not None)
     if not absorbed:
         full_key, full_value = rebuild_kv(module, states, projections, plain_keys)
         return run_attention(query, full_key, full_value, attention_mask)
@@ -444,7 +472,7 @@ def encoder_cross_attention(
     ``(batch, new, heads, head_dim)`` in the query dtype, and the weights ``(batch, heads, new, frames)`` or None.
     """
     state: SlimAttentionState = module.hf_slim
-    projections = state.projections()
+    projections = state.current_projections(module)
     batch, heads, num_queries, head_dim = query.shape
     inputs = encoder_states.shape[0]
     if batch % inputs:

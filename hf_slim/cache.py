@@ -25,7 +25,7 @@ from transformers.cache_utils import (
     StaticLayer,
 )
 
-from .rope import RotaryFallbackWarning, RotarySource
+from .rope import RotaryFallbackWarning, RotarySource, Unrotation, cos_sin_table
 
 _NOT_KV_MESSAGE = (
     "this cache is an hf_slim SlimCache: it stores one slim tensor per token (the attention input or the keys), not "
@@ -324,6 +324,7 @@ class RotaryPositions:
         self.scales: list[float] = []
         self.leader: int | None = None
         self.step_table: torch.Tensor | None = None  # (b, n, 2r), this step's working table, not cached
+        self.step_unrotation: tuple[torch.Tensor, Unrotation] | None = None  # the step table and its inverse
 
     @property
     def regimes(self) -> torch.Tensor | None:
@@ -337,7 +338,7 @@ class RotaryPositions:
         self,
         layer: SlimLayer,
         layer_idx: int,
-        cos_sin: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         position_ids: torch.Tensor | None,
         source: RotarySource | None,
     ) -> torch.Tensor:
@@ -348,8 +349,9 @@ class RotaryPositions:
         ----------
         layer:
             the slim layer just written (its length counts the new tokens).
-        cos_sin:
-            ``(batch, new, 2 * rotary_dim)``, what the model handed the attention for the new tokens.
+        rotary:
+            ``(cos, sin)``, each ``(batch|1, new, rotary_dim)``, what the model handed the attention for the new
+            tokens (only the leading layer reads them).
         position_ids:
             ``(batch|1, new)`` the positions they were computed for, as the model's forward got them, or None.
         source:
@@ -360,6 +362,7 @@ class RotaryPositions:
             self.leader = layer_idx
         if layer_idx != self.leader:
             return self._current_step_table(layer)
+        cos_sin = cos_sin_table(*rotary, layer.states.shape[0])  # (b, t, 2r)
         batch, new, _ = cos_sin.shape
         if self.table is None:
             reason = _not_recomputable(source, position_ids, batch, new)
@@ -478,9 +481,16 @@ class RotaryPositions:
             )
         return table
 
+    def unrotation(self, table: torch.Tensor) -> Unrotation:
+        """The :class:`~hf_slim.rope.Unrotation` of this step's ``table``, prepared once for all its layers."""
+        if self.step_unrotation is None or self.step_unrotation[0] is not table:
+            self.step_unrotation = (table, Unrotation.of(table))
+        return self.step_unrotation[1]
+
     def end_step(self) -> None:
         """Drop the working table (called after every forward of a model that owns the cache)."""
         self.step_table = None
+        self.step_unrotation = None
 
     def layers(self) -> list[SlimLayer]:
         return [layer for layer in (self.positions, self.table) if layer is not None]
@@ -495,6 +505,7 @@ class RotaryPositions:
         for layer in self.layers():
             layer.reset()
         self.regime_buffer, self.scales, self.leader, self.step_table = None, [], None, None
+        self.step_unrotation = None
 
 
 def reproduces(recomputed: torch.Tensor, handed: torch.Tensor) -> bool:
@@ -623,21 +634,23 @@ class SlimCache(DynamicCache):
 
     def update_rotary(
         self,
-        cos_sin: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         layer_idx: int,
         position_ids: torch.Tensor | None = None,
         source: RotarySource | None = None,
-    ) -> torch.Tensor:
-        """Record the rotary state of the tokens layer ``layer_idx`` just wrote and return the cos | sin table that
-        un-rotates the layer's keys, ``(batch, seq, 2 * rotary_dim)`` (see :class:`RotaryPositions`: the first layer
-        of a step records and builds the table, the others reuse it).
+    ) -> Unrotation:
+        """Record the rotary state of the tokens layer ``layer_idx`` just wrote and return what un-rotates the layer's
+        keys: the :class:`~hf_slim.rope.Unrotation` of the cos | sin table ``(batch, seq, 2 * rotary_dim)`` (see
+        :class:`RotaryPositions`: the first layer of a step records and builds the table and its inverse, the others
+        reuse them).
 
-        ``cos_sin: (batch, new, 2 * rotary_dim)`` is what the model handed the attention, ``position_ids:
-        (batch|1, new)`` the positions they were computed for, ``source`` how to recompute them.
+        ``rotary``: the ``(cos, sin)``, each ``(batch|1, new, rotary_dim)``, the model handed the attention,
+        ``position_ids: (batch|1, new)`` the positions they were computed for, ``source`` how to recompute them.
         """
         if self.rotary is None:
             self.rotary = RotaryPositions(self._static_length)
-        return self.rotary.update(self.layers[layer_idx], layer_idx, cos_sin, position_ids, source)
+        table = self.rotary.update(self.layers[layer_idx], layer_idx, rotary, position_ids, source)
+        return self.rotary.unrotation(table)
 
     def end_step(self) -> None:
         """Drop per-step working state (the rotary table of the step); the cache's owner calls it after a forward."""

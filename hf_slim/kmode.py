@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .projections import Projections
-from .rope import RotaryLayout, rotate, unrotate_keys
+from .rope import RotaryLayout, Unrotation, rotate, unrotate_keys
 
 #: A layer keeps the K cache when rebuilding V from cached keys is at most this many times less accurate than the
 #: unmodified model computing V in the same dtype (both measured against float64). 4x is two bits of the mantissa:
@@ -173,9 +173,25 @@ class KeySVD:
         )
 
 
+#: CUDA compute capabilities whose float64 runs at half the float32 rate (data-centre GPUs: P100, V100, A100,
+#: H100/H200, B200). On these the float64 factorisations of :func:`key_factorization` run on the model's GPU, where
+#: a d = 4096 LU takes milliseconds; other GPUs (1/32 to 1/64 rate) and every other device factorise on the CPU.
+FULL_RATE_FLOAT64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+
+
+def factorisation_device(device: torch.device) -> torch.device:
+    """Where the float64 factorisation of a layer on ``device`` runs: that GPU if its float64 is full rate
+    (:data:`FULL_RATE_FLOAT64_CAPABILITIES`), else the CPU. The algorithm, the seeds and the acceptance rule are the
+    same on both: only the last bits of the float64 results differ, far below the model dtype's rounding that the
+    calibration measures."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64_CAPABILITIES:
+        return device
+    return torch.device("cpu")
+
+
 def _key_inputs(projections: Projections) -> tuple[torch.Tensor, ...]:
-    """``(w_k, w_v, b_k, b_v, key_weight)`` as float64 CPU tensors (biases and key weight may be None), after the
-    checks every K-mode factorisation needs.
+    """``(w_k, w_v, b_k, b_v, key_weight)`` as float64 tensors on the :func:`factorisation_device` (biases and key
+    weight may be None), after the checks every K-mode factorisation needs.
 
     Raises
     ------
@@ -201,7 +217,8 @@ def _key_inputs(projections: Projections) -> tuple[torch.Tensor, ...]:
     w_k = projections.w_k.detach()
     if w_k.is_meta or projections.w_v.is_meta:
         raise ValueError("K mode needs the real weights, got meta tensors (load the weights before slimify)")
-    w_k = w_k.to(device="cpu", dtype=torch.float64)
+    device = factorisation_device(w_k.device)
+    w_k = w_k.to(device=device, dtype=torch.float64)
     if not (bool(torch.isfinite(w_k).all()) and bool(torch.isfinite(projections.w_v.detach()).all())):
         raise ValueError(
             "the key/value weights contain NaN or inf, so the model itself computes NaN; check how the weights were "
@@ -211,7 +228,7 @@ def _key_inputs(projections: Projections) -> tuple[torch.Tensor, ...]:
         raise SingularKeyProjection(f"K mode needs a square W_K, got {tuple(w_k.shape)} (d_model != heads*head_dim)")
     key_weight = None
     if projections.key_norm is not None:
-        key_weight = projections.key_norm.weight.detach().to(device="cpu", dtype=torch.float64)  # (e,)
+        key_weight = projections.key_norm.weight.detach().to(device=device, dtype=torch.float64)  # (e,)
         zeros = int((key_weight == 0).sum())
         if zeros or not bool(torch.isfinite(key_weight).all()):
             raise SingularKeyProjection(
@@ -219,14 +236,14 @@ def _key_inputs(projections: Projections) -> tuple[torch.Tensor, ...]:
                 "input, so the cached keys cannot rebuild V"
             )
 
-    def cpu64(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.detach().to(device="cpu", dtype=torch.float64)
+    def float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.detach().to(device=device, dtype=torch.float64)
 
-    return w_k, cpu64(projections.w_v), cpu64(projections.b_k), cpu64(projections.b_v), key_weight
+    return w_k, float64(projections.w_v), float64(projections.b_k), float64(projections.b_v), key_weight
 
 
 def key_svd(projections: Projections) -> KeySVD:
-    """Float64 SVD of ``W_K``, on the CPU (deterministic, and float64 is slow on most GPUs).
+    """Float64 SVD of ``W_K``, on the :func:`factorisation_device`.
 
     Signs are canonical (each column of ``U`` has its largest-magnitude entry positive), so solving again from the same
     weights gives the same ``z_proj`` and the same sidecar.
@@ -321,8 +338,9 @@ class KeyInverse:
         and of its inverse built in float32 (seeded: the same weights give the same numbers), Ritz values in float64.
         Neither passes the true value (``s_1`` is estimated from below, ``s_min`` from above); measured within 1% on
         random (Marchenko-Pastur edge, the hardest case) and geometric spectra of width 2048."""
-        generator = torch.Generator().manual_seed(0)
-        start = torch.randn(w_k.shape[0], 2 * self.ESTIMATE_COLUMNS, generator=generator)  # (d, 2c), float32
+        generator = torch.Generator().manual_seed(0)  # on the CPU: the same numbers on every device
+        start = torch.randn(w_k.shape[0], 2 * self.ESTIMATE_COLUMNS, generator=generator, device="cpu")  # (d, 2c)
+        start = start.to(w_k.device)  # float32
         w_k32 = w_k.float()
         top = _krylov_basis(lambda y: w_k32.T @ (w_k32 @ y), start[:, : self.ESTIMATE_COLUMNS], self.ESTIMATE_STEPS)
         bottom = _krylov_basis(self._inverse_gram32, start[:, self.ESTIMATE_COLUMNS :], self.ESTIMATE_STEPS)
@@ -359,8 +377,8 @@ class KeyInverse:
         kept orthogonal to the basis before it on both sides (``Y`` before ``W_K^-1``, ``F = W_K^-1 Y`` after it, so
         float32 never subtracts components amplified by ``(s / s_min)^2``): it converges to the next smallest
         directions. Returns ``(d, b)``, orthonormal in float32."""
-        generator = torch.Generator().manual_seed(index)
-        block = torch.randn(self.lu.shape[0], columns, generator=generator)  # (e, b), float32
+        generator = torch.Generator().manual_seed(index)  # on the CPU: the same numbers on every device
+        block = torch.randn(self.lu.shape[0], columns, generator=generator, device="cpu").to(self.lu.device)  # (e, b)
         solved32 = self.solved_q.float()  # (e, k): where W_K^-1 sends the basis
         block = torch.linalg.lu_solve(self.lu32, self.pivots32, block, adjoint=True)  # W_K^-T: (d, b)
         for _ in range(self.ITERATIONS):
@@ -575,8 +593,9 @@ class RotaryRoundTrip:
     def __call__(self, keys: torch.Tensor) -> torch.Tensor:
         """``keys: (tokens, e)`` in the model dtype -> the un-rotated keys the values are rebuilt from, float32."""
         tokens = keys.shape[0]
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
-        angles = torch.arange(tokens, dtype=torch.float64)[:, None] * inv_freq  # (n, dk/2)
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=keys.device)
+        inv_freq = 1.0 / (10000.0 ** (steps / self.head_dim))  # (dk/2,)
+        angles = torch.arange(tokens, dtype=torch.float64, device=keys.device)[:, None] * inv_freq  # (n, dk/2)
         if self.layout.style == "half":
             angles = torch.cat((angles, angles), dim=-1)  # (n, dk)
         else:
@@ -584,8 +603,8 @@ class RotaryRoundTrip:
         cos, sin = angles.cos().to(keys.dtype), angles.sin().to(keys.dtype)  # (n, dk), as the model hands them over
         heads = keys.view(tokens, self.num_heads, self.head_dim)  # (n, h, dk)
         rotated = heads * cos[:, None] + rotate(heads, self.layout.style) * sin[:, None]  # in dtype, as the model
-        table = torch.cat((cos, sin), dim=-1)[None]  # (1, n, 2dk)
-        return unrotate_keys(rotated.reshape(1, tokens, -1), table, self.num_heads, self.head_dim, self.layout)[0]
+        unrotation = Unrotation.of(torch.cat((cos, sin), dim=-1)[None])  # of the (1, n, 2dk) table
+        return unrotate_keys(rotated.reshape(1, tokens, -1), unrotation, self.num_heads, self.head_dim, self.layout)[0]
 
 
 def k_mode_is_exact(k_error: float, vanilla_error: float) -> bool:

@@ -96,7 +96,8 @@ def resident_weights(module: torch.nn.Module) -> Iterator[None]:
     its weights onto its execution device and does not offload them again in nested forwards; on exit they return to
     the meta device as after a normal forward. A no-op for modules without offload hooks.
     """
-    hooked = [sub for sub in module.modules() if has_offloaded_params(sub)]
+    # a dict lookup first: this runs at every step of every layer, and most modules carry no accelerate hook at all
+    hooked = [sub for sub in module.modules() if "_hf_hook" in sub.__dict__ and has_offloaded_params(sub)]
     if not hooked:
         yield
         return

@@ -36,14 +36,15 @@ memory cost visible. Inside a ``torch.compile`` trace the check is left out (it 
 cache's prefill runs eagerly and is checked.
 
 Un-rotation is the exact inverse of the 2x2 map each column pair went through: with ``c, s`` the cos/sin
-(``attention_scaling`` of YaRN/longrope included), ``x = (y c - rot(y) s) / (c^2 + s^2)``, computed in float32.
+(``attention_scaling`` of YaRN/longrope included), ``x = y c' - rot(y) s'`` with ``c' = c / (c^2 + s^2)`` and
+``s' = s / (c^2 + s^2)`` prepared once per step (:class:`Unrotation`), in float32, four elementwise passes per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -89,36 +90,95 @@ def cos_sin_table(cos: torch.Tensor, sin: torch.Tensor, batch: int) -> torch.Ten
     return table.expand(batch, *table.shape[1:])
 
 
+@dataclass(frozen=True)
+class Unrotation:
+    """The inverse rotation of one step's cached keys, prepared once for every K-mode layer of the step.
+
+    ``cos``, ``sin``: ``(batch, n, 1, rotary_dim)`` float32, the cos | sin each position was rotated with, divided by
+    ``c^2 + s^2`` (``attention_scaling^2``; where it is 0, a static table's unwritten rows, by 1). Why prepared: the
+    division, the casts, the broadcast shape and the column pairs are per position, not per layer, so every layer of
+    the step then un-rotates its keys in four elementwise passes (:func:`unrotate_keys`).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    _pairs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, table: torch.Tensor) -> Unrotation:
+        """``table: (batch, n, 2 * rotary_dim)``, cos | sin in the model dtype, as the model handed them."""
+        rotary_dim = table.shape[-1] // 2
+        cos = table[..., None, :rotary_dim].float()  # (b, n, 1, r)
+        sin = table[..., None, rotary_dim:].float()  # (b, n, 1, r)
+        scale = cos * cos + sin * sin  # attention_scaling^2; 0 only in a static table's unwritten rows
+        inverse = torch.where(scale > 0, scale, 1.0).reciprocal_()
+        return cls(cos * inverse, sin * inverse)
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.cos.shape[-1]
+
+    def pairs(self, style: str, seq: int) -> tuple[slice, slice, tuple[torch.Tensor, ...]]:
+        """The column slices of each pair's first and second member for ``style``, and ``(c'1, s'1, c'2, s'2)``,
+        each ``(batch, seq, 1, rotary_dim / 2)``: computed once per step and layout, reused by every layer."""
+        key = (style, seq)
+        if key not in self._pairs:
+            rotary_dim = self.rotary_dim
+            if style == "half":
+                first, second = slice(0, rotary_dim // 2), slice(rotary_dim // 2, rotary_dim)
+            else:
+                first, second = slice(0, rotary_dim, 2), slice(1, rotary_dim, 2)
+            cos, sin = self.cos[:, :seq], self.sin[:, :seq]  # (b|1, n, 1, r)
+            self._pairs[key] = (first, second, (cos[..., first], sin[..., first], cos[..., second], sin[..., second]))
+        return self._pairs[key]
+
+
 def unrotate_keys(
-    keys: torch.Tensor, table: torch.Tensor, num_heads: int, head_dim: int, layout: RotaryLayout
+    keys: torch.Tensor, unrotation: Unrotation, num_heads: int, head_dim: int, layout: RotaryLayout
 ) -> torch.Tensor:
-    """Undo RoPE on cached keys, exactly as the model applied it: ``(batch, seq, heads * head_dim)`` -> same, float32.
+    """Undo RoPE on cached keys, exactly as the model applied it: ``(batch, seq, width)`` -> same, float32.
+
+    The model rotated each column pair ``(x1, x2)`` to ``(x1 c - x2 s, x2 c + x1 s)``; the inverse is ``x1 = y1 c' +
+    y2 s'``, ``x2 = y2 c' - y1 s'`` with ``c' = c / (c^2 + s^2)``, ``s' = s / (c^2 + s^2)`` (:class:`Unrotation`).
+    Written as four elementwise passes straight into the float32 output (no rotated copy, no temporaries the size of
+    the cache): what the decode step and the K-mode calibration both run.
 
     Parameters
     ----------
     keys:
-        ``(batch, seq, e)`` rotated keys (or a K cache carrying extra columns after the ``e`` key columns, which pass
-        through untouched).
-    table:
-        ``(batch, >= seq, 2 * rotary_dim)``, the cos | sin each position was rotated with.
+        ``(batch, seq, width)`` rotated keys in the first ``e = heads * head_dim`` columns; columns after them (a K+R
+        residual, a key scale) pass through untouched.
+    unrotation:
+        the step's :class:`Unrotation` for at least ``seq`` positions.
     num_heads, head_dim:
         head layout of the key columns; the first ``rotary_dim`` columns of each head are rotated, the rest pass
         through.
     layout:
-        the pairing style.
+        the pairing style: ``"half"`` pairs column ``i`` with ``i + rotary_dim / 2``, ``"interleaved"`` ``2i`` with
+        ``2i + 1``.
     """
     batch, seq, width = keys.shape
-    rotary_dim = table.shape[-1] // 2
-    cos = table[:, :seq, None, :rotary_dim].float()  # (b, n, 1, r)
-    sin = table[:, :seq, None, rotary_dim:].float()  # (b, n, 1, r)
     key_width = num_heads * head_dim
-    rotated = keys[..., :key_width].float().reshape(batch, seq, num_heads, head_dim)  # (b, n, h, dk)
-    turned, passed = rotated[..., :rotary_dim], rotated[..., rotary_dim:]
-    scale = cos * cos + sin * sin  # (b, n, 1, r): attention_scaling^2; 0 only in a static table's unwritten rows
-    plain = (turned * cos - rotate(turned, layout.style) * sin) / torch.where(scale > 0, scale, 1.0)  # (b, n, h, r)
-    out = torch.cat((plain, passed), dim=-1).reshape(batch, seq, key_width)  # (b, n, e)
-    if key_width < width:
-        out = torch.cat((out, keys[..., key_width:].float()), dim=-1)  # (b, n, e + extra)
+    rotary_dim = unrotation.rotary_dim
+    first, second, (cos1, sin1, cos2, sin2) = unrotation.pairs(layout.style, seq)  # (b|1, n, 1, r/2) each
+    rotated = keys[..., :key_width].unflatten(-1, (num_heads, head_dim))  # (b, n, h, dk), a view
+    y1, y2 = rotated[..., first], rotated[..., second]
+    if torch.compiler.is_compiling():  # no strided out= under dynamo: the same arithmetic, which inductor fuses
+        x1, x2 = y1 * cos1 + y2 * sin1, y2 * cos2 - y1 * sin2  # (b, n, h, r/2) each
+        pairs = torch.cat((x1, x2), dim=-1) if layout.style == "half" else torch.stack((x1, x2), dim=-1).flatten(-2)
+        plain = torch.cat((pairs, rotated[..., rotary_dim:].float()), dim=-1).flatten(-2)  # (b, n, e)
+        return torch.cat((plain, keys[..., key_width:].float()), dim=-1)  # (b, n, w)
+    out = torch.empty((batch, seq, width), dtype=torch.float32, device=keys.device)  # (b, n, w)
+    plain = out[..., :key_width].unflatten(-1, (num_heads, head_dim))  # (b, n, h, dk), a view of out
+    x1, x2 = plain[..., first], plain[..., second]
+    torch.mul(y1, cos1, out=x1)
+    x1.addcmul_(y2, sin1)  # x1 = y1 c' + y2 s'
+    torch.mul(y2, cos2, out=x2)
+    x2.addcmul_(y1, sin2, value=-1)  # x2 = y2 c' - y1 s'
+    if rotary_dim < head_dim:  # partial rotary: the rest of each head passes through
+        plain[..., rotary_dim:] = rotated[..., rotary_dim:]
+    if key_width < width:  # K+R residual, key scale
+        out[..., key_width:] = keys[..., key_width:]
     return out
 
 

@@ -147,7 +147,7 @@ def token_calibration_inputs(model: torch.nn.Module) -> dict:
     """Random token ids ``(2, 64)`` for the K-mode calibration of a text model when the user gives none (real text
     calibrates better: pass ``calibration_inputs``)."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator, device="cpu")
     return {"input_ids": input_ids.to(model.device)}
 
 

@@ -579,7 +579,7 @@ def _drop_key_scale(monkeypatch) -> None:
     """Mutation: rebuild the values from ``[K_n | Z]``, the key scale column ignored."""
     import hf_slim.attention
 
-    monkeypatch.setattr(hf_slim.attention, "scale_keys", lambda keys, key_width: keys[..., :-1].float())
+    monkeypatch.setattr(hf_slim.attention, "scale_keys", lambda keys, key_width, owned=False: keys[..., :-1].float())
 
 
 @torch.no_grad()
