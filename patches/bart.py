@@ -127,10 +127,10 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     generator = torch.Generator().manual_seed(0)
     text_config = model.config.get_text_config()  # Florence-2: the BART language model's config holds the vocabulary
     vocab = text_config.vocab_size
-    decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator).to(model.device)
+    decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator, device="cpu").to(model.device)
     if not getattr(text_config, "is_encoder_decoder", getattr(model.config, "is_encoder_decoder", False)):
         return {"input_ids": decoder_input_ids}
-    input_ids = torch.randint(0, vocab, (2, 64), generator=generator)
+    input_ids = torch.randint(0, vocab, (2, 64), generator=generator, device="cpu")
     image_token = getattr(model.config, "image_token_id", None)
     if image_token is not None:  # text only: no image placeholders without pixel_values
         input_ids = input_ids.masked_fill(input_ids == image_token, 0)

@@ -64,7 +64,7 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
         )
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    decoder_ids = torch.randint(0, model.config.decoder.vocab_size, (1, 32), generator=generator)
+    decoder_ids = torch.randint(0, model.config.decoder.vocab_size, (1, 32), generator=generator, device="cpu")
     inputs = {"decoder_input_ids": decoder_ids.to(parameter.device)}
     encoder = model.config.encoder
     if isinstance(model, SpeechEncoderDecoderModel):
@@ -72,10 +72,10 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
         from hf_slim.bundled import sample_audio_path
 
         samples, _ = load_wav(sample_audio_path(), 16_000)
-        inputs["input_values"] = torch.as_tensor(samples[None]).to(parameter.device, parameter.dtype)  # (1, samples)
+        inputs["input_values"] = torch.as_tensor(samples[None], device=parameter.device).to(dtype=parameter.dtype)
     else:
         size = encoder.image_size if isinstance(encoder.image_size, int) else encoder.image_size[0]
-        pixels = torch.randn(1, encoder.num_channels, size, size, generator=generator)
+        pixels = torch.randn(1, encoder.num_channels, size, size, generator=generator, device="cpu")
         inputs["pixel_values"] = pixels.to(parameter.device, parameter.dtype)
     return inputs
 

@@ -272,8 +272,8 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     """Encoder and decoder token ids for the K-mode calibration when the user gives none (real text is better)."""
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (2, 64), generator=generator)
-    decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator)
+    input_ids = torch.randint(0, vocab, (2, 64), generator=generator, device="cpu")
+    decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator, device="cpu")
     return {"input_ids": input_ids.to(model.device), "decoder_input_ids": decoder_input_ids.to(model.device)}
 
 

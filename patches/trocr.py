@@ -102,7 +102,7 @@ def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 def default_calibration_inputs(model: torch.nn.Module) -> dict:
     """Token ids for the K-mode calibration of a bare TrOCRForCausalLM (real text calibrates better)."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator, device="cpu")
     return {"input_ids": input_ids.to(model.device)}
 
 
