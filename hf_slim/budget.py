@@ -153,7 +153,7 @@ def batch_memory(
         cache and activation dtype (default: the model's).
     """
     dtype = dtype or next(model.parameters()).dtype
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize  # bytes per element (no tensor: nothing lands on the default device)
     encoder_decoder = bool(model.config.is_encoder_decoder)
     report = cache_report(
         model, batch_size, seq_len, dtype, encoder_len=encoder_len if encoder_decoder else None,

@@ -225,7 +225,7 @@ class StaticSlimLayer(SlimLayer):
     def __init__(self, max_cache_len: int, **kwargs) -> None:
         super().__init__()
         self.max_cache_len = max_cache_len
-        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+        self.cumulative_length = torch.tensor(0, dtype=torch.long, device="cpu")  # to the states' device at init
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         super().lazy_initialization(key_states)

@@ -150,7 +150,7 @@ def _verified_k_weights(
             norm = projections.key_norm  # OLMo-2: W_KV's key block carries diag(1/w) of the key norm
             key_weight = None if norm is None else norm.weight.detach().double().cpu()  # (e,)
         d_model, width = w_v.shape
-        z_proj = tensors.get(f"{name}.z_proj", torch.zeros(d_model, 0, dtype=torch.float64))
+        z_proj = tensors.get(f"{name}.z_proj", torch.zeros(d_model, 0, dtype=torch.float64, device="cpu"))
         for part, tensor, shape in (
             ("w_kv", w_kv, (w_k.shape[1] + rank, width)),
             ("v_offset", v_offset, (width,)),

@@ -197,7 +197,7 @@ def cache_report(
     if not sites:
         raise ValueError(f"no supported attention layers in {type(model).__name__} ({model_type!r})")
     dtype = dtype or next(model.parameters()).dtype
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize  # bytes per element (no tensor: nothing lands on the default device)
     if encoder_len is None:
         encoder_len = getattr(model.config, "max_source_positions", seq_len) if model.config.is_encoder_decoder else 0
     modes = slim_record(model).layer_modes if is_slim(model) else {}

@@ -117,8 +117,8 @@ def _features(processor, clips: Sequence[np.ndarray], long_form: bool) -> tuple[
         for clip in clips
     ]
     frames = max(feature.shape[-1] for feature in features)
-    padded = torch.zeros(len(features), features[0].shape[0], frames, dtype=features[0].dtype)
-    mask = torch.zeros(len(features), frames, dtype=torch.long)
+    padded = features[0].new_zeros(len(features), features[0].shape[0], frames)  # where the features are
+    mask = torch.zeros(len(features), frames, dtype=torch.long, device=padded.device)
     for row, feature in enumerate(features):
         padded[row, :, : feature.shape[-1]] = feature
         mask[row, : feature.shape[-1]] = 1
