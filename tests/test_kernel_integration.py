@@ -1,5 +1,8 @@
 """The slim models' decode path through the fused Triton kernel (in Triton's CPU interpreter here, on the GPU in a
-CUDA run) gives the unpatched model's tokens: the kernel is wired with the right shapes, masks and layouts."""
+CUDA run) gives the unpatched model's tokens: the kernel is wired with the right shapes, masks and layouts.
+
+The models and inputs are built on the kernel's device (CUDA where there is one: the kernel refuses CPU tensors
+outside the interpreter, which is only switched on without CUDA)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import hf_slim.kernels
 from hf_slim import slimify
 from hf_slim.kernels import triton_available
 
-pytestmark = pytest.mark.skipif(not triton_available("cpu") and not torch.cuda.is_available(), reason="no triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason=f"no triton kernels on {DEVICE.type}")
 
 
 @pytest.fixture
@@ -35,9 +39,9 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["input", "k"])
 def test_gpt2_generate_through_kernel(kernel_calls, mode):
-    vanilla = tiny_gpt2(n_layer=1)
+    vanilla = tiny_gpt2(n_layer=1).to(DEVICE)
     slim = slimify(copy.deepcopy(vanilla), mode)
-    batch = tiny_tokenizer()(["the quick brown fox", "memory"], return_tensors="pt", padding=True)
+    batch = tiny_tokenizer()(["the quick brown fox", "memory"], return_tensors="pt", padding=True).to(DEVICE)
     common = dict(max_new_tokens=6, do_sample=False)
     for kwargs in (dict(), dict(num_beams=2)):
         expected = vanilla.generate(**batch, **common, **kwargs)
@@ -54,10 +58,10 @@ def test_rope_generate_through_kernel(kernel_calls, name):
 
     from hf_slim import slim_record
 
-    vanilla = tiny_rope(name)
+    vanilla = tiny_rope(name).to(DEVICE)
     slim = slimify(copy.deepcopy(vanilla))
     assert set(slim_record(slim).layer_modes.values()) == {"k"}
-    batch = tiny_tokenizer()(["the quick brown fox", "memory"], return_tensors="pt", padding=True)
+    batch = tiny_tokenizer()(["the quick brown fox", "memory"], return_tensors="pt", padding=True).to(DEVICE)
     common = dict(max_new_tokens=30, do_sample=False)  # past the original context (32) of the dynamic config
     for kwargs in (dict(), dict(num_beams=2)):
         expected = vanilla.generate(**batch, **common, **kwargs)
