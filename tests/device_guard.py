@@ -131,6 +131,27 @@ def device_guard(meta: bool = True) -> Iterator[ExplicitDevices]:
         yield guard
 
 
+#: What transformers' own code cannot run with meta as the default device, per type ("*": every type) and phase (a
+#: generate() variant "greedy", "static", "beams", or "slimify": the calibration forward), with the reason. Those
+#: phases run under :class:`ExplicitDevices` alone; tests/test_device.py asserts that the unpatched model fails there
+#: too, so the table stays exact.
+META_BROKEN: dict[str, tuple[tuple[str, ...], str]] = {
+    "*": (("beams",), "GenerationMixin._beam_search builds its top-beam mask on the default device"),
+    "whisper": (("greedy", "static", "beams"), "Whisper's generate calls .item() on a default-device tensor"),
+    "musicgen": (("greedy", "static"), "build_delay_pattern_mask copies a default-device tensor to the input's device"),
+    "llama-dynamic": (
+        ("greedy", "static", "beams", "slimify"),
+        "past the original context (the 64-token calibration batch too) the dynamic NTK update builds its inv_freq on "
+        "the default device",
+    ),
+}
+
+
+def meta_applies(model_type: str, phase: str) -> bool:
+    """Whether ``phase`` of ``model_type`` runs with meta as the default device (not listed in :data:`META_BROKEN`)."""
+    return not any(phase in META_BROKEN.get(key, ((), ""))[0] for key in ("*", model_type))
+
+
 #: Tensor methods and torch functions that wait for the device (a value or a shape depends on the data) or copy to
 #: the host; the names :class:`HostSyncs` reports them by
 _SYNCS = {
@@ -155,11 +176,11 @@ _SYNCS = {
 class HostSyncs(TorchFunctionMode):
     """Count host round trips made by hf_slim's own lines (``counts[(where, what)]``).
 
-    Besides :data:`_SYNCS`: ``.to("cpu")``, boolean-mask indexing (its shape depends on the data),
-    ``repeat_interleave`` with tensor repeats, and tensors built from host data (``torch.tensor(list, device=...)``:
-    on a GPU a blocking copy from pageable memory; counted here whatever the device). On the CPU none of these costs
-    anything, which is why they hide; on a GPU each waits for the queued kernels. Compare the counts of two generate()
-    runs of different lengths to find the per-step ones.
+    Besides :data:`_SYNCS`: ``.to()`` between devices (GPU runs only), boolean-mask indexing (its shape depends on
+    the data), ``repeat_interleave`` with tensor repeats, and tensors built from host data (``torch.tensor(list,
+    device=...)``: on a GPU a blocking copy from pageable memory; counted here whatever the device). On the CPU none
+    of these costs anything, which is why they hide; on a GPU each waits for the queued kernels. Compare the counts
+    of two generate() runs of different lengths to find the per-step ones.
     """
 
     def __init__(self) -> None:
@@ -170,9 +191,13 @@ class HostSyncs(TorchFunctionMode):
         what = _SYNCS.get(func)
         if what is not None:
             return what
-        if func is torch.Tensor.to:
-            device = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
-            return "to(cpu)" if device is not None and torch.device(device).type == "cpu" else None
+        if func is torch.Tensor.to:  # only a move between devices (on a CPU run: never; on a GPU run: both ways)
+            target = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+            other = next((a for a in args[1:] if isinstance(a, torch.Tensor)), None)
+            target = other.device if target is None and other is not None else target
+            if target is None or torch.device(target).type == args[0].device.type:
+                return None
+            return "to(cpu)" if torch.device(target).type == "cpu" else "host tensor to the device"
         if func is torch.Tensor.__getitem__ and len(args) > 1:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):

@@ -8,9 +8,11 @@ guards of ``tests/device_guard.py``, model and inputs on the CPU:
 
 * :class:`~device_guard.ExplicitDevices` around everything: a tensor factory called from ``hf_slim/`` or
   ``patches/`` without ``device=`` fails;
-* meta as the default device around everything transformers' own code survives it in (:data:`META_BROKEN` lists the
-  rest, and the test asserts the unpatched model fails there too, so nothing skips it silently): a tensor created on
-  the default device anywhere, also by a helper hf_slim calls, is a meta tensor and fails.
+* meta as the default device around everything transformers' own code survives it in
+  (:data:`device_guard.META_BROKEN` lists the rest, and the test asserts the unpatched model fails there too, so
+  nothing skips it silently): a tensor created on the default device anywhere, also by a helper hf_slim calls, is a
+  meta tensor and fails. The slim forward steps (:func:`_steps`: prefill, decode, a beam reorder, a static slim
+  cache) run under meta for every type.
 
 Covered per type: ``slimify`` in every mode the family takes (the K-mode calibration and its default calibration batch
 included), greedy, beam and static-cache ``generate``, forward steps with a beam reorder and with a static slim cache,
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from device_guard import DefaultDeviceError, ExplicitDevices, device_guard, meta_default_device
+from device_guard import DefaultDeviceError, ExplicitDevices, device_guard, meta_applies, meta_default_device
 from helpers import assert_same_tokens
 
 import hf_slim
@@ -52,20 +54,6 @@ NEW_TOKENS = 4
 ROPE_VARIANTS = ("llama-dynamic", "phi3-longrope")
 ROPE_VARIANT_TOKENS = 26  # prompt 8 + 26 > 32 + 1
 
-#: What transformers' own code cannot run with meta as the default device, per type ("*": every type) and phase (a
-#: generate() variant, or "slimify": the calibration forward). Asserted: the unpatched model fails there too, so the
-#: table stays exact. Those phases run under ExplicitDevices alone; the slim forward steps (:func:`_steps`: prefill,
-#: decode, a beam reorder, a static slim cache) run under meta for every type all the same.
-META_BROKEN: dict[str, tuple[tuple[str, ...], str]] = {
-    "*": (("beams",), "GenerationMixin._beam_search builds its top-beam mask on the default device"),
-    "whisper": (("greedy", "static", "beams"), "Whisper's generate calls .item() on a default-device tensor"),
-    "musicgen": (("greedy", "static"), "build_delay_pattern_mask copies a default-device tensor to the input's device"),
-    "llama-dynamic": (
-        ("greedy", "static", "beams", "slimify"),
-        "past the original context (the 64-token calibration batch too) the dynamic NTK update builds its inv_freq on "
-        "the default device",
-    ),
-}
 #: types without beam search (MusicGen) or without a generate() of their own config (the MusicGen decoder alone)
 NO_BEAMS = ("musicgen", *RELEASE.STEPWISE)
 BEAMS = dict(num_beams=2, num_return_sequences=2)
@@ -80,10 +68,6 @@ def _cases() -> dict:
 
 
 CASES = _cases()
-
-
-def _meta_broken(model_type: str, phase: str) -> bool:
-    return any(phase in META_BROKEN.get(key, ((), ""))[0] for key in ("*", model_type))
 
 
 def _modes(model) -> list[str]:
@@ -170,7 +154,7 @@ def test_no_tensor_on_the_default_device(model_type, tmp_path):
     if model_type not in NO_BEAMS:
         variants["beams"] = BEAMS
     for phase, kwargs in {**variants, "slimify": {}}.items():  # what META_BROKEN exempts fails in transformers too
-        if _meta_broken(model_type, phase):
+        if not meta_applies(model_type, phase):
             try:
                 _unpatched_under_meta(model_type, vanilla, inputs, phase, kwargs)
             except Exception:  # whatever transformers raises there
@@ -182,11 +166,11 @@ def test_no_tensor_on_the_default_device(model_type, tmp_path):
         calibration_inputs = _calibration_inputs(model_type, vanilla)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hf_slim.SlimFallbackWarning)
-            with device_guard(meta=not _meta_broken(model_type, "slimify")):
+            with device_guard(meta=meta_applies(model_type, "slimify")):
                 slim = slimify(copy.deepcopy(vanilla), mode, calibration_inputs=calibration_inputs)
         where = f"{model_type}, mode {mode} ({'/'.join(sorted(set(slim_record(slim).layer_modes.values())))})"
         for variant, kwargs in variants.items():
-            with device_guard(meta=not _meta_broken(model_type, variant)):
+            with device_guard(meta=meta_applies(model_type, variant)):
                 tokens = _generate(model_type, slim, inputs, **kwargs)
             if variant != "beams":
                 assert_same_tokens(tokens, expected, f"{where}: {variant}")
@@ -203,7 +187,7 @@ def test_no_tensor_on_the_default_device(model_type, tmp_path):
     with device_guard(meta=False):
         loaded = load_slim(tmp_path, **eager)
     assert slim_record(loaded).layer_modes == slim_record(slim).layer_modes
-    with device_guard(meta=not _meta_broken(model_type, "greedy")):
+    with device_guard(meta=meta_applies(model_type, "greedy")):
         assert_same_tokens(_generate(model_type, loaded, inputs), expected, f"{model_type}: loaded")
 
 
