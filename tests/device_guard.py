@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
 import hf_slim
@@ -131,25 +134,57 @@ def device_guard(meta: bool = True) -> Iterator[ExplicitDevices]:
         yield guard
 
 
-#: What transformers' own code cannot run with meta as the default device, per type ("*": every type) and phase (a
-#: generate() variant "greedy", "static", "beams", or "slimify": the calibration forward), with the reason. Those
-#: phases run under :class:`ExplicitDevices` alone; tests/test_device.py asserts that the unpatched model fails there
-#: too, so the table stays exact.
-META_BROKEN: dict[str, tuple[tuple[str, ...], str]] = {
-    "*": (("beams",), "GenerationMixin._beam_search builds its top-beam mask on the default device"),
-    "whisper": (("greedy", "static", "beams"), "Whisper's generate calls .item() on a default-device tensor"),
-    "musicgen": (("greedy", "static"), "build_delay_pattern_mask copies a default-device tensor to the input's device"),
-    "llama-dynamic": (
+@dataclasses.dataclass(frozen=True)
+class MetaBreak:
+    """Phases of some model types that transformers' own code cannot run with meta as the default device.
+
+    ``types``: model types (``"*"``: every type); ``phases``: ``"greedy"``, ``"static"``, ``"beams"`` (generate()
+    variants), ``"slimify"`` (the calibration forward) or ``"forward"`` (forward steps with a cache); ``before``: the
+    first transformers version that no longer breaks (None: every version so far).
+    """
+
+    types: tuple[str, ...]
+    phases: tuple[str, ...]
+    reason: str
+    before: str | None = None
+
+
+#: What transformers' own code cannot run with meta as the default device. Those phases run under
+#: :class:`ExplicitDevices` alone; tests/test_device.py asserts that the unpatched model fails there too (and runs
+#: everywhere else), so the table stays exact on every transformers version the tests run on.
+META_BROKEN = (
+    MetaBreak(("*",), ("beams",), "GenerationMixin._beam_search builds its top-beam mask on the default device"),
+    MetaBreak(
+        ("whisper",), ("greedy", "static", "beams"), "Whisper's generate calls .item() on a default-device tensor"
+    ),
+    MetaBreak(
+        ("musicgen",), ("greedy", "static"), "build_delay_pattern_mask copies a default-device tensor to the device"
+    ),
+    MetaBreak(
+        ("llama-dynamic",),
         ("greedy", "static", "beams", "slimify"),
         "past the original context (the 64-token calibration batch too) the dynamic NTK update builds its inv_freq on "
         "the default device",
     ),
-}
+    MetaBreak(
+        ("musicgen", "musicgen_decoder"),
+        ("greedy", "static", "slimify", "forward"),
+        "MusicgenSinusoidalPositionalEmbedding builds its position ids on the default device",
+        before="5.18",
+    ),
+)
 
 
 def meta_applies(model_type: str, phase: str) -> bool:
-    """Whether ``phase`` of ``model_type`` runs with meta as the default device (not listed in :data:`META_BROKEN`)."""
-    return not any(phase in META_BROKEN.get(key, ((), ""))[0] for key in ("*", model_type))
+    """Whether ``phase`` of ``model_type`` runs with meta as the default device on the installed transformers (not
+    listed in :data:`META_BROKEN`)."""
+    installed = Version(transformers.__version__)
+    return not any(
+        phase in entry.phases
+        and ("*" in entry.types or model_type in entry.types)
+        and (entry.before is None or installed < Version(entry.before))
+        for entry in META_BROKEN
+    )
 
 
 #: Tensor methods and torch functions that wait for the device (a value or a shape depends on the data) or copy to

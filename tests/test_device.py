@@ -12,7 +12,7 @@ guards of ``tests/device_guard.py``, model and inputs on the CPU:
   (:data:`device_guard.META_BROKEN` lists the rest, and the test asserts the unpatched model fails there too, so
   nothing skips it silently): a tensor created on the default device anywhere, also by a helper hf_slim calls, is a
   meta tensor and fails. The slim forward steps (:func:`_steps`: prefill, decode, a beam reorder, a static slim
-  cache) run under meta for every type.
+  cache) run under meta where generate() cannot.
 
 Covered per type: ``slimify`` in every mode the family takes (the K-mode calibration and its default calibration batch
 included), greedy, beam and static-cache ``generate``, forward steps with a beam reorder and with a static slim cache,
@@ -98,15 +98,19 @@ def _generate(model_type: str, model, inputs: dict, **kwargs) -> torch.Tensor:
 
 
 def _unpatched_under_meta(model_type: str, model, inputs: dict, phase: str, kwargs: dict) -> None:
-    """Run a phase of the unpatched model with meta as the default device (``"slimify"``: one forward on the default
-    calibration batch, which is all the calibration asks of the model)."""
+    """Run a phase of the unpatched model with meta as the default device (``"slimify"``: one forward on the
+    calibration batch, which is all the calibration asks of the model; ``"forward"``: :func:`_steps`)."""
     if phase == "slimify":
-        batch = architecture_for(model.config, "auto").load().default_calibration_inputs(model)
-        with meta_default_device():
+        batch = _calibration_inputs(model_type, model)
+        batch = batch or architecture_for(model.config, "auto").load().default_calibration_inputs(model)
+        with meta_default_device(), torch.no_grad():
             model(**batch)
-        return
-    with meta_default_device():
-        _generate(model_type, model, inputs, **kwargs)
+    elif phase == "forward":
+        with meta_default_device():
+            _steps(model, inputs, static=False)
+    else:
+        with meta_default_device():
+            _generate(model_type, model, inputs, **kwargs)
 
 
 @torch.no_grad()
@@ -153,7 +157,7 @@ def test_no_tensor_on_the_default_device(model_type, tmp_path):
         variants["static"] = dict(cache_implementation="static")
     if model_type not in NO_BEAMS:
         variants["beams"] = BEAMS
-    for phase, kwargs in {**variants, "slimify": {}}.items():  # what META_BROKEN exempts fails in transformers too
+    for phase, kwargs in {**variants, "slimify": {}, "forward": {}}.items():  # what META_BROKEN exempts fails there
         if not meta_applies(model_type, phase):
             try:
                 _unpatched_under_meta(model_type, vanilla, inputs, phase, kwargs)
@@ -174,9 +178,10 @@ def test_no_tensor_on_the_default_device(model_type, tmp_path):
                 tokens = _generate(model_type, slim, inputs, **kwargs)
             if variant != "beams":
                 assert_same_tokens(tokens, expected, f"{where}: {variant}")
-        with device_guard(meta=True):
+        with device_guard(meta=meta_applies(model_type, "forward")):
             for static in (False, True):
                 _steps(slim, inputs, static)
+        with device_guard(meta=True):
             cache_report(slim, batch_size=2, seq_len=16, verbose=False)
 
     with device_guard(meta=True):  # save_pretrained: the K layers' sidecar is solved again from the weights
