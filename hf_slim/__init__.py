@@ -49,7 +49,7 @@ _patches_from_a_source_tree()
 
 #: public name -> the submodule that defines it
 _PUBLIC = {
-    "SlimFallbackWarning": "api",
+    "SlimFallbackWarning": "calibration",
     "is_slim": "record",
     "slim_record": "record",
     "slimified": "api",

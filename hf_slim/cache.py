@@ -569,7 +569,7 @@ class SlimCache(DynamicCache):
         self.rotary: RotaryPositions | None = None
         self._staged: dict[int, StepInputs] = {}  # per layer, from its forward wrapper to its update call
         #: the model's K-mode buffers were checked against its weights before this cache was first written
-        #: (hf_slim.api.check_derived_state)
+        #: (hf_slim.generation.check_derived_state)
         self.derived_state_checked = False
 
     @staticmethod

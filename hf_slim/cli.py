@@ -154,7 +154,7 @@ def _note(message: str) -> None:
 @contextlib.contextmanager
 def _fallback_notes() -> Iterator[None]:
     """Show slimify's K-mode fallbacks as one note each instead of a Python warning."""
-    from .api import SlimFallbackWarning
+    from .calibration import SlimFallbackWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SlimFallbackWarning)

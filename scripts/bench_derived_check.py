@@ -1,6 +1,6 @@
 """What the K-mode derived-state check costs: once per generate() against one decode step, measured in the same run.
 
-``hf_slim.api.check_derived_state`` reads W_K, W_V and the K-mode buffers (W_KV, value offset, z_proj) of every K
+``hf_slim.generation.check_derived_state`` reads W_K, W_V and the K-mode buffers (W_KV, value offset, z_proj) of every K
 layer once, as float64 sketches, before every generate() call and at the first forward on every new slim cache. This
 times it (median of ``--repeats``) against the median decode step of the same slim model (batch ``--batch``, after a
 ``--context``-token prefill), and against a whole ``generate()`` of ``--new-tokens`` tokens, and prints the ratios.
@@ -24,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import hf_slim
 from hf_slim import SlimCache, slim_record, slimify
 from hf_slim._compat import with_cache
-from hf_slim.api import check_derived_state
+from hf_slim.generation import check_derived_state
 
 
 def parse_args() -> argparse.Namespace:

@@ -49,7 +49,7 @@ from transformers import DynamicCache, EncoderDecoderCache  # noqa: E402
 import hf_slim  # noqa: E402
 from hf_slim import SlimCache, slimify  # noqa: E402
 from hf_slim._compat import with_cache  # noqa: E402
-from hf_slim.api import _collect_attention_inputs  # noqa: E402
+from hf_slim.calibration import collect_attention_inputs  # noqa: E402
 from hf_slim.kmode import K_MODE_ABSOLUTE_FLOOR, RotaryRoundTrip, ValueErrorProbe, key_svd  # noqa: E402
 from hf_slim.registry import architecture_for  # noqa: E402
 
@@ -68,7 +68,7 @@ class CalibrationErrors:
 
     def __init__(self, model) -> None:
         patch_module, sites = self_sites(model)
-        activations = _collect_attention_inputs(model, sites, patch_module.default_calibration_inputs(model))
+        activations = collect_attention_inputs(model, sites, patch_module.default_calibration_inputs(model))
         dtype = next(model.parameters()).dtype
         self.layers = {}
         for site in sites:

@@ -24,8 +24,8 @@ import transformers
 from hf_slim.patches.whisper import attention_sites, default_calibration_inputs
 
 import hf_slim
-from hf_slim.api import _collect_attention_inputs
 from hf_slim.bundled import load_whisper_tiny_en
+from hf_slim.calibration import collect_attention_inputs
 from hf_slim.kmode import ValueErrorProbe, solve_k_mode
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         model = load_whisper_tiny_en(torch.float32)[0].to(dtype)
         sites = [site for site in attention_sites(model) if site.kind == "self"]
-        activations = _collect_attention_inputs(model, sites, default_calibration_inputs(model))
+        activations = collect_attention_inputs(model, sites, default_calibration_inputs(model))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hf_slim.SlimFallbackWarning)
             hf_slim.slimify(model, mode="k")

@@ -19,7 +19,7 @@ from hf_slim import cache_report, is_slim, load_slim, slim_record, slimify, unsl
 from hf_slim.cli import main
 
 #: a random W_K can be ill-conditioned: the K mode then keeps the input cache there (tests check for >= 1 K layer)
-pytestmark = pytest.mark.filterwarnings("ignore::hf_slim.api.SlimFallbackWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::hf_slim.calibration.SlimFallbackWarning")
 CONFIGS = Path(__file__).parent / "data" / "configs"
 NAMES = list(DECODER_CONFIGS)
 GENERATE = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)

@@ -26,9 +26,17 @@ from test_whisper import random_features, tiny_whisper
 from tiny_models import tiny_gpt2
 from transformers import GPT2LMHeadModel
 
-from hf_slim import SlimCache, SlimCheckpointError, is_slim, load_slim, slim_record, slimify, unslimify
+from hf_slim import (
+    SlimCache,
+    SlimCheckpointError,
+    SlimFallbackWarning,
+    is_slim,
+    load_slim,
+    slim_record,
+    slimify,
+    unslimify,
+)
 from hf_slim.adapters import UnsupportedAdapterError
-from hf_slim.api import SlimFallbackWarning
 from hf_slim.export import CONFIG_KEY, SIDECAR
 from hf_slim.kmode import StaleKModeWeights
 from hf_slim.registry import UnsupportedModelError

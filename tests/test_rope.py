@@ -26,8 +26,16 @@ from helpers import (
 from tiny_models import ROPE_CONFIGS, peak_logits, tiny_rope, tiny_tokenizer
 from transformers import DynamicCache
 
-from hf_slim import SlimCache, UnsupportedModelError, cache_nbytes, cache_report, slim_record, slimify, unslimify
-from hf_slim.api import SlimFallbackWarning
+from hf_slim import (
+    SlimCache,
+    SlimFallbackWarning,
+    UnsupportedModelError,
+    cache_nbytes,
+    cache_report,
+    slim_record,
+    slimify,
+    unslimify,
+)
 from hf_slim.cache import StaticSlimLayer
 
 NAMES = list(ROPE_CONFIGS)
