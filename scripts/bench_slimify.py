@@ -126,11 +126,11 @@ def main() -> None:
                 f"{','.join(map(str, ranks.values())):<16} {ratio:>5.2f}x {32 * per_layer / 60:>7.1f} min"
             )
             if args.compare_svd:
-                minimum, kmode.LU_MIN_WIDTH = kmode.LU_MIN_WIDTH, sys.maxsize  # every layer on the SVD
+                minimum, kmode.factorisation.LU_MIN_WIDTH = kmode.LU_MIN_WIDTH, sys.maxsize  # every layer on the SVD
                 try:
                     svd_runs = [timed_slimify(model) for _ in range(args.repeat)]
                 finally:
-                    kmode.LU_MIN_WIDTH = minimum
+                    kmode.factorisation.LU_MIN_WIDTH = minimum
                 svd_seconds, svd_ranks, _ = min(svd_runs, key=lambda run: run[0])
                 svd_per_layer = svd_seconds / args.layers
                 row += (

@@ -20,7 +20,7 @@ from test_input_errors import BAD_WAV
 from tiny_models import tiny_gpt2, tiny_rope, tiny_t5_tokenizer, tiny_tokenizer
 from transformers import AutoTokenizer, BertConfig, BertModel, GPT2LMHeadModel
 
-from hf_slim import api, is_slim, kmode, load_slim, slim_record
+from hf_slim import calibration, is_slim, kmode, load_slim, slim_record
 from hf_slim.cli import main
 from hf_slim.export import CONFIG_KEY, SIDECAR
 from hf_slim.kmode import choose_residual_rank
@@ -221,7 +221,7 @@ def test_verify_calibrates_each_layer_once(folder, mode, request, capsys, monkey
         calibrated.append(projections.w_k.shape)
         return choose_residual_rank(projections, *args, **kwargs)
 
-    monkeypatch.setattr(api, "choose_residual_rank", counting)
+    monkeypatch.setattr(calibration, "choose_residual_rank", counting)
     argv = ["verify", "--model", str(request.getfixturevalue(folder)), "--max-new-tokens", "4"]
     assert main(argv + (["--mode", mode] if mode else [])) == 0
     captured = capsys.readouterr()
@@ -254,7 +254,7 @@ def test_verify_bf16_in_process_reports_k_plus_r_ranks_and_fallbacks(gpt2_dir, c
     assert all(float(row[-1].rstrip("x")) == pytest.approx(128 / (64 + int(row[4])), abs=0.01) for row in rows)
     assert "bfloat16" in captured.out and "identical to the unpatched model" in captured.out
 
-    monkeypatch.setattr(kmode, "max_residual_rank", lambda d_model: 0)
+    monkeypatch.setattr(kmode.factorisation, "max_residual_rank", lambda d_model: 0)
     assert main(argv) == 0
     captured = capsys.readouterr()
     rows = [line.split() for line in captured.out.splitlines() if line.startswith("GPT2Attention")]

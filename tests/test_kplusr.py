@@ -193,7 +193,7 @@ def test_fp32_layer_between_the_old_and_the_new_floor_is_not_taken_as_plain_k(mo
     names = [f"Qwen2Attention[self {i}]" for i in range(2)]
     plain = slimify(copy.deepcopy(vanilla), layer_modes=dict.fromkeys(names, "k"))  # forced r = 0, no calibration
     with monkeypatch.context() as patch, warnings.catch_warnings():  # the calibration's numbers for r = 0 alone
-        patch.setattr(kmode, "max_residual_rank", lambda d_model: 0)
+        patch.setattr(kmode.factorisation, "max_residual_rank", lambda d_model: 0)
         warnings.simplefilter("ignore", SlimFallbackWarning)  # r = 0 refused: the layers fall back (as they should)
         plain_numbers = slim_record(slimify(copy.deepcopy(vanilla))).calibration
     assert all(1e-6 < plain_numbers[name]["k_error"] < 1e-5 for name in names), plain_numbers
@@ -272,7 +272,7 @@ def test_lu_errors_are_the_svd_errors(dtype, cond):
 def test_factorisation_is_the_svd_below_the_lu_width_and_for_ill_conditioned_layers(monkeypatch):
     projections = ill_conditioned(cond=1e4)
     assert isinstance(key_factorization(projections), KeySVD), "d = 64 < LU_MIN_WIDTH: the exact SVD"
-    monkeypatch.setattr(kmode, "LU_MIN_WIDTH", 64)
+    monkeypatch.setattr(kmode.factorisation, "LU_MIN_WIDTH", 64)
     assert isinstance(key_factorization(projections), KeyInverse)
     assert isinstance(key_factorization(ill_conditioned(cond=1e9)), KeySVD), "cond > LU_MAX_COND: the SVD"
     u, s, vh = torch.linalg.svd(projections.w_k)
@@ -315,7 +315,7 @@ def test_slimify_with_the_lu_factorisation_on_every_layer(name, dtype, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlimFallbackWarning)
         svd_record = slim_record(slimify(copy.deepcopy(vanilla), "k"))
-        monkeypatch.setattr(kmode, "LU_MIN_WIDTH", 0)
+        monkeypatch.setattr(kmode.factorisation, "LU_MIN_WIDTH", 0)
         slim = slimify(copy.deepcopy(vanilla), "k")
     record = slim_record(slim)
     for layer, mode in svd_record.layer_modes.items():
@@ -556,7 +556,9 @@ def test_slimify_logs_what_the_model_got(caplog, monkeypatch):
         slimify(tiny_gpt2())
         slimify(tiny_gpt2(), "k")
         slimify(tiny_whisper())
-        monkeypatch.setattr(kmode, "max_residual_rank", lambda d_model: 0)  # K refused: the model's own K/V kept
+        monkeypatch.setattr(
+            kmode.factorisation, "max_residual_rank", lambda d_model: 0
+        )  # K refused: the model's own K/V kept
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SlimFallbackWarning)
             slimify(tiny_rope("llama", dtype=torch.bfloat16, seed=0))

@@ -333,7 +333,9 @@ def test_refused_layers_keep_own_kv_with_warning(monkeypatch):
     import hf_slim.kmode
 
     vanilla = tiny_rope("qwen2", seed=0)  # seed 0: cond(W_K) ~3e3 on both layers: r = 0 is above the fp32 floor
-    monkeypatch.setattr(hf_slim.kmode, "max_residual_rank", lambda d_model: 0)  # no K+R: K alone or the own K/V
+    monkeypatch.setattr(
+        hf_slim.kmode.factorisation, "max_residual_rank", lambda d_model: 0
+    )  # no K+R: K alone or the own K/V
     with pytest.warns(SlimFallbackWarning, match="keep the model's own keys and values") as record:
         slim = slimify(copy.deepcopy(vanilla))
     assert "relative error" in str(record[0].message)

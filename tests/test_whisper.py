@@ -589,7 +589,7 @@ def test_tiny_en_k_mode_falls_back_per_layer_above_the_rank_cap(tiny_en_dtypes, 
     """With the cap lowered to r <= 32 the bf16 layers that need more keep the input cache, and the warning gives the
     numbers (r tried, errors, cache ratio); the plain K cache (r = 0) alone would be refused on every layer."""
     model = tiny_en_dtypes[torch.bfloat16]
-    monkeypatch.setattr(kmode, "max_residual_rank", lambda d_model: 32)
+    monkeypatch.setattr(kmode.factorisation, "max_residual_rank", lambda d_model: 32)
     message = r"WhisperAttention\[self 0\]: even with r = 32 \(cap 32; cache ratio 1.85x\) V rebuilt .* vs 2.3.e-03"
     with pytest.warns(SlimFallbackWarning, match=message):
         slimify(model, "k")
