@@ -4,11 +4,16 @@ Why these libraries: ``soundfile`` (libsndfile, bundled in its wheels for Linux,
 decodes WAV of every sample type, FLAC, MP3 and OGG (Vorbis, Opus); it is what ``datasets[audio]`` and ``librosa``
 read audio with, so most transformers speech users have it already. ``soxr`` (the SoX resampler, also bundled in its
 wheels, and librosa's default) resamples to 16 kHz. M4A/AAC, MP4, WebM and the other containers libsndfile does not
-read are decoded with PyAV (FFmpeg's libraries, bundled in its wheels) when it is installed
-(``pip install "hf-slim[av]"``).
+read are decoded with PyAV (FFmpeg's libraries, bundled in its wheels; a dependency of hf_slim).
 
-Bad files are one ``ValueError`` that names the file and says what is wrong: a file with no samples, a WAV file
-shorter than its header says (an interrupted copy or download), or a file neither library can decode.
+Bad files are one ``ValueError`` that names the file and says what is wrong: an empty file, a file with no samples, a
+WAV file shorter than its header says (an interrupted copy or download), or a file neither library can decode.
+
+Native decoders print on the process's stderr (libmpg123, inside libsndfile: "Note: Illegal Audio-MPEG-Header ...,
+Trying to resync..." for a damaged MP3), beside the one line a bulk job prints per bad file. Inside
+:func:`quiet_native_decoders` (the command line runs in it) file descriptor 2 points at the null device while a native
+decoder runs, and Python's own ``sys.stderr`` writes go to a copy of the original descriptor, so no message of ours
+is lost.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +31,8 @@ import numpy as np
 WHISPER_SAMPLING_RATE = 16_000
 #: what every message about an undecodable file suggests
 _CONVERT = "convert it, e.g. ffmpeg -i IN -ar 16000 OUT.flac"
+#: what a file without samples is told (an empty file, or a header without data)
+_NO_SAMPLES = "the file holds no audio samples (empty, or truncated after its header); record or export it again"
 #: data size that streaming writers (ffmpeg to a pipe) put in a WAV header when the length is not known
 _UNKNOWN_LENGTH = 0xFFFFFFFF
 #: libsndfile's header log for a WAV-family file whose data chunk is shorter than announced: "data : 64000 (should be
@@ -42,7 +51,8 @@ def _soundfile():
 
 
 def _pyav():
-    """PyAV, or None when it is not installed (it is optional: M4A/AAC and other FFmpeg-only formats)."""
+    """PyAV, or None when it cannot be imported (a dependency of hf_slim, so only on a broken or hand-trimmed
+    install: then M4A/AAC and the other FFmpeg-only formats are refused with a line saying what to install)."""
     try:
         import av
     except ImportError:
@@ -56,6 +66,83 @@ def supported_formats() -> str:
     return base + (", and what FFmpeg reads (M4A/AAC, MP4, WebM, ...)" if _pyav() is not None else "")
 
 
+class _NativeStderr:
+    """Process-wide state of :func:`quiet_native_decoders`: how many blocks asked for quiet, how many native calls
+    are running (threads decode concurrently: fd 2 is restored when the last one ends), and the saved fd 2."""
+
+    lock = threading.Lock()
+    quiet = 0
+    running = 0
+    saved: int | None = None
+
+
+@contextlib.contextmanager
+def quiet_native_decoders() -> Iterator[None]:
+    """Drop what native decoders print on stderr while the block runs; Python's messages still reach stderr.
+
+    Why: a damaged MP3 makes libmpg123 (inside libsndfile) print "Note: Illegal Audio-MPEG-Header ..." lines on file
+    descriptor 2, beside the one line a bulk job prints per bad file. C libraries write to fd 2 directly, so the
+    only way to drop them is to point fd 2 elsewhere while they run; decoding runs in a background thread while the
+    main thread draws the progress bar and reports failures, so ``sys.stderr`` is first moved to a duplicate of fd 2
+    (when it writes to fd 2 at all), which the redirection does not touch. Native writes of other threads during a
+    decode (rare: torch reports through Python warnings) are dropped too.
+    """
+    try:
+        os.fstat(2)
+    except OSError:  # no fd 2 (a daemon that closed it): nothing prints, nothing to drop
+        yield
+        return
+    original = sys.stderr
+    try:
+        writes_to_fd2 = original is not None and original.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stream (pytest's capsys, a notebook)
+        writes_to_fd2 = False
+    python_stream = None
+    if writes_to_fd2:
+        original.flush()
+        python_stream = open(  # closed below, after sys.stderr is restored
+            os.dup(2), "w", buffering=1, encoding=original.encoding, errors=original.errors, closefd=True
+        )
+        sys.stderr = python_stream
+    with _NativeStderr.lock:
+        _NativeStderr.quiet += 1
+    try:
+        yield
+    finally:
+        with _NativeStderr.lock:
+            _NativeStderr.quiet -= 1
+        if python_stream is not None:
+            python_stream.flush()
+            sys.stderr = original
+            python_stream.close()
+
+
+@contextlib.contextmanager
+def _native_call() -> Iterator[None]:
+    """Around a call into libsndfile or FFmpeg: fd 2 on the null device when :func:`quiet_native_decoders` is on."""
+    with _NativeStderr.lock:
+        if not _NativeStderr.quiet:
+            quiet = False
+        else:
+            quiet = True
+            if _NativeStderr.running == 0:
+                _NativeStderr.saved = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            _NativeStderr.running += 1
+    try:
+        yield
+    finally:
+        if quiet:
+            with _NativeStderr.lock:
+                _NativeStderr.running -= 1
+                if _NativeStderr.running == 0:
+                    os.dup2(_NativeStderr.saved, 2)
+                    os.close(_NativeStderr.saved)
+                    _NativeStderr.saved = None
+
+
 def load_audio(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMPLING_RATE) -> tuple[np.ndarray, int]:
     """Decode an audio file to mono float32 samples, resampled to ``sampling_rate``.
 
@@ -65,8 +152,8 @@ def load_audio(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMP
     Parameters
     ----------
     path : str or os.PathLike
-        Any format libsndfile reads (WAV of any sample type, FLAC, MP3, OGG Vorbis/Opus, AIFF, ...), or, with PyAV
-        installed, any format FFmpeg reads (M4A/AAC, MP4, WebM, ...).
+        Any format libsndfile reads (WAV of any sample type, FLAC, MP3, OGG Vorbis/Opus, AIFF, ...), or, through
+        PyAV, any format FFmpeg reads (M4A/AAC, MP4, WebM, ...).
     sampling_rate : int or None, default 16000
         Rate to resample to (with soxr, high quality); ``None`` keeps the file's rate.
 
@@ -79,17 +166,14 @@ def load_audio(path: str | os.PathLike, sampling_rate: int | None = WHISPER_SAMP
     Raises
     ------
     ValueError
-        If the file holds no samples, is a WAV file shorter than its header announces (cut off by an interrupted
-        copy or download), or cannot be decoded; the message names the file.
+        If the file is empty or holds no samples, is a WAV file shorter than its header announces (cut off by an
+        interrupted copy or download), or cannot be decoded; the message names the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: audio file not found")
-    samples, rate = _decode(path)  # (frames, channels) float32
+    path = _audio_file(path)
+    with _native_call():
+        samples, rate = _decode(path)  # (frames, channels) float32
     if samples.shape[0] == 0:
-        raise ValueError(
-            f"{path}: the file holds no audio samples (empty, or truncated after its header); record or export it again"
-        )
+        raise ValueError(f"{path}: {_NO_SAMPLES}")
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     if sampling_rate is not None and sampling_rate != rate:
         mono, rate = resample(mono, rate, sampling_rate), sampling_rate
@@ -111,19 +195,29 @@ def probe_audio(path: str | os.PathLike) -> float:
     ValueError
         As :func:`load_audio`, for what the header shows (decoding errors further in show only when decoding).
     """
+    path = _audio_file(path)
+    soundfile = _soundfile()
+    with _native_call():
+        try:
+            info = soundfile.info(str(path))
+        except soundfile.LibsndfileError as error:
+            av = _require_pyav(path, _libsndfile_message(error))
+            with _opened_with_pyav(av, path, _libsndfile_message(error)) as (_, stream):
+                seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
+            return seconds
+    _check_header(path, info)
+    return float(info.frames) / info.samplerate
+
+
+def _audio_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, refused when it is missing or empty (0 bytes: libsndfile and FFmpeg would only say the
+    format is not recognised)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: audio file not found")
-    soundfile = _soundfile()
-    try:
-        info = soundfile.info(str(path))
-    except soundfile.LibsndfileError as error:
-        av = _require_pyav(path, _libsndfile_message(error))
-        with _opened_with_pyav(av, path, _libsndfile_message(error)) as (_, stream):
-            seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
-        return seconds
-    _check_header(path, info)
-    return float(info.frames) / info.samplerate
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes), it holds no audio samples; record or export it again")
+    return path
 
 
 def _decode(path: Path) -> tuple[np.ndarray, int]:
@@ -147,7 +241,7 @@ def _require_pyav(path: Path, libsndfile_error: str):
     """PyAV for a file libsndfile cannot open, or the ValueError that says what reads it."""
     av = _pyav()
     if av is None:
-        hint = 'for M4A/AAC, MP4 or WebM install PyAV: pip install "hf-slim[av]"'
+        hint = "for M4A/AAC, MP4 or WebM install PyAV (FFmpeg's libraries): pip install av"
         raise ValueError(
             f"{path}: cannot decode this audio file ({libsndfile_error}); readable here: {supported_formats()}; "
             f"{hint}, or {_CONVERT}"
@@ -160,9 +254,7 @@ def _check_header(path: Path, info) -> None:
     if info.samplerate <= 0:
         raise ValueError(f"{path}: the header gives a sampling rate of {info.samplerate} Hz; {_CONVERT}")
     if info.frames == 0:
-        raise ValueError(
-            f"{path}: the file holds no audio samples (empty, or truncated after its header); record or export it again"
-        )
+        raise ValueError(f"{path}: {_NO_SAMPLES}")
     _check_complete(path, info, None)
 
 
@@ -192,7 +284,7 @@ def _check_complete(path: Path, info, frames: int | None) -> None:
     short_mp3 = frames is not None and frames < 0.99 * info.frames - 0.05 * rate  # against the Xing/LAME count
     if info.format == "MP3" and short_mp3:
         raise ValueError(
-            f"{path}: the MP3 file is truncated: its header announces {info.frames / rate:.2f} s but only "
+            f"{path}: the MP3 file is truncated or damaged: its header announces {info.frames / rate:.2f} s but only "
             f"{frames / rate:.2f} s decode; copy or export it again"
         )
     match = _SHORT_DATA.search(log)

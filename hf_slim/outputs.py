@@ -3,13 +3,18 @@
 Why atomic: a bulk job may be killed at any moment (Ctrl-C, a pre-empted machine). Each output is written to a
 temporary file in the same folder and renamed into place (``os.replace``: atomic on POSIX and Windows), so an output
 file that exists is complete, and ``--resume`` can skip it on that evidence alone.
+
+Why not ``tempfile.mkstemp``: it creates files readable by their owner only (0600), and the rename keeps that mode,
+so subtitles a web server or a colleague should read were private. The temporary file is created with mode 0666
+instead, which the kernel reduces by the umask, as for any file the user writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,10 +36,30 @@ def _clock(seconds: float, separator: str) -> str:
 
 
 def _cues(result: Transcription) -> list[tuple[float, float, str]]:
-    """Subtitle cues: the segments, or one cue over the whole clip when the run kept no timestamps."""
+    """Subtitle cues: one per word when the run timed words (``--word-timestamps``), else the segments, or one cue
+    over the whole clip when the run kept no timestamps."""
+    if any(segment.words for segment in result.segments):
+        return [(word.start, word.end, word.word) for segment in result.segments for word in segment.words]
     if result.segments:
         return [(segment.start, segment.end, segment.text) for segment in result.segments]
     return [(0.0, result.duration, result.text)] if result.text else []
+
+
+def _segment_document(segment, one_line: list) -> dict:
+    """A segment in json: ``{"start", "end", "text"}``, and its ``"words"`` (``{"start", "end", "word"}`` each, one
+    line per word: placeholders for the values in ``one_line``) when the run timed words."""
+    document = {"start": segment.start, "end": segment.end, "text": segment.text}
+    if segment.words:
+        document["words"] = [_one_line_value({"start": w.start, "end": w.end, "word": w.word}, one_line)
+                             for w in segment.words]  # fmt: skip
+    return document
+
+
+def _one_line_value(value, one_line: list) -> str:
+    """A placeholder :func:`render` replaces by ``value`` written on one line (``indent=2`` would give every number
+    of a token id list or a word its own line)."""
+    one_line.append(value)
+    return f"@ONE_LINE_{len(one_line) - 1}@"
 
 
 def render(result: Transcription, fmt: str, source: str | None = None) -> str:
@@ -51,26 +76,40 @@ def render(result: Transcription, fmt: str, source: str | None = None) -> str:
         blocks = [f"{_clock(start, '.')} --> {_clock(end, '.')}\n{text}\n" for start, end, text in _cues(result)]
         return "WEBVTT\n\n" + "\n".join(blocks)
     if fmt == "json":
+        one_line: list = []
         document = {
             "source": source,
             "text": result.text,
             "language": result.language,
             "duration": round(result.duration, 3),
-            "segments": [
-                {"start": segment.start, "end": segment.end, "text": segment.text} for segment in result.segments
-            ],
-            "token_ids": "@TOKEN_IDS@",
+            "segments": [_segment_document(segment, one_line) for segment in result.segments],
+            "token_ids": _one_line_value(result.token_ids, one_line),
         }
-        text = json.dumps(document, ensure_ascii=False, indent=2)  # token ids on one line, not one per line:
-        return text.replace('"@TOKEN_IDS@"', json.dumps(result.token_ids)) + "\n"
+        text = json.dumps(document, ensure_ascii=False, indent=2)
+        for index, value in enumerate(one_line):
+            text = text.replace(f'"@ONE_LINE_{index}@"', json.dumps(value, ensure_ascii=False), 1)
+        return text + "\n"
     raise ValueError(f"unknown output format {fmt!r} (use one of {', '.join(FORMATS)})")
+
+
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """``(descriptor, path)`` of a new, empty temporary file in ``path``'s folder, opened for writing, with the
+    permissions the umask gives new files (``mkstemp`` would make it 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}{path.suffix}"
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:  # 2**-64 per try: another writer's name
+            continue
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that ``path`` is either absent, as before, or complete: a temporary file in
-    the same folder, flushed to disk, then renamed over ``path``."""
+    the same folder, flushed to disk, then renamed over ``path``. The file gets the permissions of any file the
+    user creates (0666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    handle, temporary = _temporary_beside(path)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
@@ -100,6 +139,35 @@ def output_paths(inputs: list[tuple[Path, Path]], output_dir: Path, fmt: str) ->
         outputs[target] = file
         paths.append(target)
     return paths
+
+
+def current_umask() -> int:
+    """The process's umask, read where the system tells it (Linux: ``/proc/self/status``), else by setting a
+    stricter one for an instant (``os.umask`` only reads by writing; a file another thread creates meanwhile gets
+    owner-only permissions, never wider ones)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def give_default_permissions(paths: Iterable[Path]) -> None:
+    """Give each of ``paths`` the permissions new files and folders get (0666 / 0777 less the umask).
+
+    Why: writers that create private temporary files and rename them into place (``tempfile.mkdtemp``; safetensors'
+    ``save_file``, so transformers' ``save_pretrained``) leave a cached or exported model readable by its owner
+    only, where the user's umask would let a shared cache or a colleague read it.
+    """
+    mask = current_umask()
+    for path in paths:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def remove_partial_files(output_dir: Path) -> int:

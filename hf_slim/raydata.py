@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .bulk import AudioTask, JobReport, append_lines, batches, finish_batch, generate_batch
-from .transcription import Segment, Transcription, transcribe_batch
+from .transcription import Segment, Transcription, WhisperOptions, Word, transcribe_batch
 
 
 def _ray():
@@ -78,7 +78,14 @@ def _actor_resources(ray) -> dict:
 
 def _on_actors(ray, dataset, actor: type, workers: int, **constructor_kwargs):
     """``dataset.map_batches`` through a pool of ``workers`` ``actor`` s (each built once with
-    ``constructor_kwargs``), one planned batch per call."""
+    ``constructor_kwargs``), one planned batch per call.
+
+    An actor whose process dies (killed, pre-empted, out of memory) is restarted, its model loaded again, and the
+    batches it had not returned are run again: Ray Data's defaults for actor pools (``max_restarts=-1``,
+    ``max_task_retries=-1``). The driver receives each batch once, so a worker lost mid-job changes no output
+    (``tests/test_bulk.py`` kills one). They are not set here: remote arguments the decoding step does not share
+    would stop Ray Data from fusing that step into the actors, and its tasks would then wait for CPUs the actors
+    hold."""
     return dataset.map_batches(
         actor,
         fn_constructor_kwargs=constructor_kwargs,
@@ -107,15 +114,20 @@ class _Transcriber:
     """Ray ``map_batches`` actor: one slim Whisper per actor, loaded once (by ``load``, which the command line hands
     over: ``(model, dtype, mode, device) -> (slim model, processor)``); one planned batch per call."""
 
-    def __init__(self, load: Callable, model: str | None, dtype: str, mode: str | None, device: str, settings: dict):
+    def __init__(
+        self, load: Callable, model: str | None, dtype: str, mode: str | None, device: str, options: WhisperOptions,
+        encoder_batch: int | None,
+    ):  # fmt: skip
         self.model, self.processor = load(model, dtype, mode, device)
-        self.settings = settings
+        self.options, self.encoder_batch = options, encoder_batch
 
     def __call__(self, batch: dict) -> dict:
         results = []
         for audio, errors in zip(batch["audio"], batch["errors"], strict=True):
             clips = [np.frombuffer(data, np.float32) for data, error in zip(audio, errors, strict=True) if not error]
-            transcripts = transcribe_batch(self.model, self.processor, clips, **self.settings)
+            transcripts = transcribe_batch(
+                self.model, self.processor, clips, self.options, encoder_batch=self.encoder_batch
+            )
             results.append(json.dumps([asdict(transcript) for transcript in transcripts]))
         return {"index": batch["index"], "results": np.array(results, dtype=object), "errors": batch["errors"]}
 
@@ -132,39 +144,39 @@ def transcribe_tasks_on_ray(
     device: str,
     batch_size: int,
     fmt: str,
-    num_beams: int = 1,
+    options: WhisperOptions | None = None,
     encoder_batch: int | None = None,
-    max_new_tokens: int | None = None,
+    report: JobReport | None = None,
     on_failure: Callable[[Path, str], None] = lambda path, reason: None,
-    progress: Callable[[int], None] = lambda count: None,
+    progress: Callable[[int, float], None] = lambda files, seconds: None,
 ) -> JobReport:
     """:func:`hf_slim.bulk.transcribe_tasks` on Ray: ``workers`` actors, each with its own slim model loaded by
-    ``load(model, dtype, mode, device) -> (model, processor)`` (a module-level function: Ray ships it by name)."""
-    report = JobReport()
+    ``load(model, dtype, mode, device) -> (model, processor)`` (a module-level function: Ray ships it by name).
+    ``progress(files, seconds)`` is called as each batch's outputs are written."""
+    report = report or JobReport()
     planned = batches(tasks, batch_size)
-    settings = dict(
-        timestamps=fmt in ("srt", "vtt", "json"), num_beams=num_beams, encoder_batch=encoder_batch,
-        max_new_tokens=max_new_tokens,
-    )  # fmt: skip
+    options = (options or WhisperOptions()).for_format(fmt)
     with ray_session(address, workers) as ray:
         items = [{"index": i, "paths": [str(task.path) for task in batch]} for i, batch in enumerate(planned)]
         decoded = ray.data.from_items(items, override_num_blocks=len(items)).map(_decode_row)
         dataset = _on_actors(
             ray, decoded, _Transcriber, workers, load=load, model=model, dtype=dtype, mode=mode, device=device,
-            settings=settings,
+            options=options, encoder_batch=encoder_batch,
         )  # fmt: skip
         for row in dataset.iter_rows():
             batch = planned[int(row["index"])]
             decoded = [reason if reason else np.empty(0) for reason in row["errors"]]
             transcripts = [_transcription(item) for item in json.loads(row["results"])]
             finish_batch(batch, decoded, transcripts, fmt, report, on_failure)
-            progress(len(batch))
+            progress(len(batch), sum(task.duration for task in batch))
     return report
 
 
 def _transcription(item: dict) -> Transcription:
-    item["segments"] = [Segment(**segment) for segment in item["segments"]]
-    return Transcription(**item)
+    """A :class:`Transcription` back from its ``asdict`` JSON (how results travel from the actors)."""
+    segments = [Segment(**(segment | {"words": [Word(**word) for word in segment["words"]]}))
+                for segment in item["segments"]]  # fmt: skip
+    return Transcription(**(item | {"segments": segments}))
 
 
 class _Generator:

@@ -4,10 +4,13 @@ micro-batches, JSONL generate (resumable, beams), and the same jobs on a local R
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import hf_slim
+from test_cli import hf_slim, terminal_lines
 from test_export import one_thread  # noqa: F401 (autouse fixture)
 from tiny_models import tiny_gpt2, tiny_tokenizer
 
@@ -81,7 +84,7 @@ def test_m4a_without_pyav_says_what_to_install(monkeypatch):
     import hf_slim.audio
 
     monkeypatch.setattr(hf_slim.audio, "_pyav", lambda: None)
-    with pytest.raises(ValueError, match=r'reading_garden.m4a: cannot decode .*pip install "hf-slim\[av\]"'):
+    with pytest.raises(ValueError, match=r"reading_garden.m4a: cannot decode .*install PyAV .*: pip install av"):
         load_audio(DATA / "reading_garden.m4a")
 
 
@@ -256,6 +259,160 @@ def test_encoder_micro_batches_change_no_output(bundled_whisper):
     assert [r.token_ids for r in micro] == [r.token_ids for r in plain]
 
 
+# ------------------------------------------------------------------------- what a new user meets (issue 28)
+
+
+def damaged_mp3(path: Path) -> Path:
+    """train_station.mp3 with every 97th byte after its header replaced (seeded): its header reads, its frames do
+    not, and libmpg123 says so on fd 2 ("Note: Illegal Audio-MPEG-Header ...", "Trying to resync...")."""
+    data = bytearray((DATA / "train_station.mp3").read_bytes())
+    noise = np.random.default_rng(0).integers(0, 256, len(data))
+    for position in range(200, len(data), 97):
+        data[position] = noise[position]
+    path.write_bytes(bytes(data))
+    return path
+
+
+QUIET_SCRIPT = """
+import sys, threading
+from hf_slim.audio import load_audio, quiet_native_decoders
+
+def decode():
+    for _ in range(20):
+        try:
+            load_audio(sys.argv[1])
+        except ValueError:
+            pass
+
+context = quiet_native_decoders() if sys.argv[2] == "quiet" else __import__("contextlib").nullcontext()
+with context:
+    thread = threading.Thread(target=decode)
+    thread.start()
+    for number in range(300):  # the main thread's own lines, while the other thread decodes
+        print(f"line {number}", file=sys.stderr)
+    thread.join()
+print("after", file=sys.stderr)
+"""
+
+
+def test_quiet_native_decoders_drops_libmpg123_and_keeps_every_python_line(tmp_path):
+    """A thread decodes a damaged MP3 twenty times while the main thread writes 300 lines to stderr: inside
+    ``quiet_native_decoders`` every one of those lines arrives and none of libmpg123's notes, which do arrive
+    without it (so this test can tell)."""
+    damaged = damaged_mp3(tmp_path / "damaged.mp3")
+    runs = {}
+    for mode in ("quiet", "plain"):
+        command = [sys.executable, "-c", QUIET_SCRIPT, str(damaged), mode]
+        runs[mode] = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stderr
+    expected = [f"line {number}" for number in range(300)] + ["after"]
+    assert runs["quiet"].splitlines() == expected
+    assert "Illegal Audio-MPEG-Header" in runs["plain"] and len(runs["plain"].splitlines()) > len(expected)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> dict:
+    """README's first bulk run as a user meets it: a fresh model cache (the bundled model is converted in the
+    command), umask 002, a folder of a 16 kHz WAV, a phone recording (M4A), a damaged MP3 and an empty (0-byte)
+    WAV, subtitles to an output folder. One subprocess, read by the tests below."""
+    root = tmp_path_factory.mktemp("first-run")
+    folder = root / "calls"
+    folder.mkdir()
+    shutil.copy(DATA / "finish_report.wav", folder / "meeting.wav")
+    shutil.copy(DATA / "reading_garden.m4a", folder / "phone.m4a")
+    damaged_mp3(folder / "damaged.mp3")
+    (folder / "empty.wav").write_bytes(b"")
+    cache, out = root / "cache", root / "subs"
+    env = {**os.environ, "HF_SLIM_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = hf_slim("transcribe", folder, "--output-dir", out, "--format", "srt", env=env, check=False, umask=0o002)
+    return {"result": result, "folder": folder, "cache": cache, "out": out}
+
+
+def test_summary_line_gives_files_audio_seconds_and_real_time_factor(first_run):
+    """Finding 1: a closing line with what was written and how fast (the bar itself is drawn on terminals only:
+    ``test_cli.py::test_transcribe_bar_counts_audio_seconds_and_files_on_a_terminal``)."""
+    result, out = first_run["result"], first_run["out"]
+    assert result.returncode == 1, "two inputs failed"
+    line = result.stdout.strip()
+    match = re.fullmatch(
+        rf"wrote 2 srt file\(s\) to {re.escape(str(out))} \(2 failed\): ([\d.]+) s of audio in ([\d.]+) s, "
+        r"([\d.]+)x real time \(real-time factor ([\d.]+)\)",
+        line,
+    )
+    assert match, line
+    audio, elapsed, speed, factor = map(float, match.groups())
+    expected = (len(load_audio(DATA / "finish_report.wav")[0]) + len(load_audio(DATA / "reading_garden.m4a")[0])) / 16e3
+    assert audio == pytest.approx(expected, abs=0.05)
+    assert speed == pytest.approx(audio / elapsed, rel=0.05) and factor == pytest.approx(elapsed / audio, rel=0.05)
+
+
+def test_outputs_and_the_converted_model_get_the_users_umask(first_run):
+    """Finding 2: with umask 002 every file the command writes is 0664 (was 0600: tempfile.mkstemp for outputs,
+    safetensors and mkdtemp for the converted model), folders 0775."""
+    out, cache = first_run["out"], first_run["cache"]
+    outputs = sorted(out.rglob("*"))
+    assert [path.name for path in outputs] == ["meeting.srt", "phone.srt"], "no temporary file is left"
+    converted = sorted(cache.rglob("*"))
+    assert any(path.name == "model.safetensors" for path in converted), converted
+    for path in [*outputs, *converted]:
+        expected = 0o775 if path.is_dir() else 0o664
+        assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: {oct(stat.S_IMODE(path.stat().st_mode))}"
+
+
+def test_damaged_mp3_is_one_line_and_native_decoders_print_nothing(first_run):
+    """Finding 3: the damaged MP3 is one line naming it; libmpg123's notes (printed on fd 2 while the file is
+    probed and while it is decoded in the background thread) are gone; our own lines all reach stderr."""
+    result, folder = first_run["result"], first_run["folder"]
+    lines = terminal_lines(result.stderr)
+    errors = [line for line in lines if line.startswith("hf-slim transcribe: error: ")]
+    assert len(errors) == 2 and f"error: {folder / 'damaged.mp3'}: the MP3 file is truncated or damaged: its " \
+        "header announces 3.51 s but only 0.05 s decode; copy or export it again" in errors[1], lines  # fmt: skip
+    others = [line for line in lines if line not in errors]
+    assert len(others) == 1 and others[0].startswith("hf_slim: 4 layers input (X)"), lines  # slimify's summary
+
+
+def test_m4a_is_decoded_by_the_readme_install(first_run):
+    """Finding 4: PyAV (FFmpeg's libraries in its wheels) is a dependency, not an extra: README's install
+    (``pip install ".[audio]"``) decodes the phone recording."""
+    from importlib.metadata import requires
+
+    assert any(re.match(r"av\b", requirement) and "extra" not in requirement for requirement in requires("hf-slim"))
+    subtitles = (first_run["out"] / "phone.srt").read_text()
+    assert subtitles.startswith("1\n00:00:00,000 --> ") and SENTENCES["reading_garden.wav"] in subtitles, subtitles
+
+
+def test_empty_file_says_it_is_empty(first_run):
+    """Finding 5: a 0-byte .wav was "Format not recognised ... convert it"; now one line says it is empty, from the
+    command (before the model loads) and from the library."""
+    empty = first_run["folder"] / "empty.wav"
+    message = "the file is empty (0 bytes), it holds no audio samples; record or export it again"
+    assert terminal_lines(first_run["result"].stderr)[0] == f"hf-slim transcribe: error: {empty}: {message}"
+    for read in (load_audio, probe_audio):
+        with pytest.raises(ValueError, match=re.escape(f"{empty}: {message}")):
+            read(empty)
+
+
+def test_ctrl_c_says_how_many_files_are_done_and_that_a_rerun_resumes(env, mixed_dir, tmp_path):
+    """Finding 1: SIGINT after the first output: exit status 130, one line saying how many of the files are done
+    and that the same command resumes, every output complete, no temporary file."""
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "hf_slim.cli", "transcribe", str(mixed_dir), "--format", "json", "--output-dir",
+               str(out), "--batch-size", "1"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("**/[!.]*.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    finished = sorted(out.rglob("[!.]*.json"))
+    assert process.returncode == 130 and 1 <= len(finished) < 6, (process.returncode, finished, stderr[-2000:])
+    assert terminal_lines(stderr)[-1] == (
+        f"hf-slim transcribe: interrupted: {len(finished)} of 6 files done; rerun the same command to resume"
+    ), stderr
+    for path in finished:
+        json.loads(path.read_text())  # complete
+    assert not list(out.rglob(f"{TEMP_PREFIX}*")), "no temporary file is left"
+
+
 # ------------------------------------------------------------------------------------------------ --max-memory
 
 
@@ -369,6 +526,29 @@ def test_generate_jsonl_in_batches_with_beams_matches_the_unpatched_model(name, 
     assert out.read_text() == "".join(text), "resumed: the same lines, each once"
 
 
+def test_generate_ctrl_c_says_how_many_prompts_are_done(text_dirs, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a JSONL generate job: how many prompts are in the output and that a rerun resumes."""
+    import hf_slim.bulk
+
+    prompts, out = write_prompts(tmp_path / "prompts.jsonl"), tmp_path / "out.jsonl"
+    original, calls = hf_slim.bulk.generate_batch, []
+
+    def interrupted_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_slim.bulk, "generate_batch", interrupted_at_the_second_batch)
+    arguments = ["generate", "--model", str(text_dirs["gpt2"]), "--input", str(prompts), "--output", str(out),
+                 "--batch-size", "2", "--max-new-tokens", "4"]  # fmt: skip
+    assert main(arguments) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"hf-slim generate: interrupted: 2 of {len(PROMPTS)} prompts done; rerun the same command to resume"
+    )
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_generate_max_memory_picks_a_larger_batch_for_the_slim_marian(text_dirs, tmp_path, capsys):
     prompts, out = write_prompts(tmp_path / "prompts.jsonl"), tmp_path / "out.jsonl"
     arguments = ["generate", "--model", str(text_dirs["marian"]), "--input", str(prompts), "--output", str(out),
@@ -394,22 +574,70 @@ def ray_processes_since(start: float) -> list[str]:
     return found
 
 
-def test_ray_local_two_workers_gives_the_single_process_outputs(env, mixed_dir, text_dirs, tmp_path):
-    """``--ray`` on a local Ray (2 CPU workers, one slim model each): the same files, byte for byte, as one process
-    with the same batches; likewise for JSONL generate; no Ray process outlives the command."""
-    pytest.importorskip("ray.data", reason='needs pip install "hf-slim[ray]"')
-    pytest.importorskip("av")
-    start = time.time()
-    single, distributed = tmp_path / "single", tmp_path / "ray"
-    common = ("transcribe", mixed_dir, "--format", "json", "--batch-size", 2)
-    hf_slim(*common, "--output-dir", single, env=env)
-    result = hf_slim(*common, "--output-dir", distributed, "--ray", "--workers", 2, env=env)
-    assert "wrote 6 json file(s)" in result.stdout, result.stdout + result.stderr[-2000:]
-    outputs = sorted(path.relative_to(single) for path in single.rglob("*.json"))
-    assert len(outputs) == 6 and outputs == sorted(p.relative_to(distributed) for p in distributed.rglob("*.json"))
-    for path in outputs:
-        assert (distributed / path).read_bytes() == (single / path).read_bytes(), path
+def transcriber_actors(driver: int) -> list:
+    """The Ray actor processes (one slim Whisper each) of the local Ray that the command with pid ``driver`` started
+    (its raylet is the command's child, the actors the raylet's): never another run's."""
+    import psutil
 
+    try:
+        processes = psutil.Process(driver).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    actors = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if "_Transcriber" in " ".join(process.cmdline()):
+                actors.append(process)
+    return actors
+
+
+@pytest.fixture(scope="module")
+def single_process_outputs(env, mixed_dir, tmp_path_factory) -> Path:
+    """The mixed folder to json in one process, batches of one file: what the Ray runs must write."""
+    single = tmp_path_factory.mktemp("single")
+    hf_slim("transcribe", mixed_dir, "--format", "json", "--batch-size", 1, "--output-dir", single, env=env)
+    return single
+
+
+@pytest.mark.ray
+def test_ray_worker_killed_mid_job_still_gives_the_single_process_outputs(env, mixed_dir, single_process_outputs,
+                                                                          tmp_path):  # fmt: skip
+    """``--ray`` on a local Ray (2 CPU workers, one slim model each) with one actor process SIGKILLed after the
+    first output is written: Ray restarts the actor and runs its unfinished batches again, the job finishes, and
+    every file is byte for byte the single-process run's; no temporary file, no Ray process outlives the command."""
+    pytest.importorskip("ray.data", reason='needs pip install "hf-slim[ray]"')
+    start = time.time()
+    out = tmp_path / "ray"
+    command = [sys.executable, "-m", "hf_slim.cli", "transcribe", str(mixed_dir), "--format", "json", "--batch-size",
+               "1", "--output-dir", str(out), "--ray", "--workers", "2"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.rglob("[!.]*.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    written, actors = len(list(out.rglob("[!.]*.json"))), transcriber_actors(process.pid)
+    assert 1 <= written < 6 and len(actors) == 2, (written, actors, process.poll())
+    actors[0].kill()  # SIGKILL: the process dies mid-job, as when the OOM killer or a pre-emption takes it
+    seen, restarted = {actor.pid for actor in actors}, []
+    while process.poll() is None and time.monotonic() < deadline:
+        restarted += [actor.pid for actor in transcriber_actors(process.pid) if actor.pid not in seen]
+        seen.update(restarted)
+        time.sleep(0.1)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "wrote 6 json file(s)" in stdout, stdout + stderr[-3000:]
+    assert restarted, "Ray started a new actor for the killed one"
+    outputs = sorted(path.relative_to(single_process_outputs) for path in single_process_outputs.rglob("*.json"))
+    assert len(outputs) == 6 and outputs == sorted(path.relative_to(out) for path in out.rglob("*.json"))
+    for path in outputs:
+        assert (out / path).read_bytes() == (single_process_outputs / path).read_bytes(), path
+    assert not list(out.rglob(f"{TEMP_PREFIX}*")), "no temporary file is left"
+    time.sleep(1)
+    assert ray_processes_since(start) == [], "Ray processes outlived the command"
+
+
+@pytest.mark.ray
+def test_ray_generate_jsonl_gives_the_single_process_lines(env, text_dirs, tmp_path):
+    """JSONL generate on a local Ray (2 CPU workers): the lines of one process, each once."""
+    pytest.importorskip("ray.data", reason='needs pip install "hf-slim[ray]"')
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     text = ("generate", "--model", text_dirs["marian"], "--input", prompts, "--batch-size", 2, "--num-beams", 2)
     hf_slim(*text, "--output", tmp_path / "single.jsonl", env=env)
@@ -417,5 +645,3 @@ def test_ray_local_two_workers_gives_the_single_process_outputs(env, mixed_dir, 
     by_id = [{json.loads(line)["id"]: line for line in (tmp_path / f).read_text().splitlines()} for f in
              ("single.jsonl", "ray.jsonl")]  # fmt: skip
     assert by_id[0] == by_id[1] and len(by_id[0]) == len(PROMPTS)
-    time.sleep(1)
-    assert ray_processes_since(start) == [], "Ray processes outlived the command"

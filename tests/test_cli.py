@@ -38,9 +38,12 @@ def env(bundled_whisper_cache) -> dict:
     return {**os.environ, "HF_SLIM_CACHE": str(bundled_whisper_cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def hf_slim(*args, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+def hf_slim(*args, env: dict, check: bool = True, umask: int = -1) -> subprocess.CompletedProcess:
+    """Run the ``hf-slim`` command (``umask``: the subprocess's, -1: inherited)."""
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "hf_slim.cli"]
-    result = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=300, umask=umask
+    )
     if check:
         assert result.returncode == 0, f"hf-slim {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}"
     return result
@@ -165,6 +168,37 @@ def test_transcribe_long_audio_in_30s_windows(env, tiny_whisper_dir, long_wav):
     assert "transcripts identical: yes" in out
     slim, vanilla, _ = cache_numbers(out)
     assert 0 < slim < vanilla
+
+
+def test_transcribe_bar_counts_audio_seconds_and_files_on_a_terminal(tiny_whisper_dir, long_wav, capsys, monkeypatch):
+    """On a terminal the bar counts audio seconds (its rate is audio seconds per second, its ETA weighs long files
+    as they are) and files; the long file advances it window by window."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    arguments = [str(DATA / "finish_report.wav"), str(long_wav), "--model", str(tiny_whisper_dir), "--batch-size", "1"]
+    assert main(["transcribe", *arguments]) == 0
+    frames = capsys.readouterr().err.split("\r")
+    bar = r"transcribing: +(\d+)%\|[^|]*\| (\d+)/41 s audio, (\d)/2 files \[[\d:]+<[\d:?]+, +(?:[\d.]+|\?) s audio/s\]"
+    shown = [re.match(bar, frame.strip()) for frame in frames]
+    shown = [(int(match[2]), int(match[3])) for match in shown if match]
+    assert shown and shown[0] == (0, 0), frames
+
+
+def test_transcription_progress_adds_up_window_by_window(tiny_whisper_dir, long_wav):
+    """``transcribe_tasks`` reports audio seconds as the long file's 30 s windows finish (files 0), then each
+    batch's files; the seconds add up to the durations from the headers."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from hf_slim.bulk import AudioTask, JobReport, check_audio, transcribe_tasks
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).eval()
+    processor = WhisperProcessor.from_pretrained(tiny_whisper_dir)
+    tasks = check_audio([AudioTask(long_wav, None), AudioTask(DATA / "finish_report.wav", None)], JobReport(), print)
+    calls = []
+    transcribe_tasks(model, processor, tasks, batch_size=2, progress=lambda *call: calls.append(call))
+    # the short file, the long file's first window (the last one ends with generate), then the batch's files
+    assert calls[:2] == [(0, pytest.approx(tasks[1].duration)), (0, 30.0)] and calls[-1][0] == 2, calls
+    assert sum(files for files, _ in calls) == 2
+    assert sum(seconds for _, seconds in calls) == pytest.approx(sum(task.duration for task in tasks))
 
 
 # -------------------------------------------------------------------------------- export, generate, verify
