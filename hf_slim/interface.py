@@ -156,6 +156,9 @@ def slim_attention(
                 bias_value = None
                 kwargs[score_bias.name] = None
             return grouped_cross_attention(query, key, value, attention_mask, run)
+        if state.mode == "encoder" and attention_mask is not None and 1 < attention_mask.shape[0] < query.shape[0]:
+            # keys per decoder row (UMT5: AttentionRoute.expand_encoder), the mask still per input: repeat it alike
+            attention_mask = attention_mask.repeat_interleave(query.shape[0] // attention_mask.shape[0], dim=0)
         return run(query, key, value, attention_mask)
     step: SlimStep = key
     step.inputs.attended = True

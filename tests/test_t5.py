@@ -236,6 +236,18 @@ def test_beam_search_identical(variant):
     assert difference <= 1e-5, f"beam scores differ by {difference:.3e}"
 
 
+@pytest.mark.parametrize("variant", ["t5-v1.0", "umt5"])
+def test_beam_search_without_cache_identical(variant):
+    """use_cache=False with beams over one encoder copy per input: the model's own cross-attention runs over keys of
+    that copy (T5: the position bias joins the folded mask) or of the copies UMT5's forward sizes by the decoder batch
+    (the mask repeated alike)."""
+    vanilla, slim = pair(variant)
+    expected = _generate(vanilla, num_beams=3, use_cache=False)
+    actual = _generate(slim, num_beams=3, use_cache=False)
+    assert_same_tokens(actual.sequences, expected.sequences, f"{variant} beams without a cache")
+    assert_close_relative(actual.sequences_scores, expected.sequences_scores, 1e-5, "beam scores")
+
+
 def test_beam_search_keeps_one_encoder_output_per_input():
     """Cross-attention sees the unexpanded encoder output (and its mask) whatever the number of beams."""
     vanilla, slim = pair("t5-v1.0")
