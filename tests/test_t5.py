@@ -507,6 +507,11 @@ def test_static_cache_generate_identical(variant):
 @pytest.mark.parametrize("variant", ["t5-v1.1", "umt5"])  # T5 / mT5 share one forward; UMT5 has its own
 def test_static_decode_step_compiles_fullgraph(variant):
     """A decode step over a static slim cache traces as one graph; compiled = eager = the unpatched model's step."""
+    if variant == "umt5" and Version(transformers.__version__) < Version("5.18"):
+        pytest.skip(
+            "transformers <= 5.17 builds UMT5's decoder self-attention with is_causal=False: the unpatched model's "
+            "dynamic-cache prefill (the reference) attends to future tokens, a static one (no mask skip) does not"
+        )
     vanilla, slim = pair(variant)
     batch = encoder_batch()
     encoder_outputs = slim.get_encoder()(**batch)
