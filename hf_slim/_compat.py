@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 #: ``modeling_t5``) exists from 5.15 on.
 MIN_TRANSFORMERS = Version("5.15.0")
 #: Newest transformers minor release the suite has run on (every patch release of it counts as tested).
-NEWEST_TESTED_TRANSFORMERS = Version("5.24")
+NEWEST_TESTED_TRANSFORMERS = Version("5.25")
 #: The tested range as a pip specifier (pyproject.toml requires the same range).
-TESTED_RANGE = ">=5.15,<5.25"
+TESTED_RANGE = ">=5.15,<5.26"
 
 
 class UntestedTransformersWarning(UserWarning):
@@ -227,6 +227,13 @@ class Contract:
         patch stands in for and must take the arguments of (``create_masks_for_generate`` in
         ``transformers.generation.utils``, which generate() calls unless the model has a method of that name).
         ``owner`` still says when the contract applies.
+    absent:
+        parameter names the method must *not* take: one that comes back means the release hands the layer something
+        the route leaves to the model (Falcon's ``alibi``, which the routed Falcon relies on the mask to carry).
+    calls:
+        names the method's source must use (:data:`ROUTED_CALLS` for a routed forward: the attention interface and
+        the cache update), checked in the installed source: a release that computes attention inline again is
+        refused before anything is patched, instead of at the first forward.
     """
 
     owner: type
@@ -235,6 +242,8 @@ class Contract:
     keywords: tuple[str, ...] = ()
     attributes: tuple[str, ...] = ()
     where: object | None = None
+    absent: tuple[str, ...] = ()
+    calls: tuple[str, ...] = ()
 
     def signature_problems(self) -> list[str]:
         """How the method's signature differs from the contract (empty when it holds)."""
@@ -259,12 +268,42 @@ class Contract:
         if missing:
             shown = ", ".join("a cache" if k == CACHE else k for k in missing)
             problems.append(f"{name} has no parameter(s) {shown}")
+        present = [k for k in self.absent if k in names]
+        if present:
+            problems.append(f"{name} takes {', '.join(present)}, which hf_slim expects the model to pass otherwise")
+        unused = [call for call in self.calls if call not in _source(function)]
+        if unused:
+            problems.append(f"{name} does not use {', '.join(unused)} (it computes attention itself)")
         return problems
 
     def attribute_problems(self, instance: object) -> list[str]:
         """Which of the contract's attributes ``instance`` lacks (empty when it has them all)."""
         missing = [name for name in self.attributes if not hasattr(instance, name)]
         return [f"{type(instance).__name__} has no attribute(s) {', '.join(missing)}"] if missing else []
+
+
+#: What a forward served through the extension points must use (:mod:`hf_slim.interface`): the attention function
+#: registry it looks hf_slim's function up in, and the cache update that hands hf_slim's function the slim step.
+ROUTED_CALLS = ("ALL_ATTENTION_FUNCTIONS", ".update(")
+
+
+def _source(function: Callable) -> str:
+    """The installed source of ``function`` (decorators unwrapped), or "" where Python keeps none."""
+    try:
+        return inspect.getsource(inspect.unwrap(function))
+    except (OSError, TypeError):
+        return ""
+
+
+def routes_attention(owner: type) -> bool:
+    """Whether the installed ``owner.forward`` computes attention through transformers' attention interface
+    (:data:`ROUTED_CALLS`), so that hf_slim serves it unchanged, or computes it itself (an adapted forward then).
+
+    Why read from the source: families move onto the interface one release at a time (GPT-J in 5.24, Falcon in 5.25),
+    and what a patch must do follows what the installed forward does, not a version number.
+    """
+    forward = getattr(owner, "forward", None)
+    return forward is not None and all(call in _source(forward) for call in ROUTED_CALLS)
 
 
 def forward_contracts(
@@ -309,16 +348,28 @@ def route_contracts(
     attention: tuple[type, ...],
     cache_owners: tuple[type, ...] = (),
     attributes: tuple[str, ...] = (),
+    absent: tuple[str, ...] = (),
 ) -> tuple[Contract, ...]:
     """Contracts for attention classes served through transformers' extension points (:mod:`hf_slim.interface`):
     their own forward runs, so hf_slim relies only on what it reads of its arguments (a cache parameter, the rotary
-    and encoder-output parameters the ``route`` names) and on the module ``attributes`` the patch reads (projections,
-    sizes). Whether the forward still calls ``cache.update`` and the registered attention function is checked at
-    every call (the slim step must be served), not from a signature.
+    and encoder-output parameters the ``route`` names), on the module ``attributes`` the patch reads (projections,
+    sizes), on the forward using the attention interface and the cache update (:data:`ROUTED_CALLS`, read from its
+    source before anything is patched), and on it not taking the ``absent`` parameters. That the forward really
+    calls ``cache.update`` and the registered attention function is also checked at every call (the slim step must
+    be served).
     """
     keywords = tuple(name for name in (route.rotary_parameter, route.encoder_parameter) if name is not None)
-    contracts = [Contract(owner, "forward", keywords=(CACHE, *keywords), attributes=attributes) for owner in attention]
+    contracts = [
+        Contract(
+            owner, "forward", keywords=(CACHE, *keywords), attributes=attributes, absent=absent, calls=ROUTED_CALLS
+        )
+        for owner in attention
+    ]
     contracts += [Contract(owner, "forward", keywords=(CACHE, "use_cache")) for owner in cache_owners]
+    if route.eager is None:  # the model file's own eager function runs the eager prefill
+        contracts += [
+            Contract(owner, "eager_attention_forward", where=sys.modules[owner.__module__]) for owner in attention
+        ]
     return tuple(contracts)
 
 

@@ -95,6 +95,18 @@ class SlimStep:
     cache: SlimCache | None = None
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
+    #: how many keys the unpatched layer would attend over after this update (past + new, a static layer's every slot)
+    key_length: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(batch, heads, keys, head_dim)`` of the keys ``update`` would have returned, -1 where not known: what
+        a model's forward reads of them besides handing them on (T5 sizes its position bias by ``shape[-2]``)."""
+        keys = self.key_length
+        if keys is None and self.inputs.encoder_states is not None:  # cross-attention: the encoder's frames
+            keys = self.inputs.encoder_states.shape[1]
+        batch, heads, _, head_dim = (-1, -1, -1, -1) if self.key is None else self.key.shape
+        return batch, heads, -1 if keys is None else keys, head_dim
 
     def __repr__(self) -> str:
         return "<hf_slim SlimStep: only hf_slim's attention function reads this, not a key/value tensor>"
@@ -600,7 +612,11 @@ class SlimCache(DynamicCache):
         inputs = self._staged.pop(layer_idx, None)
         if inputs is None:
             raise TypeError(_NOT_KV_MESSAGE)
-        step = SlimStep(inputs, self, key_states, value_states)
+        if layer is not None and layer.is_compileable:
+            key_length = layer.get_max_length()
+        else:
+            key_length = (0 if layer is None else layer.get_seq_length()) + key_states.shape[-2]
+        step = SlimStep(inputs, self, key_states, value_states, key_length)
         return step, step
 
     def update_slim(self, states: torch.Tensor, layer_idx: int, layout: SlimLayout | None = None) -> torch.Tensor:

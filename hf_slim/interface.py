@@ -30,7 +30,9 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ._compat import TransformersContractError, find_cache, positional_parameters
+from .absorbed import additive_bias
 from .attention import encoder_cross_attention, grouped_cross_attention, slim_self_attention
+from .bias import ScoreBias
 from .cache import EncoderOutputCache, SlimStep, StepInputs, adopt_cross_part, slim_cache_for
 from .patching import resident_weights
 from .registry import UnsupportedModelError
@@ -137,17 +139,30 @@ def slim_attention(
     # the function the unpatched model would call: its own eager one, or the registered one (SDPA)
     function = route.eager_function(module) if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    score_bias = route.score_bias
+    _check_keywords(module, score_bias, kwargs)
+    bias_value = kwargs.get(score_bias.name) if score_bias is not None and score_bias.source == "keyword" else None
 
     def run(q, k, v, mask):
-        return function(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
+        cut = {} if bias_value is None else score_bias.keyword_arguments(bias_value, k.shape[-2])
+        return function(module, q, k, v, mask, scaling=scaling, dropout=dropout, **{**kwargs, **cut})
 
     want_weights = implementation == "eager"
     if not isinstance(key, SlimStep):  # no cache: the model's own attention, beams folded onto one encoder copy
         if state.mode == "encoder" and key.shape[0] != query.shape[0]:
+            if bias_value is not None:  # one row per query: it joins the mask, which is folded with the queries
+                attention_mask = additive_bias(attention_mask, bias_value.dtype)
+                attention_mask = bias_value if attention_mask is None else attention_mask + bias_value
+                bias_value = None
+                kwargs[score_bias.name] = None
             return grouped_cross_attention(query, key, value, attention_mask, run)
+        if state.mode == "encoder" and attention_mask is not None and 1 < attention_mask.shape[0] < query.shape[0]:
+            # keys per decoder row (UMT5: AttentionRoute.expand_encoder), the mask still per input: repeat it alike
+            attention_mask = attention_mask.repeat_interleave(query.shape[0] // attention_mask.shape[0], dim=0)
         return run(query, key, value, attention_mask)
     step: SlimStep = key
     step.inputs.attended = True
+    term = None if score_bias is None else score_bias.term(module, bias_value)
     if state.mode == "encoder":
         return encoder_cross_attention(
             module,
@@ -157,8 +172,11 @@ def slim_attention(
             scale,
             run,
             want_weights=want_weights,
+            position_bias=term,
             fresh=None if step.key is None else (step.key, step.value),
         )
+    if score_bias is not None:
+        score_bias.check_mask(attention_mask, type(module).__name__)
     inputs = step.inputs
     pre_norm_key = None
     if state.key_scale and route.pre_norm_keys is not None:
@@ -175,10 +193,33 @@ def slim_attention(
         scale,
         run,
         want_weights=want_weights,
+        position_bias=term,
         rotary=inputs.rotary,
         position_ids=position_ids,
         pre_norm_key=pre_norm_key,
     )
+
+
+#: tensors transformers hands attention functions that carry no score term (the slim paths read positions themselves)
+_KNOWN_TENSOR_KEYWORDS = frozenset({"position_ids", "cache_position"})
+
+
+def _check_keywords(module: torch.nn.Module, score_bias: ScoreBias | None, kwargs: dict) -> None:
+    """Refuse a tensor keyword the slim paths would not apply (a new score term, such as a bias a release starts
+    passing to the attention function): the prefill would hand it to the model's function, the decode would leave it
+    out. The one a route declares as its score bias is applied."""
+    declared = {score_bias.name} if score_bias is not None and score_bias.source == "keyword" else set()
+    unknown = sorted(
+        name
+        for name, value in kwargs.items()
+        if isinstance(value, torch.Tensor) and name not in _KNOWN_TENSOR_KEYWORDS | declared
+    )
+    if unknown:
+        raise TransformersContractError(
+            f"{type(module).__name__}.forward hands its attention function {', '.join(unknown)}, which hf_slim's slim "
+            "decode does not apply: this transformers release changed that forward; call hf_slim.unslimify(model), "
+            "or install a tested transformers release"
+        )
 
 
 AttentionInterface.register(IMPLEMENTATION, slim_attention)
@@ -214,6 +255,8 @@ def routed_forward(module: torch.nn.Module, signature: RoutedSignature, *args, *
     inputs = None
     if cache is not None:
         inputs = _stage(module, state, route, signature, cache, args, kwargs)
+    if route.expand_encoder:
+        args, kwargs = _encoder_per_decoder_row(signature, route.encoder_parameter, args, kwargs)
     with resident_weights(module):
         output = type(module).forward(module, *args, **kwargs)
     if inputs is not None:
@@ -227,6 +270,21 @@ def routed_forward(module: torch.nn.Module, signature: RoutedSignature, *args, *
                 "cannot serve it; call hf_slim.unslimify(model), or install a tested transformers release"
             )
     return output
+
+
+def _encoder_per_decoder_row(signature: RoutedSignature, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with the encoder output ``(inputs, frames, d)`` repeated to the decoder's ``(inputs * group,
+    frames, d)`` rows, for a forward that sizes its own encoder keys by the decoder batch (UMT5): only what that
+    forward computes itself sees the copies."""
+    encoder_states = signature.argument(name, args, kwargs)
+    hidden_states = args[0] if args else kwargs.get(signature.names[0])
+    if encoder_states is None or encoder_states.shape[0] == hidden_states.shape[0]:
+        return args, kwargs
+    expanded = encoder_states.repeat_interleave(hidden_states.shape[0] // encoder_states.shape[0], dim=0)
+    index = signature.names.index(name)
+    if name not in kwargs and index < len(args):
+        return (*args[:index], expanded, *args[index + 1 :]), kwargs
+    return args, {**kwargs, name: expanded}
 
 
 def _stage(module, state, route: AttentionRoute, signature: RoutedSignature, cache, args, kwargs) -> StepInputs:

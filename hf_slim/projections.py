@@ -109,3 +109,16 @@ def interleaved_qkv_projections(fused: torch.nn.Linear, num_heads: int, head_dim
     """
     rows = torch.arange(3 * num_heads * head_dim, device=fused.weight.device).view(num_heads, 3, head_dim)
     return Projections.of(fused, fused, rows[:, 1].reshape(-1), rows[:, 2].reshape(-1))  # (d, e) each, head-major
+
+
+def split_interleaved_qkv(
+    fused: torch.Tensor, num_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value heads ``(batch, heads, new, head_dim)`` each of a fused ``(heads, 3, head_dim)`` output
+    ``fused: (batch, new, heads * 3 * head_dim)`` (BLOOM, Falcon-RW), as views, the way those models split it.
+
+    Why here and not the model's helper: BLOOM's ``_reshape`` and Falcon's ``_split_heads`` (gone in 5.25) are private
+    names a release may drop; this layout is what :func:`interleaved_qkv_projections` reads the weights by.
+    """
+    heads = fused.unflatten(-1, (num_heads, 3, head_dim))  # (b, t, h, 3, dk)
+    return tuple(heads[..., part, :].transpose(1, 2) for part in range(3))  # (b, h, t, dk) each

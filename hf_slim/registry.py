@@ -178,8 +178,9 @@ def _gqa_ratio(config: PreTrainedConfig) -> tuple[int | None, int | None]:
 def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
     """Pick the patcher for a config, or raise :class:`UnsupportedModelError` with the reason and the alternatives.
 
-    Checks, in order: MHA (grouped/multi-query attention keeps fewer K/V heads than query heads, so there is no
-    square W_K and the cache is already shared), known refusals, supported types, and the mode/position pairing.
+    Checks, in order: the refused configurations of a supported type (:data:`CONFIG_REFUSALS`, with the family's own
+    reason), MHA (grouped/multi-query attention keeps fewer K/V heads than query heads, so there is no square W_K and
+    the cache is already shared), known refusals, supported types, and the mode/position pairing.
     """
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(supported_model_types())
@@ -197,6 +198,9 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"{model_type!r} with a {decoder.model_type!r} decoder: {error}") from error
         return Architecture(SUPPORTED[model_type].patch_module, positions=inner.positions)
+    reason = config_refusal(config)  # a family's own reason first: it says more than the generic GQA one
+    if reason is not None:
+        raise UnsupportedModelError(f"hf_slim cannot patch this {model_type!r} configuration: {reason}.")
     heads, kv_heads = _gqa_ratio(config)
     if heads is not None and kv_heads is not None and kv_heads < heads:
         raise UnsupportedModelError(
@@ -225,9 +229,6 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
         raise UnsupportedModelError(
             f"hf_slim has no patch for model type {model_type!r}. Supported model types: {supported}."
         )
-    reason = config_refusal(config)
-    if reason is not None:
-        raise UnsupportedModelError(f"hf_slim cannot patch this {model_type!r} configuration: {reason}.")
     architecture = SUPPORTED[model_type]
     if mode == "input" and architecture.positions == "rope":
         raise UnsupportedModelError(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ._compat import TransformersContractError
+from .bias import ScoreBias
 from .kmode import KModeWeights, solve_k_mode
 from .patching import resident_weights
 from .projections import Projections
@@ -35,6 +36,13 @@ class AttentionRoute:
     pre_norm_keys:
         ``(module, hidden_states) -> keys`` before a per-token key norm (OLMo-2's ``k_norm``), for the key scale
         the K cache keeps; None where the keys are not normalised.
+    score_bias:
+        where the layer's additive score bias comes from (:class:`~hf_slim.bias.ScoreBias`: in the mask, or a
+        keyword of the attention function), or None: the mask is all there is (no position term in the scores).
+    expand_encoder:
+        the forward sizes the keys it computes from the encoder output by the decoder's batch (UMT5's
+        ``view(batch_size, ...)``): with beams over one encoder copy per input, the forward is handed that output
+        repeated per decoder row (the slim paths read the one copy).
     """
 
     rotary_parameter: str | None = None
@@ -42,6 +50,8 @@ class AttentionRoute:
     encoder_parameter: str | None = None
     eager: Callable[[torch.nn.Module], Callable] | None = None
     pre_norm_keys: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+    score_bias: ScoreBias | None = None
+    expand_encoder: bool = False
 
     def eager_function(self, module: torch.nn.Module) -> Callable:
         if self.eager is not None:

@@ -12,8 +12,6 @@ The fused projection's output rows are ordered ``(heads, 3, head_dim)``: see
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +19,8 @@ from transformers.models.bloom.modeling_bloom import BloomAttention, BloomModel,
 
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import slim_self_attention
-from hf_slim.projections import interleaved_qkv_projections
+from hf_slim.bias import ScoreBias
+from hf_slim.projections import interleaved_qkv_projections, split_interleaved_qkv
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
 
@@ -29,26 +28,14 @@ def _projections(module: BloomAttention):
     return interleaved_qkv_projections(module.query_key_value, module.num_heads, module.head_dim)
 
 
-# Adapted from transformers 5.23.0, models/bloom/modeling_bloom.py, BloomAttention.forward (scores to context).
-def _own_attention(module: BloomAttention, alibi: torch.Tensor, query, key, value, mask):
-    """BLOOM's attention: ``alibi + q k^T / sqrt(dk)`` (one baddbmm), additive mask, fp32 softmax.
+def _alibi_columns(module: BloomAttention, alibi: torch.Tensor, key_length: int, query_slots=None) -> torch.Tensor:
+    """ALiBi as the scores see it, ``(b, h, 1, key_length)`` of ``alibi: (b * h, 1, n)`` (one column per cache slot:
+    as long as the cache, a static one's too; the same for every query)."""
+    return alibi.view(-1, module.num_heads, 1, alibi.shape[-1])[..., :key_length]
 
-    ``query: (b, h, t, dk)``, ``key, value: (b, h, n, dk)``, ``alibi: (b * h, 1, n)``; returns ``(b, t, h, dk)`` and
-    the probabilities ``(b, h, t, n)``.
-    """
-    batch, heads, num_queries, head_dim = query.shape
-    alibi = alibi[..., : key.shape[-2]]  # a static cache's prefill attends over the new keys only
-    scores = alibi.baddbmm(
-        batch1=query.reshape(batch * heads, num_queries, head_dim),
-        batch2=key.reshape(batch * heads, -1, head_dim).transpose(-1, -2),
-        beta=module.beta,
-        alpha=module.inv_norm_factor,
-    ).view(batch, heads, num_queries, -1)  # (b, h, t, n)
-    if mask is not None:
-        scores = scores + mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    dropped = module.attention_dropout(probs)
-    return torch.matmul(dropped, value).transpose(1, 2), probs  # (b, t, h, dk)
+
+#: BLOOM's layer adds ALiBi from its ``alibi`` argument (every release up to 5.25 computes attention itself)
+ALIBI = ScoreBias.argument("alibi", _alibi_columns)
 
 
 def _output_projection(module: BloomAttention, context: torch.Tensor) -> torch.Tensor:
@@ -79,7 +66,7 @@ def slim_bloom_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch, num_queries, _ = hidden_states.shape
-    query, key, value = self._reshape(self.query_key_value(hidden_states))  # (b, h, t, dk) each
+    query, key, value = split_interleaved_qkv(self.query_key_value(hidden_states), self.num_heads, self.head_dim)
     context, probs = slim_self_attention(
         self,
         hidden_states,
@@ -89,9 +76,9 @@ def slim_bloom_attention_forward(
         cache,
         attention_mask,
         self.inv_norm_factor,
-        functools.partial(_own_attention, self, alibi),
+        ALIBI.eager(self, alibi, scale=self.inv_norm_factor, upcast=False, dropout=self.attention_dropout.p),
         want_weights=True,
-        position_bias=alibi.view(batch, self.num_heads, 1, -1),  # (b, h, 1, n): as long as the cache, static too
+        position_bias=ALIBI.term(self, alibi),
     )
     context = context.reshape(batch, num_queries, -1)  # (b, t, e)
     output = dropout_add(_output_projection(self, context), residual, self.hidden_dropout, self.training)

@@ -3,21 +3,25 @@
 :data:`hf_slim.registry.CONFIG_REFUSALS` (multi-query, grouped-query, RoPE).
 
 The fused ``query_key_value`` is laid out per head ``(heads, 3, head_dim)`` like BLOOM's
-(:func:`hf_slim.attention.interleaved_qkv_projections`). How ALiBi enters depends on the attention implementation, and
-the slim path follows the model exactly:
+(:func:`hf_slim.projections.interleaved_qkv_projections`). FalconModel folds ``alibi / sqrt(head_dim)`` into the 4-D
+float mask it hands every layer (with the padding and causal minimum filled in). What the layer does with it depends
+on the release (:data:`ROUTED`, read from the installed forward):
 
-* FalconModel folds ``alibi / sqrt(head_dim)`` into the 4-D float mask it hands to every layer (with the padding and
-  causal minimum filled in), so with SDPA the mask alone carries positions;
-* the eager path computes ``(q k^T + alibi) / sqrt(head_dim) + mask``, i.e. it adds the (scaled) ALiBi a second time
-  on top of the mask's copy. The absorbed decode therefore adds ``alibi / sqrt(head_dim)`` once more for eager.
+* transformers >= 5.25: FalconAttention takes no ``alibi`` and calls the attention interface like Llama's; the mask
+  alone carries ALiBi, for eager and SDPA alike. The model's own forward is served through the extension points
+  (:data:`ROUTE`, no copy), and the slim decode adds the mask as it is (``ScoreBias.in_mask``);
+* up to 5.24: the layer takes ``alibi`` and computes attention itself; with SDPA the mask alone carries positions,
+  the eager path computes ``(q k^T + alibi) / sqrt(head_dim) + mask``, i.e. it adds the (scaled) ALiBi a second time
+  on top of the mask's copy. :func:`slim_falcon_attention_forward` replaces that forward, and the absorbed decode
+  adds ``alibi / sqrt(head_dim)`` once more for eager (``ScoreBias.argument``, :data:`ALIBI`).
 
 Static caches (``generate(cache_implementation="static")``) give the tokens of the unpatched model with its default
-*dynamic* cache; transformers' own static cache cannot be the reference, it fails for Falcon in 5.23.0 (FalconModel
-builds ALiBi from a 2-D mask, and generate() hands compileable caches the 4-D mask of ``create_masks_for_generate``).
-The slim model gets a per-instance ``create_masks_for_generate`` (:func:`masks_for_generate`, installed by
-:func:`extra_patches`) that keeps the 2-D mask and pads it to the cache length, as transformers' BLOOM does for its
-own ALiBi: FalconModel then builds ALiBi and the 4-D mask over ``max_cache_len`` keys, and the slim attention slices
-them to the keys it attends over.
+*dynamic* cache; transformers' own static cache cannot be the reference, it fails for Falcon in 5.23.0 to 5.25.0
+(FalconModel builds ALiBi from a 2-D mask, and generate() hands compileable caches the 4-D mask of
+``create_masks_for_generate``). The slim model gets a per-instance ``create_masks_for_generate``
+(:func:`masks_for_generate`, installed by :func:`extra_patches`) that keeps the 2-D mask and pads it to the cache
+length, as transformers' BLOOM does for its own ALiBi: FalconModel then builds ALiBi and the 4-D mask over
+``max_cache_len`` keys, and the slim attention slices them to the keys it attends over.
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ from transformers.generation import utils as generation_utils
 from transformers.models.falcon.configuration_falcon import FalconConfig
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconForCausalLM, FalconModel
 
-from hf_slim._compat import CACHE, Contract, find_cache, forward_contracts
+from hf_slim._compat import CACHE, Contract, find_cache, forward_contracts, route_contracts, routes_attention
 from hf_slim.attention import slim_self_attention
+from hf_slim.bias import ScoreBias
 from hf_slim.patching import InstancePatch, PatchedMethod
-from hf_slim.projections import interleaved_qkv_projections
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.projections import interleaved_qkv_projections, split_interleaved_qkv
+from hf_slim.sites import AttentionRoute, AttentionSite, token_calibration_inputs
+
+#: transformers >= 5.25: FalconAttention's own forward calls the attention interface, with ALiBi in the mask.
+ROUTED = routes_attention(FalconAttention)
+ROUTE = AttentionRoute(score_bias=ScoreBias.in_mask())
 
 
 def _projections(module: FalconAttention):
@@ -48,8 +57,18 @@ def _eager(module: FalconAttention, output_attentions: bool) -> bool:
     return module.config._attn_implementation != "sdpa" or output_attentions
 
 
+def _eager_alibi(module: FalconAttention, alibi: torch.Tensor, key_length: int, query_slots=None) -> torch.Tensor:
+    """The ALiBi copy the eager path (up to 5.24) adds on top of the mask's, as the scores see it: ``alibi / sqrt(dk)``
+    ``(b, h, 1, key_length)`` (``alibi: (b * h, 1, n)``, n >= key_length for a static cache's prefill)."""
+    return alibi.view(-1, module.num_heads, 1, alibi.shape[-1])[..., :key_length] * module.inv_norm_factor
+
+
+#: up to 5.24: the eager layer adds ALiBi from its ``alibi`` argument (SDPA: the mask carries it, no term)
+ALIBI = ScoreBias.argument("alibi", _eager_alibi)
+
+
 # Adapted from transformers 5.23.0, models/falcon/modeling_falcon.py, FalconAttention.forward (the ALiBi branch, from
-# the scores to the context).
+# the scores to the context). Used up to 5.24 (see ROUTED).
 def _own_attention(module: FalconAttention, alibi: torch.Tensor, eager: bool, query, key, value, mask):
     """Falcon's ALiBi attention, SDPA (ALiBi inside ``mask``) or eager (ALiBi added again before the scaling).
 
@@ -74,6 +93,7 @@ def _own_attention(module: FalconAttention, alibi: torch.Tensor, eager: bool, qu
 
 # Adapted from transformers 5.23.0, models/falcon/modeling_falcon.py, FalconAttention.forward (multi-head, ALiBi):
 # the fused projection and the output projection are the model's own; the cache handling and the attention call change.
+# Used up to 5.24 (see ROUTED).
 def slim_falcon_attention_forward(
     self: FalconAttention,
     hidden_states: torch.Tensor,
@@ -89,11 +109,8 @@ def slim_falcon_attention_forward(
     if alibi is None:  # refused by the registry; a config edited after slimify must not run silently wrong
         raise RuntimeError("hf_slim patched this Falcon layer for ALiBi but the model passed none (RoPE)")
     batch, num_queries, _ = hidden_states.shape
-    query, key, value = self._split_heads(self.query_key_value(hidden_states))  # (b, t, h, dk) each
-    query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (b, h, t, dk)
+    query, key, value = split_interleaved_qkv(self.query_key_value(hidden_states), self.num_heads, self.head_dim)
     eager = _eager(self, output_attentions)
-    # eager adds alibi / sqrt(dk) on top of the mask's own copy; SDPA has it in the mask only
-    extra = alibi.view(batch, self.num_heads, 1, -1) * self.inv_norm_factor if eager else None  # (b, h, 1, n)
     context, probs = slim_self_attention(
         self,
         hidden_states,
@@ -105,7 +122,7 @@ def slim_falcon_attention_forward(
         1.0 / math.sqrt(self.head_dim),
         functools.partial(_own_attention, self, alibi, eager),
         want_weights=eager,
-        position_bias=extra,
+        position_bias=ALIBI.term(self, alibi) if eager else None,  # SDPA: in the mask only
     )
     context = context.reshape(batch, num_queries, -1)  # (b, t, e)
     return self.dense(context), probs
@@ -144,8 +161,9 @@ def extra_patches(model: nn.Module) -> list[InstancePatch]:
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """The self-attention of every decoder layer."""
+    serving = ROUTE if ROUTED else slim_falcon_attention_forward
     return [
-        AttentionSite.of(module, "self", _projections, slim_falcon_attention_forward)
+        AttentionSite.of(module, "self", _projections, serving)
         for module in model.modules()
         if isinstance(module, FalconAttention)
     ]
@@ -160,10 +178,22 @@ def cache_owners(model: nn.Module) -> list[nn.Module]:
 default_calibration_inputs = token_calibration_inputs
 
 
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-#: :func:`masks_for_generate` stands in for generate()'s default mask function, so it must take its arguments.
-CONTRACTS = (
-    *forward_contracts(slim_falcon_attention_forward, attention=(FalconAttention,), cache_owners=(FalconModel,)),
+#: What the routed or the adapted forward relies on in transformers (checked by slimify before it patches; see
+#: hf_slim._compat). The routed forward must take no ``alibi`` (the mask carries it). :func:`masks_for_generate` stands
+#: in for generate()'s default mask function, so it must take its arguments.
+if ROUTED:
+    CONTRACTS = route_contracts(
+        ROUTE,
+        attention=(FalconAttention,),
+        cache_owners=(FalconModel,),
+        attributes=("query_key_value", "num_heads", "head_dim", "layer_idx", "config"),
+        absent=("alibi",),
+    )
+else:
+    CONTRACTS = forward_contracts(
+        slim_falcon_attention_forward, attention=(FalconAttention,), cache_owners=(FalconModel,)
+    )
+CONTRACTS += (
     Contract(
         GenerationMixin,
         "create_masks_for_generate",

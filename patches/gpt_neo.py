@@ -6,21 +6,21 @@ change of keys. GPT-Neo does not scale its scores (scale 1.0) and computes them 
 
 The window: each :class:`GPTNeoSelfAttention` owns a boolean ``bias`` buffer ``(1, 1, max_positions, max_positions)``,
 causal for global layers and causal within the last ``window_size`` tokens for local ones, indexed by cache slot; its
-``_attn`` slices it by key length (rows ``key_length - query_length .. key_length``). Prefill and chunked prefill run
-that ``_attn`` (which applies it); the absorbed decode adds the rows of the queries' cache slots as an additive bias
-(:func:`_window_bias`), so a slim cache keeps every token of a local layer, as transformers' own dynamic cache does.
+``_attn`` slices it by key length (rows ``key_length - query_length .. key_length``). The slim paths read the rows of
+the queries' cache slots as an additive bias (:func:`_window_bias`, ``ScoreBias.module``): prefill and chunked
+prefill add them in :func:`hf_slim.bias.biased_eager_attention` (``_attn``'s arithmetic: float32 scores, unscaled),
+the absorbed decode adds the same rows, so a slim cache keeps every token of a local layer, as transformers' own dynamic
+cache does.
 
 Static caches: the slim model gives the tokens of the unpatched model with its default *dynamic* cache. transformers'
 own static cache cannot be the reference, it is wrong for GPT-Neo in 5.23.0: ``_attn`` then slices the window rows
 by ``max_cache_len`` instead of the written length (transformers marks GPT-Neo as not compilable: "needs a hybrid
 cache"). The slim path is right with either cache because the absorbed decode indexes the window rows by the queries'
-slots, and :func:`hf_slim.attention.slim_self_attention` hands ``_attn`` only the written slots of a static cache
+slots, and :func:`hf_slim.attention.slim_self_attention` hands the prefill only the written slots of a static cache
 (K/V and mask as long as a dynamic cache's).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoModel, GPTNeoSelf
 from hf_slim._compat import forward_contracts
 from hf_slim.absorbed import additive_bias
 from hf_slim.attention import slim_self_attention, split_heads
+from hf_slim.bias import ScoreBias
 from hf_slim.projections import Projections
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
@@ -38,9 +39,10 @@ def _projections(module: GPTNeoSelfAttention):
     return Projections.of(module.k_proj, module.v_proj)
 
 
-def _window_bias(module: GPTNeoSelfAttention, key_length: int, query_slots: torch.Tensor) -> torch.Tensor:
-    """The module's causal/window mask rows of the queries' cache slots ``query_slots: (t,)`` over the first
-    ``key_length`` slots, as an additive float32 bias ``(1, 1, t, key_length)`` (0 visible, dtype minimum hidden).
+def _window_bias(module: GPTNeoSelfAttention, owned: None, key_length: int, query_slots: torch.Tensor) -> torch.Tensor:
+    """The module's causal/window mask rows (``owned``: None, the module's own ``bias`` buffer is read) of the
+    queries' cache slots ``query_slots: (t,)`` over the first ``key_length`` slots, as an additive float32 bias
+    ``(1, 1, t, key_length)`` (0 visible, dtype minimum hidden).
 
     Why by slot and not by key length as ``_attn`` slices them: the two agree for a dynamic cache (whose key length is
     the written length) but a static cache's key length is ``max_cache_len``. Slots past the buffer (a static cache
@@ -53,10 +55,8 @@ def _window_bias(module: GPTNeoSelfAttention, key_length: int, query_slots: torc
     return bias[None, None]  # (1, 1, t, key_length)
 
 
-def _own_attention(module: GPTNeoSelfAttention, query, key, value, mask):
-    """``GPTNeoSelfAttention._attn`` (window mask included) in the attention-interface layout ``(b, t, h, dk)``."""
-    out, weights = module._attn(query, key, value, mask)  # (b, h, t, dk)
-    return out.transpose(1, 2), weights
+#: the window is a mask buffer the layer owns (``bias``), indexed by cache slot
+WINDOW = ScoreBias.module(_window_bias)
 
 
 # Adapted from transformers 5.23.0, models/gpt_neo/modeling_gpt_neo.py, GPTNeoSelfAttention.forward: the
@@ -82,9 +82,9 @@ def slim_gpt_neo_attention_forward(
         cache,
         attention_mask,
         1.0,
-        functools.partial(_own_attention, self),
+        WINDOW.eager(self, scale=1.0, upcast=True, dropout=self.attn_dropout.p),
         want_weights=True,
-        position_bias=functools.partial(_window_bias, self),
+        position_bias=WINDOW.term(self),
     )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
     attn_output = self.resid_dropout(self.out_proj(attn_output))

@@ -10,13 +10,12 @@ one applies is read from the installed forward's parameters (:data:`ROUTED`).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, apply_rotary_pos_emb
 
-from hf_slim._compat import forward_contracts, route_contracts
+from hf_slim._compat import forward_contracts, route_contracts, routes_attention
 from hf_slim.attention import slim_self_attention, split_heads
+from hf_slim.bias import ScoreBias
 from hf_slim.projections import Projections
 from hf_slim.rope import RotaryLayout, SinusoidPositions
 from hf_slim.sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
@@ -30,16 +29,6 @@ def _projections(module: torch.nn.Module) -> Projections:
     return Projections.of(module.k_proj, module.v_proj)  # (d, e); nn.Linear without bias
 
 
-def _run_attention(module: torch.nn.Module):
-    """GPT-J's own ``_attn`` (float32 scores), returning ``(b, t, h, dk)`` as the attention interfaces do."""
-
-    def run(query, key, value, mask):
-        out, weights = module._attn(query, key, value, mask)  # (b, h, t, dk)
-        return out.transpose(1, 2), weights
-
-    return run
-
-
 def _rotary_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """GPT-J's ``(sin, cos)``, ``(batch, new, rotary_dim / 2)`` each, as the ``(cos, sin)`` each rotated column was
     multiplied by: ``apply_rotary_pos_emb`` repeats every entry for its interleaved pair."""
@@ -47,14 +36,18 @@ def _rotary_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> t
     return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)  # (b, t, r) each
 
 
-#: transformers >= 5.24: the model's own attention forward is served through the extension points.
-ROUTED = "position_embeddings" in inspect.signature(GPTJAttention.forward).parameters
+#: up to 5.23: GPT-J's own ``_attn`` (float32 scores, no score bias), as the eager attention of a layer with none
+EAGER = ScoreBias.module(None)
+
+#: transformers >= 5.24: the model's own attention forward calls the attention interface and is served through the
+#: extension points.
+ROUTED = routes_attention(GPTJAttention)
 ROUTE = AttentionRoute(rotary_parameter="position_embeddings", rotary_columns=_rotary_columns)
 
 
-# Adapted from transformers 5.23.0, models/gptj/modeling_gptj.py, GPTJAttention.forward (used up to 5.23, see
-# ROUTED): the cache update and the attention call go through the slim cache; projections, RoPE (sin/cos lookup
-# included) and the output projection are the model's own.
+# Adapted from transformers 5.23.0, models/gptj/modeling_gptj.py, GPTJAttention.forward: the cache update and the
+# attention call go through the slim cache; projections, RoPE (sin/cos lookup included) and the output projection are
+# the model's own. Used up to 5.23 (see ROUTED).
 def slim_gptj_attention_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -65,8 +58,9 @@ def slim_gptj_attention_forward(
     output_attentions: bool | None = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    query = self._split_heads(self.q_proj(hidden_states), self.num_attention_heads, self.head_dim, True)  # (b,t,h,dk)
-    key = self._split_heads(self.k_proj(hidden_states), self.num_attention_heads, self.head_dim, True)  # (b,t,h,dk)
+    heads = (self.num_attention_heads, self.head_dim)
+    query = self.q_proj(hidden_states).unflatten(-1, heads)  # (b, t, h, dk)
+    key = self.k_proj(hidden_states).unflatten(-1, heads)  # (b, t, h, dk)
     value = split_heads(self.v_proj(hidden_states), self.head_dim)  # (b, h, t, dk)
     embed_positions = self._get_embed_positions(position_ids)
     repeated_position_ids = position_ids.unsqueeze(-1).repeat(1, 1, embed_positions.shape[-1])
@@ -87,7 +81,7 @@ def slim_gptj_attention_forward(
         cache,
         attention_mask,
         1.0 / float(self.scale_attn),
-        _run_attention(self),
+        EAGER.eager(self, scale=1.0 / float(self.scale_attn), upcast=True, dropout=self.attn_dropout.p),
         want_weights=True,
         rotary=cos_sin,
         position_ids=position_ids,

@@ -14,14 +14,13 @@ shared slim steps take True as *visible*, so the forward inverts it once and :fu
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
 from hf_slim._compat import forward_contracts
 from hf_slim.attention import slim_self_attention, split_heads
+from hf_slim.bias import ScoreBias
 from hf_slim.projections import Projections
 from hf_slim.sites import AttentionSite, token_calibration_inputs
 
@@ -31,26 +30,16 @@ def _projections(module: MptAttention) -> Projections:
     return Projections.of(module.Wqkv, module.Wqkv, slice(e, 2 * e), slice(2 * e, None))  # Wqkv rows [Q | K | V]
 
 
-def _alibi_bias(alibi: torch.Tensor, key_length: int, query_slots: torch.Tensor | None = None) -> torch.Tensor:
+def _alibi_bias(
+    module: MptAttention, alibi: torch.Tensor, key_length: int, query_slots: torch.Tensor | None = None
+) -> torch.Tensor:
     """The last ``key_length`` ALiBi columns, ``(1, h, 1, key_length)``, as MptAttention.forward slices them
     (relative to the last slot for every query: ``query_slots`` are not needed, softmax is shift invariant)."""
     return alibi[None, :, :, max(0, alibi.shape[-1] - key_length) :]
 
 
-# Adapted from transformers 5.23.0, models/mpt/modeling_mpt.py, MptAttention.forward (scores to context).
-def _own_attention(module: MptAttention, alibi: torch.Tensor, query, key, value, visible):
-    """MPT's attention: ``q k^T * softmax_scale + alibi``, masked fill, fp32 softmax.
-
-    ``query: (b, h, t, dk)``, ``key, value: (b, h, n, dk)``, ``visible``: bool mask, True where attended;
-    returns ``(b, t, h, dk)`` and the probabilities ``(b, h, t, n)``.
-    """
-    scores = torch.matmul(query, key.transpose(-1, -2)) * module.softmax_scale  # (b, h, t, n)
-    scores = scores + _alibi_bias(alibi, key.shape[-2])[0]
-    if visible is not None:
-        scores = scores.masked_fill(~visible, torch.finfo(query.dtype).min)
-    probs = nn.functional.softmax(scores.float(), dim=-1).to(value.dtype)
-    dropped = nn.functional.dropout(probs, p=module.attn_dropout_p, training=module.training)
-    return torch.matmul(dropped, value).transpose(1, 2), probs  # (b, t, h, dk)
+#: MPT's layer adds ALiBi from its ``position_bias`` argument (every release up to 5.25 computes attention itself)
+ALIBI = ScoreBias.argument("position_bias", _alibi_bias)
 
 
 # Adapted from transformers 5.23.0, models/mpt/modeling_mpt.py, MptAttention.forward: the fused projection and the
@@ -77,9 +66,9 @@ def slim_mpt_attention_forward(
         cache,
         visible,
         self.softmax_scale,
-        functools.partial(_own_attention, self, position_bias),
+        ALIBI.eager(self, position_bias, scale=self.softmax_scale, upcast=False, dropout=self.attn_dropout_p),
         want_weights=True,
-        position_bias=functools.partial(_alibi_bias, position_bias),
+        position_bias=ALIBI.term(self, position_bias),
     )
     context = context.reshape(*hidden_states.shape[:-1], -1)  # (b, t, e)
     return self.out_proj(context), probs

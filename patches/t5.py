@@ -10,28 +10,36 @@ there (``W_K`` is 1024 x 16384, not invertible): ``slimify(model, mode="k")`` ke
 with a :class:`~hf_slim.SlimFallbackWarning` (the K cache would also be 16x larger than X); configs with
 ``e == d_model`` (t5-small/base/large) can use it.
 
-Positions: T5 adds a learned relative position bias to unscaled scores (scale 1.0, no q/k/v biases). The bias is
-recomputed at every step by the module's own ``compute_bias`` (never cached), with the key length the unmodified model
-would see (``past + new``) and its ``past_seen_tokens`` offset, so decode steps get exactly the ``(1, h, new, seq)``
-rows of the original, including the decoder's causal (unidirectional) buckets. T5 / mT5 compute it in layer 0 and
-share it with later layers through the block outputs; UMT5 gives every layer its own bias table. Cross-attention has
-no relative bias: the model adds a zero bias, which we keep (it is what the original hands to the next layers).
+No forward is copied: from 5.15 on, T5Attention (and MT5Attention, UMT5Attention) calls ``cache.update`` and the
+attention function ``ALL_ATTENTION_FUNCTIONS`` holds, with the position bias as its ``position_bias`` keyword, so the
+model's own forward is served through the extension points (:mod:`hf_slim.interface`, :data:`ROUTE`).
+
+Positions: T5 adds a learned relative position bias to unscaled scores (scale 1.0, no q/k/v biases). The model's own
+forward computes it at every step with its ``compute_bias`` (never cached), sized by the keys the cache update returns:
+the slim step reports the key length the unmodified model would see (``past + new``, a static cache's every slot;
+:attr:`hf_slim.cache.SlimStep.shape`), so decode steps get exactly the ``(1, h, new, seq)`` rows of the original,
+including the decoder's causal (unidirectional) buckets. T5 / mT5 compute it in layer 0 and share it with later layers
+through the block outputs; UMT5 gives every layer its own bias table. The attention function receives it as a keyword
+(``ScoreBias.keyword``): the prefill hands it on to the model's function, the slim decode adds it. Cross-attention has
+no relative bias: the model adds a zero bias, kept the same way.
+
+UMT5's cross-attention sizes the encoder's keys by the decoder's batch (``view(batch_size, ...)``): with beams over one
+encoder copy per input, its forward is handed the encoder output repeated per decoder row
+(``AttentionRoute.expand_encoder``) for the keys it computes itself; the slim paths read the one copy.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.mt5.modeling_mt5 import MT5Attention, MT5Stack
-from transformers.models.t5.modeling_t5 import T5Attention, T5Stack, eager_attention_forward
+from transformers.models.t5.modeling_t5 import T5Attention, T5Stack
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
-from hf_slim._compat import CACHE, Contract
-from hf_slim.attention import encoder_cross_attention, slim_self_attention, split_heads
-from hf_slim.cache import self_attention_part
+from hf_slim._compat import route_contracts
+from hf_slim.bias import ScoreBias
 from hf_slim.generation import keep_one_encoder_output_per_input
 from hf_slim.projections import Projections
-from hf_slim.sites import AttentionSite
+from hf_slim.sites import AttentionRoute, AttentionSite
 
 #: Stacks whose decoder owns the cache, and attention classes with T5's forward signature
 #: ``(hidden_states, mask, key_value_states, position_bias, cache)`` vs UMT5's
@@ -39,205 +47,25 @@ from hf_slim.sites import AttentionSite
 STACKS = (T5Stack, MT5Stack, UMT5Stack)
 T5_STYLE_ATTENTION = (T5Attention, MT5Attention)
 
-#: Module attributes the shared step (:func:`_slim_t5_attention`) reads on every attention class of the family.
-_ATTRIBUTES = (
-    "q",
-    "k",
-    "v",
-    "o",
-    "n_heads",
-    "key_value_proj_dim",
-    "layer_idx",
-    "has_relative_attention_bias",
-    "compute_bias",
-    "scaling",
-    "dropout",
-    "config",
-)
-_COMPUTE_BIAS = ("query_length", "key_length", "device", "past_seen_tokens")
+#: The model's own forwards serve every class (no copy): the relative position bias reaches the attention function as
+#: ``position_bias``; the encoder output arrives as ``key_value_states`` (T5, mT5) or ``encoder_hidden_states`` (UMT5).
+POSITION_BIAS = ScoreBias.keyword("position_bias")
+ROUTE = AttentionRoute(encoder_parameter="key_value_states", score_bias=POSITION_BIAS)
+UMT5_ROUTE = AttentionRoute(encoder_parameter="encoder_hidden_states", score_bias=POSITION_BIAS, expand_encoder=True)
 
-#: What the adapted forwards rely on in transformers (checked by slimify, see hf_slim._compat).
+#: Module attributes the patch reads on every attention class of the family.
+_ATTRIBUTES = ("k", "v", "n_heads", "key_value_proj_dim", "layer_idx", "config")
+
+#: What the routed forwards rely on in transformers (checked by slimify, see hf_slim._compat).
 CONTRACTS = (
-    *(
-        Contract(
-            attention,
-            "forward",
-            parameters=("hidden_states", "mask", "key_value_states", "position_bias", CACHE),
-            attributes=_ATTRIBUTES,
-        )
-        for attention in T5_STYLE_ATTENTION
-    ),
-    Contract(
-        UMT5Attention,
-        "forward",
-        parameters=("hidden_states", "encoder_hidden_states", CACHE, "attention_mask"),
-        attributes=_ATTRIBUTES,
-    ),
-    *(Contract(cls, "compute_bias", parameters=_COMPUTE_BIAS) for cls in (*T5_STYLE_ATTENTION, UMT5Attention)),
-    *(Contract(stack, "forward", keywords=(CACHE, "use_cache")) for stack in STACKS),
+    *route_contracts(ROUTE, attention=T5_STYLE_ATTENTION, cache_owners=(T5Stack, MT5Stack), attributes=_ATTRIBUTES),
+    *route_contracts(UMT5_ROUTE, attention=(UMT5Attention,), cache_owners=(UMT5Stack,), attributes=_ATTRIBUTES),
 )
 
 
 def _projections(module: torch.nn.Module) -> Projections:
     """``K = X @ k.weight.T``: views of the live ``nn.Linear`` weights, ``(d_model, num_heads * d_kv)``, no biases."""
     return Projections.of(module.k, module.v)
-
-
-def _position_bias(
-    module, num_queries: int, key_length: int, past_seen_tokens: int, like: torch.Tensor
-) -> torch.Tensor:
-    """The bias the unmodified module computes when it is handed none: ``(1, h, num_queries, key_length)``.
-
-    Layers without a relative-bias table (later T5 layers when called alone, every cross-attention) add zeros in the
-    query's dtype, as the original does; ``like`` is the query ``(b, h, t, dk)``.
-    """
-    if not module.has_relative_attention_bias:
-        bias = torch.zeros((1, module.n_heads, num_queries, key_length), device=like.device, dtype=like.dtype)
-        if getattr(module, "gradient_checkpointing", False) and module.training:
-            bias.requires_grad = True
-        return bias
-    return module.compute_bias(num_queries, key_length, device=like.device, past_seen_tokens=past_seen_tokens)
-
-
-def _self_key_length(cache, layer_idx: int, num_queries: int) -> int:
-    """How many keys the unmodified self-attention sees after its cache update, the width of its position bias:
-    ``past + new`` with a dynamic cache (or none), every slot (``max_cache_len``) with a static one, whose K/V are
-    preallocated (the slim static step masks the unwritten slots and reads this full-width bias on its absorbed path).
-    """
-    if cache is None:
-        return num_queries
-    cache = self_attention_part(cache)
-    layers = getattr(cache, "layers", ())
-    if layer_idx < len(layers) and layers[layer_idx].is_compileable:
-        return layers[layer_idx].get_max_length()
-    return cache.get_seq_length(layer_idx) + num_queries
-
-
-# Adapted from transformers 5.24.0, models/t5/modeling_t5.py, T5Attention.forward (shared by the T5, mT5 and UMT5
-# forwards below): the cache handling and the attention call change; projections, the module's own compute_bias and
-# the output projection are the model's own.
-def _slim_t5_attention(
-    module: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    mask: torch.Tensor | None,
-    encoder_states: torch.Tensor | None,
-    position_bias: torch.Tensor | None,
-    cache,
-    kwargs: dict,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One T5 decoder attention step (self-attention with a slim cache, or cross-attention over E).
-
-    Parameters
-    ----------
-    hidden_states:
-        ``(batch, new, d_model)``, the layer-normed decoder states (the attention input X).
-    mask:
-        the mask T5Stack prepared (causal for self-attention, encoder padding for cross-attention), or None.
-    encoder_states:
-        ``(batch | inputs, frames, d_model)`` encoder output E for cross-attention, None for self-attention.
-    position_bias:
-        ``(1, h, new, seq)`` shared by an earlier layer, or None to compute it as the unmodified module does.
-
-    Returns
-    -------
-    ``(attn_output (batch, new, d_model), position_bias (1, h, new, seq), attn_weights or None)``.
-    """
-    batch, num_queries = hidden_states.shape[:2]
-    head_dim = module.key_value_proj_dim
-    past_seen_tokens = cache.get_seq_length(module.layer_idx) if cache is not None else 0
-    # a static cache's length is a tensor that the cache update below advances in place: keep the value before it (as
-    # the unmodified forward does)
-    past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
-    query = split_heads(module.q(hidden_states), head_dim)  # (b, h, t, dk)
-    if encoder_states is not None:
-        key_length = encoder_states.shape[1]
-    else:
-        key_length = _self_key_length(cache, module.layer_idx, num_queries)
-    if position_bias is None:
-        position_bias = _position_bias(module, num_queries, key_length, past_seen_tokens, query)
-
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
-    dropout = module.dropout if module.training else 0.0
-
-    def run_attention(query, key, value, attention_mask):
-        # over a static cache the slim step hands the model's attention the written slots only (as many keys as a
-        # dynamic cache holds), while the bias spans every slot, like the unmodified model's: keep its first columns
-        # (slot j is key position j); a no-op for every other call
-        return interface(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=module.scaling,
-            position_bias=position_bias[..., : key.shape[-2]],
-            **kwargs,
-        )
-
-    want_weights = module.config._attn_implementation == "eager"
-    if encoder_states is not None:
-        attn_output, attn_weights = encoder_cross_attention(
-            module,
-            query,
-            encoder_states,
-            mask,
-            module.scaling,
-            run_attention,
-            want_weights=want_weights,
-            position_bias=position_bias,
-        )
-    else:
-        key = split_heads(module.k(hidden_states), head_dim)  # (b, h, t, dk)
-        value = split_heads(module.v(hidden_states), head_dim)  # (b, h, t, dk)
-        attn_output, attn_weights = slim_self_attention(
-            module,
-            hidden_states,
-            query,
-            key,
-            value,
-            cache,
-            mask,
-            module.scaling,
-            run_attention,
-            want_weights=want_weights,
-            position_bias=position_bias,
-        )
-    attn_output = attn_output.reshape(batch, num_queries, -1).contiguous()  # (b, t, e)
-    return module.o(attn_output), position_bias, attn_weights
-
-
-# Adapted from transformers 5.23.0, models/t5/modeling_t5.py, T5Attention.forward (MT5Attention in
-# models/mt5/modeling_mt5.py is a copy): the cache handling and the attention call change; the projections, the
-# position bias (the module's own compute_bias) and the output projection are the model's own.
-# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
-def slim_t5_attention_forward(
-    self: T5Attention,
-    hidden_states: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    key_value_states: torch.Tensor | None = None,
-    position_bias: torch.Tensor | None = None,
-    cache=None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return _slim_t5_attention(self, hidden_states, mask, key_value_states, position_bias, cache, kwargs)
-
-
-# Adapted from transformers 5.23.0, models/umt5/modeling_umt5.py, UMT5Attention.forward: as for T5, except that every
-# layer computes its own relative position bias and the bias is not returned.
-# The original is the same in transformers 5.15 to 5.22; CONTRACTS guards what this relies on.
-def slim_umt5_attention_forward(
-    self: UMT5Attention,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None = None,
-    cache=None,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    output, _, weights = _slim_t5_attention(
-        self, hidden_states, attention_mask, encoder_hidden_states, None, cache, kwargs
-    )
-    return output, weights
 
 
 def _decoder_stacks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -250,14 +78,13 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     for stack in _decoder_stacks(model):
         for block in stack.block:
             self_attention = block.layer[0].SelfAttention
-            t5_style = isinstance(self_attention, T5_STYLE_ATTENTION)
-            forward = slim_t5_attention_forward if t5_style else slim_umt5_attention_forward
+            route = ROUTE if isinstance(self_attention, T5_STYLE_ATTENTION) else UMT5_ROUTE
             modules = [("self", self_attention)]
             if len(block.layer) == 3:  # self-attention, cross-attention, feed-forward
                 modules.append(("cross", block.layer[1].EncDecAttention))
             for kind, module in modules:
                 site = AttentionSite.of(
-                    module, kind, _projections, forward, num_heads=module.n_heads, head_dim=module.key_value_proj_dim
+                    module, kind, _projections, route, num_heads=module.n_heads, head_dim=module.key_value_proj_dim
                 )
                 sites.append(site)
     return sites

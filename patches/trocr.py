@@ -5,15 +5,17 @@ config is a decoder, ``encoder_attn`` (cross-attention over the image encoder's 
 ``cross_attention_hidden_size`` may differ from ``hidden_size``: ``k_proj``/``v_proj`` map it to ``hidden_size``; the
 absorbed query lives in that encoder width). Projections are ``nn.Linear`` with biases.
 
-TrOCR specifics (transformers 5.23.0): its attention is written out by hand (``torch.bmm``, additive float mask,
-softmax in the input dtype), with the query multiplied by ``head_dim ** -0.5`` before the dot product; the model has
-no SDPA path. Positions are learned or sinusoidal absolute embeddings added to the token embeddings, indexed by the
-cache length (which a SlimCache reports the same way): the input and encoder caches apply exactly.
+TrOCR specifics (transformers 5.15 to 5.25): its attention is written out by hand (``torch.bmm``, additive float
+mask, softmax in the input dtype), with the query multiplied by ``head_dim ** -0.5`` before the dot product; the model
+has no SDPA path. That arithmetic is BART's ``eager_attention_forward`` with scaling 1.0, which the slim prefill
+runs. Positions are learned or sinusoidal absolute embeddings added to the token embeddings, indexed by the cache
+length (which a SlimCache reports the same way): the input and encoder caches apply exactly.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.models.bart.modeling_bart import eager_attention_forward
 from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRDecoder
 
 from hf_slim._compat import forward_contracts
@@ -27,22 +29,10 @@ def _projections(module: TrOCRAttention) -> Projections:
     return Projections.of(module.k_proj, module.v_proj)
 
 
-def _trocr_attention(module: TrOCRAttention, query, key, value, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """TrOCR's own attention arithmetic on ``(b, h, t|s, dk)`` tensors, query already scaled.
-
-    Returns ``(b, t, h, dk)`` and the probabilities ``(b, h, t, s)``, as the transformers attention interfaces do.
-    """
-    scores = torch.matmul(query, key.transpose(-1, -2))  # (b, h, t, s)
-    if mask is not None:
-        scores = scores + mask
-    probabilities = torch.nn.functional.softmax(scores, dim=-1)
-    dropped = torch.nn.functional.dropout(probabilities, p=module.dropout, training=module.training)
-    return torch.matmul(dropped, value).transpose(1, 2), probabilities  # (b, t, h, dk)
-
-
 # Adapted from transformers 5.23.0, models/trocr/modeling_trocr.py, TrOCRAttention.forward: the cache handling
-# changes and the attention arithmetic moves to _trocr_attention; the scaled query, the projections and the output
-# projection are the model's own.
+# changes; the scaled query, the projections and the output projection are the model's own. Its attention arithmetic
+# (bmm of the prescaled query, additive mask, softmax in the input dtype, dropout, bmm) is BART's
+# eager_attention_forward with scaling 1.0, which runs it.
 def slim_trocr_attention_forward(
     self: TrOCRAttention,
     hidden_states: torch.Tensor,
@@ -59,8 +49,8 @@ def slim_trocr_attention_forward(
     and the weights ``(batch, heads, new, keys)`` when ``output_attentions``, else None.
     """
 
-    def run_attention(query, key, value, mask):
-        return _trocr_attention(self, query, key, value, mask)
+    def run_attention(query, key, value, mask):  # -> (b, t, h, dk), probabilities (b, h, t, s)
+        return eager_attention_forward(self, query, key, value, mask, scaling=1.0, dropout=self.dropout)
 
     query = split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim)  # (b, h, t, dk)
     attn_output, attn_weights = decoder_attention(

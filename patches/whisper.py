@@ -141,15 +141,31 @@ def _slim_cache_from_layers(states: list[torch.Tensor | None]) -> EncoderDecoder
 
 
 # Adapted from transformers 5.23.0, models/whisper/generation_whisper.py, WhisperGenerationMixin._postprocess_outputs
-# (its split_by_batch_index reads K/V of every layer): the slim cache is split here, everything else is delegated.
+# (split_by_batch_index, the cache branch: one row of every layer, on the CPU; none for long-form).
+def _cache_row(slim: SlimCache, row: int, is_shortform: bool) -> EncoderDecoderCache | None:
+    """Row ``row`` of a generate() output's slim cache, as transformers keeps one row of a K/V cache per sequence."""
+    if not is_shortform:  # transformers: "too costly for longform"
+        return None
+    return _slim_cache_from_layers(
+        [None if layer.states is None else layer.states[row][None].cpu() for layer in slim.layers]
+    )
+
+
+# Adapted from transformers 5.23.0, models/whisper/generation_whisper.py, WhisperGenerationMixin._stack_split_outputs
+# (the cache branch: every layer's rows concatenated, on the output device).
+def _stacked_cache(caches: list, device) -> EncoderDecoderCache:
+    """One slim cache of the per-sequence caches :func:`_cache_row` made, rows in order."""
+    layers = zip(*(_slim_self_cache(cache).layers for cache in caches), strict=True)
+    return _slim_cache_from_layers(
+        [None if rows[0].states is None else torch.cat([r.states for r in rows]).to(device) for rows in layers]
+    )
+
+
 def _postprocess_slim_outputs(
     self, seek_outputs, decoder_input_ids, return_token_timestamps, generation_config, is_shortform, seek, batch_idx_map
 ):
-    """Per-sequence outputs of one generate() call; a slim cache is split row by row like transformers splits K/V.
-
-    Short-form keeps each row's cache as an ``EncoderDecoderCache`` of a one-row SlimCache (transformers does the same
-    with K/V, moved to CPU); long-form keeps no cache (transformers: "too costly for longform").
-    """
+    """Per-sequence outputs of one generate() call: transformers' own ``_postprocess_outputs`` on the outputs without
+    the slim cache (its split reads K/V), then each sequence's row of the slim cache (:func:`_cache_row`)."""
     original = type(self)._postprocess_outputs
     key, cache = (None, None) if isinstance(seek_outputs, torch.Tensor) else cache_entry(seek_outputs)
     slim = _slim_self_cache(cache)
@@ -168,20 +184,14 @@ def _postprocess_slim_outputs(
     if slim is None:
         return result
     sequence_tokens, split = result
-    states = [layer.states for layer in slim.layers]
     for row, outputs in enumerate(split):
-        outputs[key] = (
-            _slim_cache_from_layers([None if s is None else s[row][None].cpu() for s in states])
-            if is_shortform
-            else None
-        )
+        outputs[key] = _cache_row(slim, row, is_shortform)
     return sequence_tokens, split
 
 
-# Adapted from transformers 5.23.0, models/whisper/generation_whisper.py, WhisperGenerationMixin._stack_split_outputs
-# (it stacks K/V of every layer): slim caches are stacked here, everything else is delegated.
 def _stack_split_slim_outputs(self, seek_outputs, model_output_type, device, kwargs):
-    """Stack the per-sequence outputs of :func:`_postprocess_slim_outputs` back into one generate() output."""
+    """Stack the per-sequence outputs of :func:`_postprocess_slim_outputs` back into one generate() output:
+    transformers' own ``_stack_split_outputs`` without the slim caches, then those stacked (:func:`_stacked_cache`)."""
     original = type(self)._stack_split_outputs
     key, first = cache_entry(seek_outputs[0]) if seek_outputs else (None, None)
     if _slim_self_cache(first) is None:
@@ -189,9 +199,7 @@ def _stack_split_slim_outputs(self, seek_outputs, model_output_type, device, kwa
     caches = [outputs[key] for outputs in seek_outputs]
     without_cache = [{k: v for k, v in outputs.items() if k != key} for outputs in seek_outputs]
     stacked = original(self, without_cache, model_output_type, device, kwargs)
-    layers = zip(*(_slim_self_cache(cache).layers for cache in caches), strict=True)
-    states = [None if rows[0].states is None else torch.cat([r.states for r in rows]).to(device) for rows in layers]
-    stacked[key] = _slim_cache_from_layers(states)
+    stacked[key] = _stacked_cache(caches, device)
     return stacked
 
 

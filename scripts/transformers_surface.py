@@ -1,7 +1,10 @@
 """How much of transformers hf_slim depends on: lines adapted from transformers, private transformers names used.
 
 * **Adapted lines**: the source lines of every function in ``hf_slim/`` and ``patches/`` whose comment block says
-  ``Adapted from transformers`` (the forwards and generation internals copied and changed), per file.
+  ``Adapted from transformers`` (the forwards and generation internals copied and changed), per file. A comment that
+  also says ``Used up to X.Y`` marks code that only older releases run (the installed one routes that family through
+  its attention interface): it is counted apart, as kept for older releases, when the installed transformers is
+  newer than X.Y.
 * **Private names**: identifiers starting with one underscore that hf_slim uses (attribute accesses, imported names,
   names of methods it patches given as strings) and that the installed transformers *defines* (``def _x``,
   ``class _x``, ``self._x = ...``, ``_x = ...``), with the files that use them.
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from packaging.version import Version
 
 PRIVATE = re.compile(r"^_[A-Za-z]\w*$")
 
@@ -29,11 +33,15 @@ def sources(root: Path) -> list[Path]:
     return sorted([*(root / "hf_slim").rglob("*.py"), *(root / "patches").rglob("*.py")])
 
 
-def adapted_lines(path: Path) -> int:
-    """Lines of the functions whose preceding comment block names transformers as their source."""
+USED_UP_TO = re.compile(r"Used up to (\d+\.\d+)")
+
+
+def adapted_lines(path: Path, installed: Version | None = None) -> tuple[int, int]:
+    """Lines of the functions whose preceding comment block names transformers as their source: ``(run by the
+    installed release, kept only for older releases)`` (all of them in the first where ``installed`` is None)."""
     lines = path.read_text().splitlines()
     tree = ast.parse("\n".join(lines))
-    total = 0
+    total, older = 0, 0
     for node in ast.walk(tree):
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
@@ -44,8 +52,13 @@ def adapted_lines(path: Path) -> int:
             comments.append(lines[above])
             above -= 1
         if any("Adapted from transformers" in comment for comment in comments):
-            total += node.end_lineno - node.lineno + 1
-    return total
+            count = node.end_lineno - node.lineno + 1
+            limit = USED_UP_TO.search(" ".join(comment.lstrip("# ") for comment in reversed(comments)))
+            if installed is not None and limit and installed.release[:2] > Version(limit.group(1)).release[:2]:
+                older += count
+            else:
+                total += count
+    return total, older
 
 
 def used_private_names(path: Path) -> set[str]:
@@ -82,11 +95,16 @@ def main() -> None:
     root = parser.parse_args().root
     files = sources(root)
     print(f"# {root} against transformers {transformers.__version__}")
-    adapted = {path.relative_to(root): adapted_lines(path) for path in files}
-    print(f"\nlines adapted from transformers: {sum(adapted.values())}")
-    for path, count in sorted(adapted.items()):
-        if count:
-            print(f"  {count:4d}  {path}")
+    installed = Version(transformers.__version__)
+    adapted = {path.relative_to(root): adapted_lines(path, installed) for path in files}
+    run, older = sum(count for count, _ in adapted.values()), sum(count for _, count in adapted.values())
+    print(
+        f"\nlines adapted from transformers: {run} run by transformers {installed}, "
+        f"{older} more kept for older releases"
+    )
+    for path, (count, kept) in sorted(adapted.items()):
+        if count or kept:
+            print(f"  {count:4d}  {path}" + (f"  (+ {kept} for older releases)" if kept else ""))
     theirs, ours = defined_by(Path(transformers.__file__).parent), defined_here(root)
     theirs -= set(dir(torch.nn.Module())) | set(vars(torch.nn.Module()))  # torch's own (``_modules``, ...)
     users = defaultdict(set)

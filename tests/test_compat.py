@@ -29,7 +29,7 @@ from hf_slim.registry import SUPPORTED
 pytestmark = pytest.mark.oldest_transformers  # the version machinery matters most on the oldest release
 
 
-@pytest.mark.parametrize("version", ["5.15.0", "5.17.0", "5.23.0", "5.24.0", "5.24.3"])
+@pytest.mark.parametrize("version", ["5.15.0", "5.17.0", "5.23.0", "5.24.0", "5.24.3", "5.25.0", "5.25.2"])
 def test_tested_versions_import_silently(version):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -43,10 +43,10 @@ def test_older_than_minimum_is_a_one_line_import_error(version):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("version", ["5.25.0", "5.25.0.dev0", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.26.0", "5.26.0.dev0", "6.0.0"])
 def test_newer_than_tested_is_one_warning_naming_the_range(version, monkeypatch):
     monkeypatch.delenv("HF_SLIM_SKIP_VERSION_CHECK", raising=False)
-    with pytest.warns(UntestedTransformersWarning, match=r"tested with transformers>=5\.15,<5\.25") as record:
+    with pytest.warns(UntestedTransformersWarning, match=r"tested with transformers>=5\.15,<5\.26") as record:
         check_transformers_version(version)
     assert len(record) == 1
 
@@ -68,7 +68,7 @@ def _import_hf_slim_with(version: str) -> subprocess.CompletedProcess:
 
 
 def test_import_under_newer_transformers_warns_once_and_works():
-    result = _import_hf_slim_with("5.25.0")
+    result = _import_hf_slim_with("5.26.0")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("UntestedTransformersWarning:") == 1, result.stderr
 
