@@ -102,9 +102,9 @@ def slimify(
     config = model.config
     architecture = architecture_for(config, mode)
     check_model_implementation(model)
-    patch_module = architecture.load()
-    check_contracts((*GENERATION_CONTRACTS, *getattr(patch_module, "CONTRACTS", ())), model)  # transformers drift
-    sites: list[AttentionSite] = patch_module.attention_sites(model)
+    patch = architecture.load()
+    check_contracts((*GENERATION_CONTRACTS, *patch.contracts), model)  # transformers drift
+    sites: list[AttentionSite] = patch.attention_sites(model)
     if not sites:
         raise UnsupportedModelError(f"found no attention layers to patch in {type(model).__name__}")
     resolved = ("k" if architecture.positions == "rope" else "input") if mode == "auto" else mode
@@ -118,7 +118,7 @@ def slimify(
         )
     else:
         layer_modes, calibration, k_weights = choose_layer_modes(
-            model, patch_module, sites, resolved, calibration_inputs, fallback_mode(architecture)
+            model, patch, sites, resolved, calibration_inputs, fallback_mode(architecture)
         )
     self_sites = [site for site in sites if site.kind == "self"]
     record = SlimRecord(
@@ -127,7 +127,7 @@ def slimify(
         calibration=calibration,
         num_cache_layers=1 + max((site.layer_idx for site in self_sites), default=-1),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
-        static_cache_refusal=getattr(patch_module, "STATIC_CACHE_REFUSAL", None),
+        static_cache_refusal=patch.static_cache_refusal,
         residual_ranks={name: weights.residual_rank for name, weights in k_weights.items()},
         kv_layers=tuple(site.layer_idx for site in self_sites if layer_modes[site.name] == "kv"),
         has_derived_state=any(mode == "k" for mode in layer_modes.values()),
@@ -136,11 +136,11 @@ def slimify(
     # and that a second unslimify finishes (see revert_all)
     patches = [InstancePatch(model, "_hf_slim_record", record)]
     patches += site_patches(sites, layer_modes, calibration, k_weights, record.owner)
-    for owner in patch_module.cache_owners(model):
+    for owner in patch.cache_owners(model):
         patches.append(InstancePatch(owner, forward_attribute(owner), forward_with_slim_cache(owner, record)))
     if hasattr(model, "_prepare_cache_for_generation"):
         patches.append(InstancePatch(model, "_prepare_cache_for_generation", prepare_slim_cache(model, record)))
-    patches.extend(getattr(patch_module, "extra_patches", lambda model: [])(model))
+    patches.extend(patch.extra_patches(model))
     patches.extend(export_patches(model, record))
     record.patches = patches
     apply_all(patches)

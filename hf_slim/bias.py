@@ -81,6 +81,8 @@ class ScoreBias:
             return None
         if self.source == "keyword":
             return value
+        if self.columns is None:  # a layer without a bias of its own (GPT-J up to 5.23)
+            return None
         return functools.partial(self.columns, module, value)
 
     def check_mask(self, mask: torch.Tensor | None, where: str) -> None:

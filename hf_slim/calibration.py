@@ -27,7 +27,7 @@ def fallback_mode(architecture) -> str:
     return "kv" if architecture.positions == "rope" else "input"
 
 
-def choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs, fallback):
+def choose_layer_modes(model, patch, sites, resolved, calibration_inputs, fallback):
     """Decide each site's mode; for the K mode solve W_KV and calibrate on real activations, before any patching."""
     layer_modes, calibration, k_weights = {}, {}, {}
     for site in sites:
@@ -43,7 +43,7 @@ def choose_layer_modes(model, patch_module, sites, resolved, calibration_inputs,
         _warn_fallback(refused, fallback)
         return layer_modes, calibration, k_weights
     if calibration_inputs is None:
-        calibration_inputs = patch_module.default_calibration_inputs(model)
+        calibration_inputs = patch.calibration_inputs(model)
     check_calibration_inputs(calibration_inputs)
     activations = collect_attention_inputs(model, self_sites, calibration_inputs)
     dtype = next(model.parameters()).dtype

@@ -172,8 +172,8 @@ def _set_config_settings(directory: Path, settings: dict | None) -> None:
 
 
 def _sites_by_name(model: torch.nn.Module) -> dict:
-    patch_module = SUPPORTED[model.config.model_type].load()
-    return {site.name: site for site in patch_module.attention_sites(model)}
+    patch = SUPPORTED[model.config.model_type].load()
+    return {site.name: site for site in patch.attention_sites(model)}
 
 
 @torch.no_grad()

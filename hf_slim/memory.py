@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedConfig
@@ -17,6 +18,9 @@ from .interface import check_model_implementation
 from .record import is_slim, slim_record
 from .registry import SUPPORTED, architecture_for
 from .rope import RotarySource
+
+if TYPE_CHECKING:
+    from .toolkit import ArchitecturePatch
 
 
 @dataclass
@@ -103,11 +107,11 @@ class CacheReport:
         return "\n".join(lines)
 
 
-def rotary_dim(model: torch.nn.Module, patch_module) -> int:
+def rotary_dim(model: torch.nn.Module, patch: ArchitecturePatch) -> int:
     """Width of the cos/sin a RoPE model hands its attention: the patch's ``rotary_dim(model)`` if it has one, else
     twice the length of the model's rotary ``inv_freq`` buffer (shapes only: works on the meta device)."""
-    if hasattr(patch_module, "rotary_dim"):
-        return patch_module.rotary_dim(model)
+    if patch.rotary_dim is not None:
+        return patch.rotary_dim(model)
     for module in model.modules():
         inv_freq = getattr(module, "inv_freq", None)
         if isinstance(inv_freq, torch.Tensor):
@@ -116,13 +120,13 @@ def rotary_dim(model: torch.nn.Module, patch_module) -> int:
 
 
 def rotary_bytes(
-    model: torch.nn.Module, patch_module, source: RotarySource | None, rows: int, seq_len: int, size: int
+    model: torch.nn.Module, patch: ArchitecturePatch, source: RotarySource | None, rows: int, seq_len: int, size: int
 ) -> tuple[str, int]:
     """What a slim cache of ``rows`` x ``seq_len`` tokens keeps to un-rotate RoPE keys, and its bytes, as
     :class:`hf_slim.cache.RotaryPositions` holds it: int32 positions (and regime ids), the regimes' float32
     ``inv_freq`` in a buffer grown by doubling (power-of-two rows), or the cos/sin table (``size``-byte numbers)."""
     if source is None:
-        return "cos/sin table", rows * seq_len * 2 * rotary_dim(model, patch_module) * size
+        return "cos/sin table", rows * seq_len * 2 * rotary_dim(model, patch) * size
     regimes = source.max_regimes(seq_len)
     capacity = 1 << (regimes - 1).bit_length() if regimes else 0
     regime_bytes = capacity * (source.rotary_dim // 2) * 4
@@ -192,8 +196,8 @@ def cache_report(
             raise ValueError(f"cache_report: {name} must be a positive integer, got {value!r}")
     if encoder_len is not None and not model.config.is_encoder_decoder:
         raise ValueError(f"cache_report: encoder_len is for encoder-decoder models; {model_type} has no encoder")
-    patch_module = SUPPORTED[model_type].load() if model_type in SUPPORTED else None
-    sites = patch_module.attention_sites(model) if patch_module is not None else []
+    patch = SUPPORTED[model_type].load() if model_type in SUPPORTED else None
+    sites = patch.attention_sites(model) if patch is not None else []
     if not sites:
         raise ValueError(f"no supported attention layers in {type(model).__name__} ({model_type!r})")
     dtype = dtype or next(model.parameters()).dtype
@@ -223,7 +227,7 @@ def cache_report(
     rotary = [site for site, layer in zip(sites, report.layers, strict=True) if site.rotary and layer.mode == "k"]
     if rotary:
         source = rotary[0].rotary_source  # the leading K layer's: the cache follows it
-        report.rotary_stored, report.rotary_bytes = rotary_bytes(model, patch_module, source, rows, seq_len, size)
+        report.rotary_stored, report.rotary_bytes = rotary_bytes(model, patch, source, rows, seq_len, size)
     if model.config.is_encoder_decoder:
         report.encoder_bytes = rows * encoder_len * d_model * size
     if verbose:

@@ -1,8 +1,8 @@
 """Which architectures hf_slim can patch, and why the others cannot be.
 
 Dispatch is one dict lookup on ``config.model_type``. Adding an architecture is one entry here plus one module in
-``patches/`` exposing :class:`ArchitecturePatch`'s functions. Architectures we know and refuse are listed with the
-reason, so the error a user sees explains itself.
+``patches/`` that declares its :class:`~hf_slim.toolkit.ArchitecturePatch` as ``PATCH``. Architectures we know and
+refuse are listed with the reason, so the error a user sees explains itself.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedConfig
+
+if TYPE_CHECKING:
+    from .toolkit import ArchitecturePatch
 
 
 class UnsupportedModelError(ValueError):
@@ -37,8 +40,9 @@ class Architecture:
     patch_module: str
     positions: str
 
-    def load(self) -> ModuleType:
-        return importlib.import_module(self.patch_module)
+    def load(self) -> ArchitecturePatch:
+        """The family's patch: the ``PATCH`` its module declares (the one name the registry reads)."""
+        return importlib.import_module(self.patch_module).PATCH
 
 
 SUPPORTED: dict[str, Architecture] = {
@@ -110,9 +114,6 @@ UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
 }
 
 
-#: Patch modules whose attention sites include cross-attention, so a composite (encoder + decoder) can use them.
-CROSS_ATTENTION_DECODERS = ("hf_slim.patches.bart", "hf_slim.patches.gpt2", "hf_slim.patches.trocr")
-
 #: Encoder-only families whose configs can also build a causal decoder (``is_decoder=True``), refused differently.
 ENCODER_ONLY = ("bert", "roberta")
 #: Configurations of supported model types that are refused, with the reason: ``model_type -> [(test, reason)]``.
@@ -164,6 +165,15 @@ def config_refusal(config: PreTrainedConfig) -> str | None:
     return None
 
 
+def cross_attention_decoders() -> list[str]:
+    """Supported model types whose decoder a composite may pair with an encoder (their patch serves cross-attention)."""
+    return sorted(
+        model_type
+        for model_type, architecture in SUPPORTED.items()
+        if architecture.positions != "decoder" and architecture.load().composite_decoder
+    )
+
+
 def supported_model_types() -> list[str]:
     """Model types slimify accepts."""
     return sorted(SUPPORTED)
@@ -190,10 +200,10 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
             raise UnsupportedModelError(f"{model_type!r} config has no decoder config")
         try:
             inner = architecture_for(decoder, mode)
-            if inner.patch_module not in CROSS_ATTENTION_DECODERS:
+            if not inner.load().composite_decoder:
                 raise UnsupportedModelError(
                     f"its patch has no cross-attention (a {inner.positions} decoder-only family); composites take "
-                    "decoders with cross-attention: " + ", ".join(sorted(CROSS_ATTENTION_DECODERS))
+                    "decoders with cross-attention: " + ", ".join(cross_attention_decoders())
                 )
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"{model_type!r} with a {decoder.model_type!r} decoder: {error}") from error

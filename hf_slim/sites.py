@@ -154,11 +154,14 @@ def solve_layer_k_mode(site: AttentionSite, residual_rank: int = 0) -> KModeWeig
 
 
 def token_calibration_inputs(model: torch.nn.Module) -> dict:
-    """Random token ids ``(2, 64)`` for the K-mode calibration of a text model when the user gives none (real text
-    calibrates better: pass ``calibration_inputs``)."""
+    """Random token ids ``(2, 64)`` for the K-mode calibration of a text model when the user gives none, and as many
+    decoder token ids for an encoder-decoder (real text calibrates better: pass ``calibration_inputs``)."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator, device="cpu")
-    return {"input_ids": input_ids.to(model.device)}
+    vocab = model.config.vocab_size
+    inputs = {"input_ids": torch.randint(0, vocab, (2, 64), generator=generator, device="cpu")}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (2, 64), generator=generator, device="cpu")
+    return {name: ids.to(model.device) for name, ids in inputs.items()}
 
 
 def instances_of(model: torch.nn.Module, classes: tuple[type, ...]) -> list[torch.nn.Module]:

@@ -46,12 +46,16 @@ from transformers.models.pegasus.modeling_pegasus import PegasusAttention, Pegas
 from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, PegasusXDecoder
 from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
 
-from hf_slim._compat import route_contracts
-from hf_slim.generation import keep_one_encoder_output_per_input
-from hf_slim.patching import InstancePatch
-from hf_slim.projections import Projections
-from hf_slim.registry import UnsupportedModelError
-from hf_slim.sites import AttentionRoute, AttentionSite
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionRoute,
+    AttentionSite,
+    Projections,
+    UnsupportedModelError,
+    instances_of,
+    one_encoder_output_per_input,
+    route_contracts,
+)
 
 #: The decoders (they create the cache when none is given) and their attention classes, all copies of BartAttention.
 DECODERS = (
@@ -93,7 +97,7 @@ ROUTE = AttentionRoute(encoder_parameter="key_value_states")
 
 
 def _decoders(model: torch.nn.Module) -> list[torch.nn.Module]:
-    decoders = [module for module in model.modules() if isinstance(module, DECODERS)]
+    decoders = instances_of(model, DECODERS)
     if not decoders:
         raise UnsupportedModelError(
             f"hf_slim cannot patch {type(model).__name__}: it has no decoder (encoder-only models keep no KV cache, "
@@ -108,7 +112,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     for decoder in _decoders(model):
         for layer in decoder.layers:
             for kind, module in (("self", layer.self_attn), ("cross", layer.encoder_attn)):
-                if not isinstance(module, ATTENTIONS):
+                if type(module) not in ATTENTIONS:
                     raise UnsupportedModelError(
                         f"{type(layer).__name__}.{'self_attn' if kind == 'self' else 'encoder_attn'} is a "
                         f"{type(module).__name__}, not the BART attention this patch was written for"
@@ -117,12 +121,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     return sites
 
 
-def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder's forward creates ``EncoderDecoderCache(DynamicCache, DynamicCache)`` when none is given."""
-    return _decoders(model)
-
-
-def default_calibration_inputs(model: torch.nn.Module) -> dict:
+def calibration_inputs(model: torch.nn.Module) -> dict:
     """Token ids for the K-mode calibration when the user gives none (real text calibrates better)."""
     generator = torch.Generator().manual_seed(0)
     text_config = model.config.get_text_config()  # Florence-2: the BART language model's config holds the vocabulary
@@ -137,17 +136,16 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
     return {"input_ids": input_ids.to(model.device), "decoder_input_ids": decoder_input_ids}
 
 
-def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
-    """Beam search keeps one encoder output per input (cross-attention folds the beams onto it)."""
-    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "_expand_inputs_for_generation"):
-        return []
-    return [keep_one_encoder_output_per_input(model)]
-
-
-#: What the routed forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = route_contracts(
-    ROUTE,
-    attention=ATTENTIONS,
-    cache_owners=DECODERS,
-    attributes=("k_proj", "v_proj", "head_dim", "num_heads", "layer_idx", "config"),
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=_decoders,  # the decoder's forward creates EncoderDecoderCache(DynamicCache, DynamicCache)
+    contracts=route_contracts(
+        ROUTE,
+        attention=ATTENTIONS,
+        cache_owners=DECODERS,
+        attributes=("k_proj", "v_proj", "head_dim", "num_heads", "layer_idx", "config"),
+    ),
+    calibration_inputs=calibration_inputs,
+    extra_patches=one_encoder_output_per_input,
+    composite_decoder=True,
 )

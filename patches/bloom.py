@@ -17,11 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.bloom.modeling_bloom import BloomAttention, BloomModel, dropout_add
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import slim_self_attention
-from hf_slim.bias import ScoreBias
-from hf_slim.projections import interleaved_qkv_projections, split_interleaved_qkv
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionSite,
+    ScoreBias,
+    attend_with_layer_bias,
+    forward_contracts,
+    instances_of,
+    interleaved_qkv_projections,
+    modules_of_type,
+    split_interleaved_qkv,
+)
 
 
 def _projections(module: BloomAttention):
@@ -67,19 +73,10 @@ def slim_bloom_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch, num_queries, _ = hidden_states.shape
     query, key, value = split_interleaved_qkv(self.query_key_value(hidden_states), self.num_heads, self.head_dim)
-    context, probs = slim_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        cache,
-        attention_mask,
-        self.inv_norm_factor,
-        ALIBI.eager(self, alibi, scale=self.inv_norm_factor, upcast=False, dropout=self.attention_dropout.p),
-        want_weights=True,
-        position_bias=ALIBI.term(self, alibi),
-    )
+    context, probs = attend_with_layer_bias(
+        ALIBI, self, hidden_states, (query, key, value), cache, attention_mask, alibi,
+        scale=self.inv_norm_factor, upcast=False, dropout=self.attention_dropout.p,
+    )  # fmt: skip
     context = context.reshape(batch, num_queries, -1)  # (b, t, e)
     output = dropout_add(_output_projection(self, context), residual, self.hidden_dropout, self.training)
     return output, probs
@@ -89,19 +86,12 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """The self-attention of every block."""
     return [
         AttentionSite.of(module, "self", _projections, slim_bloom_attention_forward)
-        for module in model.modules()
-        if isinstance(module, BloomAttention)
+        for module in instances_of(model, (BloomAttention,))
     ]
 
 
-def cache_owners(model: nn.Module) -> list[nn.Module]:
-    """BloomModel.forward creates the cache when none is given."""
-    return [module for module in model.modules() if isinstance(module, BloomModel)]
-
-
-#: token ids for the K-mode calibration when the user gives none
-default_calibration_inputs = token_calibration_inputs
-
-
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(slim_bloom_attention_forward, attention=(BloomAttention,), cache_owners=(BloomModel,))
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=modules_of_type(BloomModel),  # BloomModel.forward creates the cache when none is given
+    contracts=forward_contracts(slim_bloom_attention_forward, attention=(BloomAttention,), cache_owners=(BloomModel,)),
+)

@@ -10,21 +10,23 @@ itself gets the generate() override that keeps one encoder output per input unde
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from transformers import MusicgenForConditionalGeneration, SpeechEncoderDecoderModel, VisionEncoderDecoderModel
 
-from hf_slim.generation import keep_one_encoder_output_per_input
-from hf_slim.patching import InstancePatch
-from hf_slim.registry import SUPPORTED, UnsupportedModelError
-from hf_slim.sites import AttentionSite
+from hf_slim.registry import SUPPORTED
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionSite,
+    InstancePatch,
+    UnsupportedModelError,
+    keep_one_encoder_output_per_input,
+)
 
 COMPOSITES = (VisionEncoderDecoderModel, SpeechEncoderDecoderModel, MusicgenForConditionalGeneration)
 
 
-def _decoder_patch(model: torch.nn.Module) -> ModuleType:
-    """The patch module of the composite's decoder (the registry has already validated its config)."""
+def _decoder_patch(model: torch.nn.Module) -> ArchitecturePatch:
+    """The patch of the composite's decoder (the registry has already validated its config)."""
     if not isinstance(model, COMPOSITES):
         raise UnsupportedModelError(
             f"hf_slim cannot patch {type(model).__name__} as a composite; supported: "
@@ -49,7 +51,7 @@ def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
 
 
 @torch.no_grad()
-def default_calibration_inputs(model: torch.nn.Module) -> dict:
+def calibration_inputs(model: torch.nn.Module) -> dict:
     """Inputs for the K-mode calibration when the user gives none: the bundled speech sample (speech composites) or
     a random image (vision composites; pass real images as ``calibration_inputs`` for a meaningful calibration), and
     random decoder token ids.
@@ -82,9 +84,19 @@ def default_calibration_inputs(model: torch.nn.Module) -> dict:
 
 def _decoder_contracts() -> tuple:
     """The composites run their decoder's patch: its contracts are theirs (those of absent classes do not apply)."""
-    from hf_slim.patches import bart, gpt2, trocr
+    decoders = {SUPPORTED[model_type].patch_module: SUPPORTED[model_type] for model_type in SUPPORTED}
+    return tuple(
+        contract
+        for architecture in decoders.values()
+        if architecture.positions != "decoder" and architecture.load().composite_decoder
+        for contract in architecture.load().contracts
+    )
 
-    return (*bart.CONTRACTS, *gpt2.CONTRACTS, *trocr.CONTRACTS)
 
-
-CONTRACTS = _decoder_contracts()
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=cache_owners,
+    contracts=_decoder_contracts(),
+    calibration_inputs=calibration_inputs,
+    extra_patches=extra_patches,
+)

@@ -37,12 +37,25 @@ from transformers.generation import utils as generation_utils
 from transformers.models.falcon.configuration_falcon import FalconConfig
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconForCausalLM, FalconModel
 
-from hf_slim._compat import CACHE, Contract, find_cache, forward_contracts, route_contracts, routes_attention
-from hf_slim.attention import slim_self_attention
-from hf_slim.bias import ScoreBias
-from hf_slim.patching import InstancePatch, PatchedMethod
-from hf_slim.projections import interleaved_qkv_projections, split_interleaved_qkv
-from hf_slim.sites import AttentionRoute, AttentionSite, token_calibration_inputs
+from hf_slim.toolkit import (
+    CACHE,
+    ArchitecturePatch,
+    AttentionRoute,
+    AttentionSite,
+    Contract,
+    InstancePatch,
+    PatchedMethod,
+    ScoreBias,
+    find_cache,
+    forward_contracts,
+    instances_of,
+    interleaved_qkv_projections,
+    modules_of_type,
+    route_contracts,
+    routes_attention,
+    slim_self_attention,
+    split_interleaved_qkv,
+)
 
 #: transformers >= 5.25: FalconAttention's own forward calls the attention interface, with ALiBi in the mask.
 ROUTED = routes_attention(FalconAttention)
@@ -111,6 +124,9 @@ def slim_falcon_attention_forward(
     batch, num_queries, _ = hidden_states.shape
     query, key, value = split_interleaved_qkv(self.query_key_value(hidden_states), self.num_heads, self.head_dim)
     eager = _eager(self, output_attentions)
+    attention = functools.partial(_own_attention, self, alibi, eager)
+    bias = ALIBI.term(self, alibi) if eager else None  # SDPA: in the mask only
+    scale = 1.0 / math.sqrt(self.head_dim)
     context, probs = slim_self_attention(
         self,
         hidden_states,
@@ -119,10 +135,10 @@ def slim_falcon_attention_forward(
         value,
         cache,
         attention_mask,
-        1.0 / math.sqrt(self.head_dim),
-        functools.partial(_own_attention, self, alibi, eager),
+        scale,
+        attention,
         want_weights=eager,
-        position_bias=ALIBI.term(self, alibi) if eager else None,  # SDPA: in the mask only
+        position_bias=bias,
     )
     context = context.reshape(batch, num_queries, -1)  # (b, t, e)
     return self.dense(context), probs
@@ -163,26 +179,21 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """The self-attention of every decoder layer."""
     serving = ROUTE if ROUTED else slim_falcon_attention_forward
     return [
-        AttentionSite.of(module, "self", _projections, serving)
-        for module in model.modules()
-        if isinstance(module, FalconAttention)
+        AttentionSite.of(module, "self", _projections, serving) for module in instances_of(model, (FalconAttention,))
     ]
 
 
-def cache_owners(model: nn.Module) -> list[nn.Module]:
-    """FalconModel.forward creates the cache when none is given."""
-    return [module for module in model.modules() if isinstance(module, FalconModel)]
-
-
-#: token ids for the K-mode calibration when the user gives none
-default_calibration_inputs = token_calibration_inputs
-
-
-#: What the routed or the adapted forward relies on in transformers (checked by slimify before it patches; see
-#: hf_slim._compat). The routed forward must take no ``alibi`` (the mask carries it). :func:`masks_for_generate` stands
-#: in for generate()'s default mask function, so it must take its arguments.
+#: What the routed or the adapted forward relies on in transformers. The routed forward must take no ``alibi`` (the
+#: mask carries it). :func:`masks_for_generate` stands in for generate()'s default mask function, so it must take its
+#: arguments.
+_MASKS_CONTRACT = Contract(
+    GenerationMixin,
+    "create_masks_for_generate",
+    parameters=("config", "inputs_embeds", "attention_mask", CACHE),
+    where=generation_utils,
+)
 if ROUTED:
-    CONTRACTS = route_contracts(
+    _FORWARD_CONTRACTS = route_contracts(
         ROUTE,
         attention=(FalconAttention,),
         cache_owners=(FalconModel,),
@@ -190,14 +201,13 @@ if ROUTED:
         absent=("alibi",),
     )
 else:
-    CONTRACTS = forward_contracts(
+    _FORWARD_CONTRACTS = forward_contracts(
         slim_falcon_attention_forward, attention=(FalconAttention,), cache_owners=(FalconModel,)
     )
-CONTRACTS += (
-    Contract(
-        GenerationMixin,
-        "create_masks_for_generate",
-        parameters=("config", "inputs_embeds", "attention_mask", CACHE),
-        where=generation_utils,
-    ),
+
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=modules_of_type(FalconModel),  # FalconModel.forward creates the cache when none is given
+    contracts=(*_FORWARD_CONTRACTS, _MASKS_CONTRACT),
+    extra_patches=extra_patches,
 )

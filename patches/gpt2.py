@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eager_attention_forward
 
-from hf_slim._compat import route_contracts
-from hf_slim.projections import Projections
-from hf_slim.sites import AttentionRoute, AttentionSite, token_calibration_inputs
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionRoute,
+    AttentionSite,
+    Projections,
+    instances_of,
+    modules_of_type,
+    route_contracts,
+)
 
 
 def _self_projections(module: GPT2Attention) -> Projections:
@@ -40,14 +46,6 @@ def _eager(module: GPT2Attention):
 #: encoder output arrives as ``encoder_hidden_states``.
 ROUTE = AttentionRoute(encoder_parameter="encoder_hidden_states", eager=_eager)
 
-#: What the routed forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = route_contracts(
-    ROUTE,
-    attention=(GPT2Attention,),
-    cache_owners=(GPT2Model,),
-    attributes=("c_attn", "split_size", "head_dim", "num_heads", "layer_idx", "is_cross_attention", "config"),
-)
-
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """Self-attention (and cross-attention, if the config adds it) of every GPT-2 block."""
@@ -55,14 +53,18 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
         AttentionSite.of(module, "cross", _cross_projections, ROUTE)
         if module.is_cross_attention
         else AttentionSite.of(module, "self", _self_projections, ROUTE)
-        for module in model.modules()
-        if isinstance(module, GPT2Attention)
+        for module in instances_of(model, (GPT2Attention,))
     ]
 
 
-def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """GPT2Model.forward creates the cache when none is given."""
-    return [module for module in model.modules() if isinstance(module, GPT2Model)]
-
-
-default_calibration_inputs = token_calibration_inputs
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=modules_of_type(GPT2Model),  # GPT2Model.forward creates the cache when none is given
+    contracts=route_contracts(
+        ROUTE,
+        attention=(GPT2Attention,),
+        cache_owners=(GPT2Model,),
+        attributes=("c_attn", "split_size", "head_dim", "num_heads", "layer_idx", "is_cross_attention", "config"),
+    ),
+    composite_decoder=True,
+)

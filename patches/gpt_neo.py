@@ -27,12 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoModel, GPTNeoSelfAttention
 
-from hf_slim._compat import forward_contracts
-from hf_slim.absorbed import additive_bias
-from hf_slim.attention import slim_self_attention, split_heads
-from hf_slim.bias import ScoreBias
-from hf_slim.projections import Projections
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionSite,
+    Projections,
+    ScoreBias,
+    additive_bias,
+    attend_with_layer_bias,
+    forward_contracts,
+    instances_of,
+    modules_of_type,
+    split_heads,
+)
 
 
 def _projections(module: GPTNeoSelfAttention):
@@ -73,19 +79,10 @@ def slim_gpt_neo_attention_forward(
     query, key, value = (
         split_heads(projection(hidden_states), self.head_dim) for projection in (self.q_proj, self.k_proj, self.v_proj)
     )  # (b, h, t, dk)
-    attn_output, attn_weights = slim_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        cache,
-        attention_mask,
-        1.0,
-        WINDOW.eager(self, scale=1.0, upcast=True, dropout=self.attn_dropout.p),
-        want_weights=True,
-        position_bias=WINDOW.term(self),
-    )
+    attn_output, attn_weights = attend_with_layer_bias(
+        WINDOW, self, hidden_states, (query, key, value), cache, attention_mask,
+        scale=1.0, upcast=True, dropout=self.attn_dropout.p,
+    )  # fmt: skip
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
     attn_output = self.resid_dropout(self.out_proj(attn_output))
     return attn_output, attn_weights
@@ -103,21 +100,14 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
             projections=_projections,
             forward=slim_gpt_neo_attention_forward,
         )
-        for module in model.modules()
-        if type(module) is GPTNeoSelfAttention
+        for module in instances_of(model, (GPTNeoSelfAttention,))
     ]
 
 
-def cache_owners(model: nn.Module) -> list[nn.Module]:
-    """GPTNeoModel.forward creates the cache when none is given."""
-    return [module for module in model.modules() if isinstance(module, GPTNeoModel)]
-
-
-#: token ids for the K-mode calibration when the user gives none
-default_calibration_inputs = token_calibration_inputs
-
-
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(
-    slim_gpt_neo_attention_forward, attention=(GPTNeoSelfAttention,), cache_owners=(GPTNeoModel,)
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=modules_of_type(GPTNeoModel),  # GPTNeoModel.forward creates the cache when none is given
+    contracts=forward_contracts(
+        slim_gpt_neo_attention_forward, attention=(GPTNeoSelfAttention,), cache_owners=(GPTNeoModel,)
+    ),
 )

@@ -13,16 +13,22 @@ from __future__ import annotations
 import torch
 from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJModel, apply_rotary_pos_emb
 
-from hf_slim._compat import forward_contracts, route_contracts, routes_attention
-from hf_slim.attention import slim_self_attention, split_heads
-from hf_slim.bias import ScoreBias
-from hf_slim.projections import Projections
-from hf_slim.rope import RotaryLayout, SinusoidPositions
-from hf_slim.sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
-
-#: The attention classes this patch adapts, and the base models whose forward creates the cache.
-ATTENTION_CLASSES = (GPTJAttention,)
-BASE_MODEL_CLASSES = (GPTJModel,)
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionRoute,
+    AttentionSite,
+    Projections,
+    RotaryLayout,
+    ScoreBias,
+    SinusoidPositions,
+    attend_with_layer_bias,
+    forward_contracts,
+    modules_of_type,
+    rope_attention_sites,
+    route_contracts,
+    routes_attention,
+    split_heads,
+)
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -37,7 +43,7 @@ def _rotary_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> t
 
 
 #: up to 5.23: GPT-J's own ``_attn`` (float32 scores, no score bias), as the eager attention of a layer with none
-EAGER = ScoreBias.module(None)
+NO_BIAS = ScoreBias.module(None)
 
 #: transformers >= 5.24: the model's own attention forward calls the attention interface and is served through the
 #: extension points.
@@ -72,20 +78,11 @@ def slim_gptj_attention_forward(
     query, key = query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3)  # (b, h, t, dk)
     # the cos/sin each column was multiplied by (apply_rotary_pos_emb repeats every entry for its pair)
     cos_sin = (cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1))  # (b, t, r) each
-    out, weights = slim_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        cache,
-        attention_mask,
-        1.0 / float(self.scale_attn),
-        EAGER.eager(self, scale=1.0 / float(self.scale_attn), upcast=True, dropout=self.attn_dropout.p),
-        want_weights=True,
-        rotary=cos_sin,
-        position_ids=position_ids,
-    )
+    out, weights = attend_with_layer_bias(
+        NO_BIAS, self, hidden_states, (query, key, value), cache, attention_mask,
+        scale=1.0 / float(self.scale_attn), upcast=True, dropout=self.attn_dropout.p,
+        rotary=cos_sin, position_ids=position_ids,
+    )  # fmt: skip
     out = out.reshape(*out.shape[:-2], -1)  # (b, t, e)
     return self.resid_dropout(self.out_proj(out)), weights
 
@@ -106,7 +103,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     """The attention module of every block."""
     return rope_attention_sites(
         model,
-        ATTENTION_CLASSES,
+        (GPTJAttention,),
         _projections,
         ROUTE if ROUTED else slim_gptj_attention_forward,
         RotaryLayout("interleaved"),
@@ -120,23 +117,20 @@ def rotary_dim(model: torch.nn.Module) -> int:
     return config.rotary_dim or config.n_embd // config.n_head
 
 
-def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """GPTJModel.forward creates the cache when none is given."""
-    return instances_of(model, BASE_MODEL_CLASSES)
-
-
-default_calibration_inputs = token_calibration_inputs
-
-
 #: What the routed or the adapted forward relies on in transformers (checked by slimify; see hf_slim._compat).
 if ROUTED:
-    CONTRACTS = route_contracts(
+    _CONTRACTS = route_contracts(
         ROUTE,
-        attention=ATTENTION_CLASSES,
-        cache_owners=BASE_MODEL_CLASSES,
+        attention=(GPTJAttention,),
+        cache_owners=(GPTJModel,),
         attributes=("k_proj", "v_proj", "head_dim", "layer_idx", "config"),
     )
 else:
-    CONTRACTS = forward_contracts(
-        slim_gptj_attention_forward, attention=ATTENTION_CLASSES, cache_owners=BASE_MODEL_CLASSES
-    )
+    _CONTRACTS = forward_contracts(slim_gptj_attention_forward, attention=(GPTJAttention,), cache_owners=(GPTJModel,))
+
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=modules_of_type(GPTJModel),  # GPTJModel.forward creates the cache when none is given
+    contracts=_CONTRACTS,
+    rotary_dim=rotary_dim,
+)

@@ -21,14 +21,7 @@ from transformers.models.olmo.modeling_olmo import OlmoAttention, OlmoModel
 from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 
-from hf_slim._compat import route_contracts
-from hf_slim.projections import Projections
-from hf_slim.rope import RotaryLayout
-from hf_slim.sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
-
-#: The attention classes this patch adapts, and the base models whose forward creates the cache.
-ATTENTION_CLASSES = (LlamaAttention, Qwen2Attention, OlmoAttention, Olmo2Attention)
-BASE_MODEL_CLASSES = (LlamaModel, Qwen2Model, OlmoModel, Olmo2Model)
+from hf_slim.toolkit import AttentionRoute, Projections, rope_family
 
 
 def _projections(module: torch.nn.Module) -> Projections:
@@ -41,11 +34,6 @@ def _pre_norm_keys(module: torch.nn.Module, hidden_states: torch.Tensor) -> torc
     return module.k_proj(hidden_states)
 
 
-#: The model's own attention forward serves every class (no copy): it projects, normalises (OLMo-2), rotates with its
-#: own function (OLMo casts float32 cos/sin back), calls the slim cache's update and hf_slim's attention function.
-ROUTE = AttentionRoute(rotary_parameter="position_embeddings", pre_norm_keys=_pre_norm_keys)
-
-
 def _k_mode_refusal(module: torch.nn.Module) -> str | None:
     """Why ``V = f(K)`` is not exact in this layer, or None."""
     clip = getattr(module.config, "clip_qkv", None)
@@ -56,30 +44,13 @@ def _k_mode_refusal(module: torch.nn.Module) -> str | None:
     return None
 
 
-def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
-    """The self-attention module of every decoder layer."""
-    return rope_attention_sites(
-        model,
-        ATTENTION_CLASSES,
-        _projections,
-        ROUTE,
-        RotaryLayout("half"),
-        k_mode_refusal=_k_mode_refusal,
-    )
-
-
-def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The base model's forward creates the cache when none is given."""
-    return instances_of(model, BASE_MODEL_CLASSES)
-
-
-default_calibration_inputs = token_calibration_inputs
-
-
-#: What the routed forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = route_contracts(
-    ROUTE,
-    attention=ATTENTION_CLASSES,
-    cache_owners=BASE_MODEL_CLASSES,
+#: The model's own attention forward serves every class (no copy): it projects, normalises (OLMo-2), rotates with its
+#: own function (OLMo casts float32 cos/sin back), calls the slim cache's update and hf_slim's attention function.
+PATCH = rope_family(
+    attention=(LlamaAttention, Qwen2Attention, OlmoAttention, Olmo2Attention),
+    base_models=(LlamaModel, Qwen2Model, OlmoModel, Olmo2Model),
+    projections=_projections,
+    route=AttentionRoute(rotary_parameter="position_embeddings", pre_norm_keys=_pre_norm_keys),
     attributes=("k_proj", "v_proj", "layer_idx", "config"),
+    k_mode_refusal=_k_mode_refusal,
 )

@@ -18,11 +18,17 @@ import torch
 from torch import nn
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import slim_self_attention, split_heads
-from hf_slim.bias import ScoreBias
-from hf_slim.projections import Projections
-from hf_slim.sites import AttentionSite, token_calibration_inputs
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionSite,
+    Projections,
+    ScoreBias,
+    attend_with_layer_bias,
+    forward_contracts,
+    instances_of,
+    modules_of_type,
+    split_heads,
+)
 
 
 def _projections(module: MptAttention) -> Projections:
@@ -57,19 +63,10 @@ def slim_mpt_attention_forward(
     query, key, value = self.Wqkv(hidden_states).chunk(3, dim=2)  # (b, t, e) each
     query, key, value = (split_heads(x, self.head_dim) for x in (query, key, value))  # (b, h, t, dk)
     visible = None if attention_mask is None else ~attention_mask
-    context, probs = slim_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        cache,
-        visible,
-        self.softmax_scale,
-        ALIBI.eager(self, position_bias, scale=self.softmax_scale, upcast=False, dropout=self.attn_dropout_p),
-        want_weights=True,
-        position_bias=ALIBI.term(self, position_bias),
-    )
+    context, probs = attend_with_layer_bias(
+        ALIBI, self, hidden_states, (query, key, value), cache, visible, position_bias,
+        scale=self.softmax_scale, upcast=False, dropout=self.attn_dropout_p,
+    )  # fmt: skip
     context = context.reshape(*hidden_states.shape[:-1], -1)  # (b, t, e)
     return self.out_proj(context), probs
 
@@ -80,19 +77,12 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
         AttentionSite.of(
             module, "self", _projections, slim_mpt_attention_forward, num_heads=module.n_heads, head_dim=module.head_dim
         )
-        for module in model.modules()
-        if isinstance(module, MptAttention)
+        for module in instances_of(model, (MptAttention,))
     ]
 
 
-def cache_owners(model: nn.Module) -> list[nn.Module]:
-    """MptModel.forward creates the cache when none is given."""
-    return [module for module in model.modules() if isinstance(module, MptModel)]
-
-
-#: token ids for the K-mode calibration when the user gives none
-default_calibration_inputs = token_calibration_inputs
-
-
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(slim_mpt_attention_forward, attention=(MptAttention,), cache_owners=(MptModel,))
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=modules_of_type(MptModel),  # MptModel.forward creates the cache when none is given
+    contracts=forward_contracts(slim_mpt_attention_forward, attention=(MptAttention,), cache_owners=(MptModel,)),
+)

@@ -23,10 +23,18 @@ from transformers.models.biogpt.modeling_biogpt import BioGptAttention, BioGptMo
 from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoder
 from transformers.models.xglm.modeling_xglm import XGLMAttention, XGLMModel
 
-from hf_slim._compat import forward_contracts, route_contracts
-from hf_slim.attention import slim_self_attention, split_heads
-from hf_slim.projections import Projections
-from hf_slim.sites import AttentionRoute, AttentionSite, token_calibration_inputs
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionRoute,
+    AttentionSite,
+    Projections,
+    forward_contracts,
+    instances_of,
+    modules_of_type,
+    route_contracts,
+    slim_self_attention,
+    split_heads,
+)
 
 #: OPT and BioGPT: the model's own forward, served through the extension points.
 ROUTED = (OPTAttention, BioGptAttention)
@@ -74,25 +82,12 @@ def slim_opt_family_attention_forward(
     query, key, value = (
         split_heads(x, self.head_dim) for x in (query, self.k_proj(hidden_states), self.v_proj(hidden_states))
     )  # (b, h, t, dk)
+    attention = functools.partial(_xglm_eager_attention, self)
     attn_output, attn_weights = slim_self_attention(
-        self,
-        hidden_states,
-        query,
-        key,
-        value,
-        cache,
-        attention_mask,
-        1.0,
-        functools.partial(_xglm_eager_attention, self),
-        want_weights=True,
+        self, hidden_states, query, key, value, cache, attention_mask, 1.0, attention, want_weights=True
     )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
     return self.out_proj(attn_output), attn_weights
-
-
-def _serving(module: nn.Module):
-    """The route (OPT, BioGPT) or the replacement forward (XGLM) for one attention module."""
-    return ROUTE if type(module) in ROUTED else slim_opt_family_attention_forward
 
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
@@ -101,24 +96,17 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
         AttentionSite.of(
             module, "self", _projections, ROUTE if type(module) in ROUTED else slim_opt_family_attention_forward
         )
-        for module in model.modules()
-        if type(module) in ROUTED + REPLACED
+        for module in instances_of(model, ROUTED + REPLACED)
     ]
 
 
-def cache_owners(model: nn.Module) -> list[nn.Module]:
-    """OPTDecoder / XGLMModel / BioGptModel create the cache when none is given."""
-    return [module for module in model.modules() if isinstance(module, CACHE_OWNERS)]
-
-
-#: token ids for the K-mode calibration when the user gives none
-default_calibration_inputs = token_calibration_inputs
-
-
-#: What the routed and the adapted forwards rely on in transformers (checked by slimify; see hf_slim._compat).
-CONTRACTS = (
-    *route_contracts(
-        ROUTE, attention=ROUTED, cache_owners=CACHE_OWNERS, attributes=("k_proj", "v_proj", "head_dim", "layer_idx")
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=modules_of_type(*CACHE_OWNERS),
+    contracts=(
+        *route_contracts(
+            ROUTE, attention=ROUTED, cache_owners=CACHE_OWNERS, attributes=("k_proj", "v_proj", "head_dim", "layer_idx")
+        ),
+        *forward_contracts(slim_opt_family_attention_forward, attention=REPLACED),
     ),
-    *forward_contracts(slim_opt_family_attention_forward, attention=REPLACED),
 )

@@ -35,11 +35,16 @@ from transformers.models.mt5.modeling_mt5 import MT5Attention, MT5Stack
 from transformers.models.t5.modeling_t5 import T5Attention, T5Stack
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
-from hf_slim._compat import route_contracts
-from hf_slim.bias import ScoreBias
-from hf_slim.generation import keep_one_encoder_output_per_input
-from hf_slim.projections import Projections
-from hf_slim.sites import AttentionRoute, AttentionSite
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionRoute,
+    AttentionSite,
+    Projections,
+    ScoreBias,
+    instances_of,
+    one_encoder_output_per_input,
+    route_contracts,
+)
 
 #: Stacks whose decoder owns the cache, and attention classes with T5's forward signature
 #: ``(hidden_states, mask, key_value_states, position_bias, cache)`` vs UMT5's
@@ -56,12 +61,6 @@ UMT5_ROUTE = AttentionRoute(encoder_parameter="encoder_hidden_states", score_bia
 #: Module attributes the patch reads on every attention class of the family.
 _ATTRIBUTES = ("k", "v", "n_heads", "key_value_proj_dim", "layer_idx", "config")
 
-#: What the routed forwards rely on in transformers (checked by slimify, see hf_slim._compat).
-CONTRACTS = (
-    *route_contracts(ROUTE, attention=T5_STYLE_ATTENTION, cache_owners=(T5Stack, MT5Stack), attributes=_ATTRIBUTES),
-    *route_contracts(UMT5_ROUTE, attention=(UMT5Attention,), cache_owners=(UMT5Stack,), attributes=_ATTRIBUTES),
-)
-
 
 def _projections(module: torch.nn.Module) -> Projections:
     """``K = X @ k.weight.T``: views of the live ``nn.Linear`` weights, ``(d_model, num_heads * d_kv)``, no biases."""
@@ -69,7 +68,7 @@ def _projections(module: torch.nn.Module) -> Projections:
 
 
 def _decoder_stacks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [module for module in model.modules() if isinstance(module, STACKS) and module.is_decoder]
+    return [module for module in instances_of(model, STACKS) if module.is_decoder]
 
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
@@ -78,7 +77,7 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     for stack in _decoder_stacks(model):
         for block in stack.block:
             self_attention = block.layer[0].SelfAttention
-            route = ROUTE if isinstance(self_attention, T5_STYLE_ATTENTION) else UMT5_ROUTE
+            route = ROUTE if type(self_attention) in T5_STYLE_ATTENTION else UMT5_ROUTE
             modules = [("self", self_attention)]
             if len(block.layer) == 3:  # self-attention, cross-attention, feed-forward
                 modules.append(("cross", block.layer[1].EncDecAttention))
@@ -90,22 +89,12 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     return sites
 
 
-def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder stack's forward creates ``EncoderDecoderCache(DynamicCache, DynamicCache)`` when none is given."""
-    return _decoder_stacks(model)
-
-
-def default_calibration_inputs(model: torch.nn.Module) -> dict:
-    """Encoder and decoder token ids for the K-mode calibration when the user gives none (real text is better)."""
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (2, 64), generator=generator, device="cpu")
-    decoder_input_ids = torch.randint(0, vocab, (2, 64), generator=generator, device="cpu")
-    return {"input_ids": input_ids.to(model.device), "decoder_input_ids": decoder_input_ids.to(model.device)}
-
-
-def extra_patches(model: torch.nn.Module) -> list:
-    """Beam search keeps one encoder output per input (cross-attention folds the beams onto it)."""
-    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "_expand_inputs_for_generation"):
-        return []
-    return [keep_one_encoder_output_per_input(model)]
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=_decoder_stacks,  # the decoder stack creates EncoderDecoderCache(DynamicCache, DynamicCache)
+    contracts=(
+        *route_contracts(ROUTE, attention=T5_STYLE_ATTENTION, cache_owners=(T5Stack, MT5Stack), attributes=_ATTRIBUTES),
+        *route_contracts(UMT5_ROUTE, attention=(UMT5Attention,), cache_owners=(UMT5Stack,), attributes=_ATTRIBUTES),
+    ),
+    extra_patches=one_encoder_output_per_input,
+)

@@ -18,10 +18,16 @@ import torch
 from transformers.models.bart.modeling_bart import eager_attention_forward
 from transformers.models.trocr.modeling_trocr import TrOCRAttention, TrOCRDecoder
 
-from hf_slim._compat import forward_contracts
-from hf_slim.attention import DECODER_ATTENTION_READS, decoder_attention, split_heads
-from hf_slim.projections import Projections
-from hf_slim.sites import AttentionSite
+from hf_slim.toolkit import (
+    DECODER_ATTENTION_READS,
+    ArchitecturePatch,
+    AttentionSite,
+    Projections,
+    decoder_attention,
+    forward_contracts,
+    modules_of_type,
+    split_heads,
+)
 
 
 def _projections(module: TrOCRAttention) -> Projections:
@@ -69,8 +75,8 @@ def slim_trocr_attention_forward(
     return self.out_proj(attn_output), attn_weights if output_attentions else None
 
 
-def _decoders(model: torch.nn.Module) -> list[TrOCRDecoder]:
-    return [module for module in model.modules() if isinstance(module, TrOCRDecoder)]
+#: TrOCRDecoder.forward creates the cache when none is given
+_decoders = modules_of_type(TrOCRDecoder)
 
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
@@ -84,22 +90,14 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     return sites
 
 
-def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """TrOCRDecoder.forward creates the cache when none is given."""
-    return _decoders(model)
-
-
-def default_calibration_inputs(model: torch.nn.Module) -> dict:
-    """Token ids for the K-mode calibration of a bare TrOCRForCausalLM (real text calibrates better)."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=generator, device="cpu")
-    return {"input_ids": input_ids.to(model.device)}
-
-
-#: What the adapted forward relies on in transformers (checked by slimify before it patches; see hf_slim._compat).
-CONTRACTS = forward_contracts(
-    slim_trocr_attention_forward,
-    attention=(TrOCRAttention,),
-    cache_owners=(TrOCRDecoder,),
-    also_reads=DECODER_ATTENTION_READS,
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=_decoders,
+    contracts=forward_contracts(
+        slim_trocr_attention_forward,
+        attention=(TrOCRAttention,),
+        cache_owners=(TrOCRDecoder,),
+        also_reads=DECODER_ATTENTION_READS,
+    ),
+    composite_decoder=True,
 )

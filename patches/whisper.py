@@ -24,13 +24,24 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperDecoder, WhisperDecoderLayer
 
-from hf_slim._compat import Contract, cache_entry, cache_parameter, route_contracts
-from hf_slim.cache import EncoderOutputCache, SlimCache, self_attention_part
-from hf_slim.generation import expand_inputs_keeping_encoder_output
-from hf_slim.patching import InstancePatch, PatchedMethod
-from hf_slim.projections import Projections
-from hf_slim.registry import UnsupportedModelError
-from hf_slim.sites import AttentionRoute, AttentionSite
+from hf_slim.toolkit import (
+    ArchitecturePatch,
+    AttentionRoute,
+    AttentionSite,
+    Contract,
+    EncoderOutputCache,
+    InstancePatch,
+    PatchedMethod,
+    Projections,
+    SlimCache,
+    UnsupportedModelError,
+    cache_entry,
+    cache_parameter,
+    expand_inputs_keeping_encoder_output,
+    instances_of,
+    route_contracts,
+    self_attention_part,
+)
 
 #: Whisper classes slimify accepts, and the ones it refuses with the reason.
 SUPPORTED_CLASSES = (WhisperForConditionalGeneration, WhisperModel)
@@ -47,7 +58,7 @@ REFUSED_CLASSES = {
 ROUTE = AttentionRoute(encoder_parameter="key_value_states")
 
 #: What the routed forward and the generate() hooks rely on in transformers (checked by slimify, see hf_slim._compat).
-CONTRACTS = (
+_CONTRACTS = (
     *route_contracts(
         ROUTE,
         attention=(WhisperAttention,),
@@ -91,7 +102,7 @@ def _decoders(model: torch.nn.Module) -> list[WhisperDecoder]:
             f"hf_slim cannot patch {name}: {reason}. Supported Whisper classes: "
             + ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
         )
-    return [module for module in model.modules() if isinstance(module, WhisperDecoder)]
+    return instances_of(model, (WhisperDecoder,))
 
 
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
@@ -104,11 +115,6 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
             for kind, module in (("self", layer.self_attn), ("cross", layer.encoder_attn)):
                 sites.append(AttentionSite.of(module, kind, _projections, ROUTE))
     return sites
-
-
-def cache_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """WhisperDecoder.forward creates the (self + cross) cache when none is given."""
-    return _decoders(model)
 
 
 def extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
@@ -204,7 +210,7 @@ def _stack_split_slim_outputs(self, seek_outputs, model_output_type, device, kwa
 
 
 @torch.no_grad()
-def default_calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> dict:
+def calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> dict:
     """Real speech for the K-mode calibration: the bundled sample WAV and the model's own greedy transcript of it.
 
     Why: the K cache error depends on the activations (random ones understate it 3-10x); the decoder self-attention
@@ -246,3 +252,12 @@ def default_calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> 
         tokens.append(token)
         step = torch.tensor([[token]], device=parameter.device)
     return {"input_features": features, "decoder_input_ids": torch.tensor([tokens], device=parameter.device)}
+
+
+PATCH = ArchitecturePatch(
+    attention_sites=attention_sites,
+    cache_owners=_decoders,  # WhisperDecoder.forward creates the (self + cross) cache when none is given
+    contracts=_CONTRACTS,
+    calibration_inputs=calibration_inputs,
+    extra_patches=extra_patches,
+)

@@ -58,8 +58,8 @@ TEXT_STEPS = 40
 
 
 def self_sites(model):
-    patch_module = architecture_for(model.config, "k").load()
-    return patch_module, [site for site in patch_module.attention_sites(model) if site.kind == "self"]
+    patch = architecture_for(model.config, "k").load()
+    return patch, [site for site in patch.attention_sites(model) if site.kind == "self"]
 
 
 class CalibrationErrors:
@@ -67,8 +67,8 @@ class CalibrationErrors:
     calibration inputs, probe and RoPE round trip); activations, probes and SVDs are computed once per model."""
 
     def __init__(self, model) -> None:
-        patch_module, sites = self_sites(model)
-        activations = collect_attention_inputs(model, sites, patch_module.default_calibration_inputs(model))
+        patch, sites = self_sites(model)
+        activations = collect_attention_inputs(model, sites, patch.calibration_inputs(model))
         dtype = next(model.parameters()).dtype
         self.layers = {}
         for site in sites:
@@ -94,8 +94,7 @@ def set_condition_number(model, cond: float) -> None:
 
 def forced(model, rank: int):
     """A deep copy of ``model`` with every self-attention layer on K+R of rank ``rank`` (cross-attention as usual)."""
-    patch_module = architecture_for(model.config, "k").load()
-    sites = patch_module.attention_sites(model)
+    sites = architecture_for(model.config, "k").load().attention_sites(model)
     modes = {site.name: "k" if site.kind == "self" else "encoder" for site in sites}
     ranks = {site.name: rank for site in sites if site.kind == "self"}
     return slimify(copy.deepcopy(model), "k", layer_modes=modes, residual_ranks=ranks)

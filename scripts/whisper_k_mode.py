@@ -5,7 +5,7 @@ smallest on :func:`hf_slim.kmode.residual_rank_grid` whose values are as exact a
 relative error of V rebuilt from the K+R cache (``k_error``) next to the unmodified model's (``vanilla_error``), both
 against float64, the error the plain K cache (``r = 0``) would have, cond(W_K), and the cache ratio against K+V;
 then the total cache ratio per dtype. Calibration inputs are
-:func:`hf_slim.patches.whisper.default_calibration_inputs`: the bundled sample WAV and the model's own greedy
+:func:`hf_slim.patches.whisper.calibration_inputs`: the bundled sample WAV and the model's own greedy
 transcript of it. ``--svd-4096`` also times the float64 SVD of one d = 4096 W_K (slimify itself pays about 0.35x
 of that per such layer: ``scripts/bench_slimify.py``).
 
@@ -21,7 +21,7 @@ import warnings
 
 import torch
 import transformers
-from hf_slim.patches.whisper import attention_sites, default_calibration_inputs
+from hf_slim.patches.whisper import attention_sites, calibration_inputs
 
 import hf_slim
 from hf_slim.bundled import load_whisper_tiny_en
@@ -44,7 +44,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         model = load_whisper_tiny_en(torch.float32)[0].to(dtype)
         sites = [site for site in attention_sites(model) if site.kind == "self"]
-        activations = collect_attention_inputs(model, sites, default_calibration_inputs(model))
+        activations = collect_attention_inputs(model, sites, calibration_inputs(model))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hf_slim.SlimFallbackWarning)
             hf_slim.slimify(model, mode="k")

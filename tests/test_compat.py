@@ -118,11 +118,11 @@ def test_generic_expansion_without_the_method_fails_loudly():
 
 
 def _patch_module_contracts() -> list[tuple[str, Contract]]:
-    modules = {architecture.patch_module: architecture.load() for architecture in SUPPORTED.values()}
+    patches = {architecture.patch_module: architecture.load() for architecture in SUPPORTED.values()}
     contracts = [("generation", contract) for contract in GENERATION_CONTRACTS]
-    for name, module in modules.items():
-        assert getattr(module, "CONTRACTS", ()), f"{name} declares no CONTRACTS for the transformers code it adapts"
-        contracts += [(name.rsplit(".", 1)[-1], contract) for contract in module.CONTRACTS]
+    for name, patch in patches.items():
+        assert patch.contracts, f"{name} declares no contracts for the transformers code it adapts"
+        contracts += [(name.rsplit(".", 1)[-1], contract) for contract in patch.contracts]
     return contracts
 
 

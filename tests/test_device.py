@@ -22,6 +22,7 @@ included), greedy, beam and static-cache ``generate``, forward steps with a beam
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import inspect
 import warnings
@@ -102,7 +103,7 @@ def _unpatched_under_meta(model_type: str, model, inputs: dict, phase: str, kwar
     calibration batch, which is all the calibration asks of the model; ``"forward"``: :func:`_steps`)."""
     if phase == "slimify":
         batch = _calibration_inputs(model_type, model)
-        batch = batch or architecture_for(model.config, "auto").load().default_calibration_inputs(model)
+        batch = batch or architecture_for(model.config, "auto").load().calibration_inputs(model)
         with meta_default_device(), torch.no_grad():
             model(**batch)
     elif phase == "forward":
@@ -229,7 +230,7 @@ def test_the_guards_fail_hf_slims_old_calibration_batch(monkeypatch):
     namespace = {"torch": torch}
     exec(compile(OLD_CALIBRATION_BATCH, hf_slim.sites.__file__, "exec"), namespace)  # frames in hf_slim/sites.py
     old = namespace["token_calibration_inputs"]
-    monkeypatch.setattr(llama, "default_calibration_inputs", old)
+    monkeypatch.setattr(llama, "PATCH", dataclasses.replace(llama.PATCH, calibration_inputs=old))
     vanilla, _ = CASES["llama"]()
     with pytest.raises(DefaultDeviceError, match=r"hf_slim/sites\.py:4 .*torch\.randint without device="):
         with device_guard(meta=False):

@@ -22,7 +22,7 @@ from helpers import (
     snapshot,
     with_cache,
 )
-from hf_slim.patches.whisper import default_calibration_inputs
+from hf_slim.patches.whisper import calibration_inputs
 from tiny_models import randomize_biases
 from transformers import (
     DynamicCache,
@@ -409,7 +409,7 @@ def test_other_whisper_classes_are_refused_with_reason():
 
 def test_default_calibration_inputs_are_real_speech_and_own_tokens():
     model = tiny_whisper()
-    inputs = default_calibration_inputs(model)
+    inputs = calibration_inputs(model)
     assert inputs["input_features"].shape == (1, 8, 60)
     assert inputs["input_features"].std() > 0.1, "features of the bundled speech sample, not padding"
     ids = inputs["decoder_input_ids"]

@@ -1,0 +1,200 @@
+"""The patch authors' toolkit: the contract each ``patches/<arch>.py`` fills in once (:class:`ArchitecturePatch`), and
+every piece of hf_slim a patch builds it from, under one public name.
+
+A patch module imports from here (and from transformers) only, and ends with ``PATCH = ArchitecturePatch(...)``: the
+registry (:mod:`hf_slim.registry`) maps model types to patch modules and reads that one object; nothing else of a
+patch module is read by name. docs/design.md walks through a whole patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._compat import (
+    CACHE,
+    Contract,
+    cache_entry,
+    cache_parameter,
+    find_cache,
+    forward_contracts,
+    route_contracts,
+    routes_attention,
+)
+from .absorbed import additive_bias
+from .attention import DECODER_ATTENTION_READS, decoder_attention, slim_self_attention, split_heads
+from .bias import ScoreBias
+from .cache import EncoderOutputCache, SlimCache, self_attention_part
+from .generation import expand_inputs_keeping_encoder_output, keep_one_encoder_output_per_input
+from .patching import InstancePatch, PatchedMethod
+from .projections import Projections, interleaved_qkv_projections, split_interleaved_qkv
+from .registry import UnsupportedModelError
+from .rope import RotaryLayout, SinusoidPositions
+from .sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+
+__all__ = [
+    "CACHE",
+    "DECODER_ATTENTION_READS",
+    "ArchitecturePatch",
+    "AttentionRoute",
+    "AttentionSite",
+    "Contract",
+    "EncoderOutputCache",
+    "InstancePatch",
+    "PatchedMethod",
+    "Projections",
+    "RotaryLayout",
+    "ScoreBias",
+    "SinusoidPositions",
+    "SlimCache",
+    "UnsupportedModelError",
+    "additive_bias",
+    "attend_with_layer_bias",
+    "cache_entry",
+    "cache_parameter",
+    "decoder_attention",
+    "expand_inputs_keeping_encoder_output",
+    "find_cache",
+    "forward_contracts",
+    "instances_of",
+    "interleaved_qkv_projections",
+    "keep_one_encoder_output_per_input",
+    "modules_of_type",
+    "no_extra_patches",
+    "one_encoder_output_per_input",
+    "rope_attention_sites",
+    "rope_family",
+    "route_contracts",
+    "routes_attention",
+    "self_attention_part",
+    "slim_self_attention",
+    "split_heads",
+    "split_interleaved_qkv",
+    "token_calibration_inputs",
+]
+
+Sites = Callable[[torch.nn.Module], list[AttentionSite]]
+Modules = Callable[[torch.nn.Module], list[torch.nn.Module]]
+
+
+def no_extra_patches(model: torch.nn.Module) -> list[InstancePatch]:
+    """The default of :attr:`ArchitecturePatch.extra_patches`: the sites and cache owners are all a family needs."""
+    return []
+
+
+@dataclass(frozen=True)
+class ArchitecturePatch:
+    """What one architecture family tells slimify, declared once per ``patches/<arch>.py`` as ``PATCH``.
+
+    Attributes
+    ----------
+    attention_sites:
+        ``model -> [AttentionSite]``: every attention module to serve, with its kind (``"self"`` keeps a slim cache,
+        ``"cross"`` reads the encoder output), head layout, projections and how it is served (a routed
+        :class:`AttentionRoute` where transformers calls its attention interface, else a replacement forward adapted
+        from the model file). Raise :class:`UnsupportedModelError` for a model the family cannot serve.
+    cache_owners:
+        ``model -> [module]``: the modules whose forward creates the cache when none is given (slimify makes them
+        create a slim one); usually :func:`modules_of_type` of the base model classes.
+    contracts:
+        what the served forwards rely on in transformers (:func:`route_contracts`, :func:`forward_contracts`,
+        :class:`Contract`), checked before anything is patched, so a release that changed them is refused cleanly.
+    calibration_inputs:
+        ``model -> forward kwargs`` of the K-mode calibration when the user passes none (default: random token ids,
+        :func:`token_calibration_inputs`; encoder-decoders and speech models need more).
+    extra_patches:
+        ``model -> [InstancePatch]``: anything else the family needs on the model instance (beam search over one
+        encoder output per input, a mask hook), applied and reverted with the rest.
+    rotary_dim:
+        ``model -> width`` of one cos/sin table entry, where it is not the head width (GPT-J's ``rotary_dim``), for
+        the memory report; None otherwise.
+    static_cache_refusal:
+        why the family cannot serve ``cache_implementation="static"``, or None where it can (then tests/test_static.py
+        must name the test that compares it with the unpatched model).
+    composite_decoder:
+        a composite (``VisionEncoderDecoderModel``, ``SpeechEncoderDecoderModel``, MusicGen) may pair an encoder with
+        this family's decoder: its sites serve cross-attention over an encoder output handed to the decoder.
+    """
+
+    attention_sites: Sites
+    cache_owners: Modules
+    contracts: tuple[Contract, ...]
+    calibration_inputs: Callable[[torch.nn.Module], dict] = token_calibration_inputs
+    extra_patches: Callable[[torch.nn.Module], list[InstancePatch]] = no_extra_patches
+    rotary_dim: Callable[[torch.nn.Module], int] | None = None
+    static_cache_refusal: str | None = None
+    composite_decoder: bool = False
+
+
+def one_encoder_output_per_input(model: torch.nn.Module) -> list[InstancePatch]:
+    """The extra patch of an encoder-decoder family: beam search keeps one encoder output per input (cross-attention
+    folds the beams onto it); none for a decoder-only model of the family (``*ForCausalLM``)."""
+    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "_expand_inputs_for_generation"):
+        return []
+    return [keep_one_encoder_output_per_input(model)]
+
+
+def modules_of_type(*classes: type) -> Modules:
+    """``model -> its submodules of exactly these types`` (:func:`instances_of`), e.g. the cache owners."""
+
+    def modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+        return instances_of(model, classes)
+
+    return modules
+
+
+def rope_family(
+    *,
+    attention: tuple[type, ...],
+    base_models: tuple[type, ...],
+    projections: Callable[[torch.nn.Module], Projections],
+    route: AttentionRoute,
+    attributes: tuple[str, ...],
+    k_mode_refusal: Callable[[torch.nn.Module], str | None] = lambda module: None,
+    head_dim: Callable[[torch.nn.Module], int] | None = None,
+) -> ArchitecturePatch:
+    """The whole patch of a RoPE family whose attention transformers routes through its attention interface.
+
+    Every module of the ``attention`` classes is a self-attention site served by ``route`` (the model's own forward,
+    no copy; pairs rotated in halves, Llama's ``rotate_half``), the ``base_models`` create the cache, and the
+    contracts are the route's plus the module ``attributes`` the sites read. ``k_mode_refusal(module)`` says why a
+    layer must keep its own K and V; ``head_dim(module)`` reads a head width the module does not call ``head_dim``.
+    """
+
+    def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+        return rope_attention_sites(
+            model, attention, projections, route, RotaryLayout("half"), k_mode_refusal=k_mode_refusal, head_dim=head_dim
+        )
+
+    return ArchitecturePatch(
+        attention_sites=attention_sites,
+        cache_owners=modules_of_type(*base_models),
+        contracts=route_contracts(route, attention=attention, cache_owners=base_models, attributes=attributes),
+    )
+
+
+def attend_with_layer_bias(
+    bias: ScoreBias,
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cache,
+    attention_mask: torch.Tensor | None,
+    value: object = None,
+    *,
+    scale: float,
+    upcast: bool,
+    dropout: float,
+    **slim,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`slim_self_attention` for a copied forward whose layer adds a score bias itself (ALiBi up to 5.24, a
+    window buffer, or none at all: ``ScoreBias.module(None)``): prefill runs the model's eager attention with that
+    bias and the slim decode adds the same bias columns, both at ``scale``. ``value`` is what the forward received
+    for the bias (BLOOM's ``alibi``); ``slim`` passes RoPE arguments through."""
+    eager = bias.eager(module, value, scale=scale, upcast=upcast, dropout=dropout)
+    term = bias.term(module, value)
+    return slim_self_attention(
+        module, hidden_states, *qkv, cache, attention_mask, scale, eager, want_weights=True, position_bias=term, **slim
+    )
