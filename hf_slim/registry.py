@@ -72,6 +72,8 @@ SUPPORTED: dict[str, Architecture] = {
     "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
     # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)
     "musicgen_decoder": Architecture("hf_slim.patches.bart", positions="absolute"),
+    # Speech2Text: a convolutional speech encoder and a BART decoder (Speech2TextAttention is a copy of BART's)
+    "speech_to_text": Architecture("hf_slim.patches.bart", positions="absolute"),
     "musicgen": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
     # composites: whatever encoder, with a supported decoder (config.decoder.model_type)
     "vision-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),

@@ -96,6 +96,17 @@ def _composite(encoder: str, decoder: str) -> Callable:
     return make
 
 
+def _encoder_decoder_type(model_type: str) -> Callable:
+    """The types tests/test_encdec_types.py builds (Speech2Text, ...): its tiny model and padded batch."""
+
+    def make():
+        from test_encdec_types import TYPES, build
+
+        return build(model_type), {**TYPES[model_type].batch(3, "right"), **TYPES[model_type].generate_kwargs}
+
+    return make
+
+
 def _trocr():
     from test_encoder_decoder import VOCAB, _decoder
     from tiny_models import randomize_biases
@@ -153,6 +164,7 @@ def _greedy_steps(model, input_ids: torch.Tensor, new_tokens: int) -> _Sequences
 
 def builders() -> dict[str, Callable]:
     """``model_type -> () -> (tiny model, generate inputs)`` for every supported type."""
+    from test_encdec_types import TYPES as ENCODER_DECODER_TYPES
     from tiny_encdec import BART_FAMILY
     from tiny_models import DECODER_CONFIGS, ROPE_CONFIGS, tiny_decoder, tiny_gpt2, tiny_rope
 
@@ -162,6 +174,7 @@ def builders() -> dict[str, Callable]:
     table |= {model_type: _bart(model_type) for model_type in BART_FAMILY}
     table |= {"t5": _t5("t5-v1.1"), "mt5": _t5("mt5"), "umt5": _t5("umt5"), "whisper": _whisper}
     table |= {"trocr": _trocr, "florence2": _florence2, "musicgen": _musicgen, "musicgen_decoder": _musicgen_decoder}
+    table |= {model_type: _encoder_decoder_type(model_type) for model_type in ENCODER_DECODER_TYPES}
     table |= {
         "vision-encoder-decoder": _composite("vision", "trocr"),
         "speech-encoder-decoder": _composite("speech", "bart"),
