@@ -51,6 +51,8 @@ SUPPORTED: dict[str, Architecture] = {
     "t5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "mt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "umt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
+    # Pop2Piano: a T5 over spectrogram embeddings (Pop2PianoAttention is a copy of T5's)
+    "pop2piano": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     # BART family: one patch module for the ten copies of BartAttention (learned or sinusoidal absolute positions)
     **{
         model_type: Architecture("hf_slim.patches.bart", positions="absolute")

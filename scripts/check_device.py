@@ -105,7 +105,7 @@ def generate(model_type: str, model, inputs: dict, new_tokens: int | None = None
     if model_type in check_release.STEPWISE:
         return check_release._greedy_steps(model, inputs["input_ids"], new_tokens).sequences
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return model.generate(**inputs, **settings, **kwargs, return_dict_in_generate=True).sequences
+    return check_release.generate(model, inputs, **settings, **kwargs, return_dict_in_generate=True).sequences
 
 
 def _guard(enabled: bool, model_type: str, phase: str):

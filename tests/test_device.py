@@ -95,7 +95,7 @@ def _generate(model_type: str, model, inputs: dict, **kwargs) -> torch.Tensor:
     if model_type in RELEASE.STEPWISE:
         return RELEASE._greedy_steps(model, inputs["input_ids"], new_tokens).sequences
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return model.generate(**inputs, **settings, **kwargs, return_dict_in_generate=True).sequences
+    return RELEASE.generate(model, inputs, **settings, **kwargs, return_dict_in_generate=True).sequences
 
 
 def _unpatched_under_meta(model_type: str, model, inputs: dict, phase: str, kwargs: dict) -> None:

@@ -1,9 +1,10 @@
 """Encoder-decoder model types served through the patch contract (issue 29), one row of :data:`TYPES` each:
-Speech2Text (BART's attention over a convolutional speech encoder).
+Speech2Text (BART's attention over a convolutional speech encoder), Pop2Piano (T5's attention over spectrogram
+embeddings).
 
 Slim vs unpatched on random tiny configs with random biases and norms: logits over a decoder prefill and 16 decode
 steps (padded sources, a left-padded decoder prompt), greedy / beams / seeded sampling on padded batches, one encoder
-copy per input under beams, the static cache, K and auto modes, undo.
+copy per input under beams, the static cache (or its refusal), K and auto modes, undo.
 """
 
 from __future__ import annotations
@@ -75,6 +76,29 @@ def speech_batch(rows: int = 3, padding_side: str = "right", frames: int = 40, s
     return {"input_features": features * mask[..., None], "attention_mask": mask}
 
 
+#: Pop2Piano's composers: generate() prepends the chosen one's embedding to the features
+COMPOSERS = {"composer1": 2000, "composer2": 2001, "composer3": 2002}
+
+
+def tiny_pop2piano(attn: str = "sdpa", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny T5-shaped Pop2Piano (:func:`test_t5.tiny_t5`: d_model 32 narrower than heads * d_kv = 64, few relative
+    buckets, random norms and bias tables), with three composers."""
+    from test_t5 import tiny_t5
+
+    model = tiny_t5("pop2piano", attn, seed=seed, **overrides)
+    model.generation_config.composer_to_feature_token = dict(COMPOSERS)
+    model.generation_config._from_model_config = False  # else from_pretrained rebuilds it without the composers
+    return model
+
+
+def spectrogram_batch(rows: int = 3, padding_side: str = "right", frames: int = 12, seed: int = 5) -> dict:
+    """Pop2Piano's ``input_features``: random spectrogram embeddings ``(rows, frames, d_model = 32)``, rows 1 and 2
+    padded (zeros)."""
+    features = torch.randn(rows, frames, 32, generator=torch.Generator().manual_seed(seed))
+    mask = padding_mask(rows, frames, padding_side)
+    return {"input_features": features * mask[..., None], "attention_mask": mask}
+
+
 @dataclass(frozen=True)
 class EncoderDecoderType:
     """How the tests build and feed one model type.
@@ -105,6 +129,7 @@ class EncoderDecoderType:
 
 TYPES = {
     "speech_to_text": EncoderDecoderType(tiny_speech_to_text, speech_batch, attns=("eager",)),
+    "pop2piano": EncoderDecoderType(tiny_pop2piano, spectrogram_batch, square_keys=dict(d_kv=8)),
 }
 ATTN_CASES = [(t, a) for t, case in TYPES.items() for a in case.attns]
 #: min_new_tokens and no_repeat_ngram_size keep random tiny models on long varied paths.
@@ -123,10 +148,11 @@ def pair(model_type: str, attn: str | None = None, mode: str = "input", calibrat
 
 
 def generate(model_type: str, model: torch.nn.Module, inputs: dict, **kwargs):
-    """generate() with its own copy of the generation config (a generate() may write its arguments into the config it
-    is given, the model's own by default)."""
+    """generate() with its own copy of the generation config (Pop2Piano's generate() writes its arguments into the
+    config it is given, the model's own by default)."""
     config = copy.deepcopy(model.generation_config)
-    return model.generate(**inputs, **TYPES[model_type].generate_kwargs, **GENERATE, **kwargs, generation_config=config)
+    config.update(**GENERATE, **kwargs)
+    return model.generate(**inputs, **TYPES[model_type].generate_kwargs, generation_config=config)
 
 
 def well_conditioned_keys(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
