@@ -145,6 +145,9 @@ def check(model_type: str, make: Callable, device: torch.device, guard: bool) ->
             if (variant == "beams" and model_type in NO_BEAMS) or (variant != "greedy" and stepwise):
                 cells[variant] = "–"
                 continue
+            if variant == "static" and slim_record(slim).static_cache_refusal:  # the family's clean refusal
+                cells[variant] = "refused"
+                continue
             with _guard(guard, model_type, variant):
                 tokens = generate(model_type, slim, inputs, **kwargs)
             same = variant == "beams" or _same(tokens, expected)
@@ -188,7 +191,7 @@ def host_syncs(model_type: str, make: Callable, device: torch.device) -> dict[tu
     inputs = _on(inputs, device)
     per_step: dict[tuple[str, str], float] = {}
     for kwargs in ({}, dict(cache_implementation="static")):
-        if kwargs and model_type in check_release.STEPWISE:
+        if kwargs and (model_type in check_release.STEPWISE or slim_record(slim).static_cache_refusal):
             continue
         counts = []
         for steps in SYNC_STEPS:

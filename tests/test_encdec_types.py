@@ -1,6 +1,6 @@
 """Encoder-decoder model types served through the patch contract (issue 29), one row of :data:`TYPES` each:
 Speech2Text (BART's attention over a convolutional speech encoder), Pop2Piano (T5's attention over spectrogram
-embeddings).
+embeddings), LED (a BART-style decoder attention the model computes itself, after a Longformer encoder).
 
 Slim vs unpatched on random tiny configs with random biases and norms: logits over a decoder prefill and 16 decode
 steps (padded sources, a left-padded decoder prompt), greedy / beams / seeded sampling on padded batches, one encoder
@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import LOGITS_RTOL, assert_close_relative, assert_same_tokens, assert_unchanged, cache_of, snapshot
 from helpers import assert_encoder_decoder_generate_identical as assert_generate_identical
-from tiny_encdec import tiny_config
+from tiny_encdec import source_batch, tiny_config
 from tiny_models import randomize_biases
 from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
@@ -99,6 +99,23 @@ def spectrogram_batch(rows: int = 3, padding_side: str = "right", frames: int = 
     return {"input_features": features * mask[..., None], "attention_mask": mask}
 
 
+def tiny_led(attn: str = "eager", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2+2-layer LED (the tiny BART's sizes) whose Longformer encoder attends in windows of 4 tokens; eager only:
+    transformers gives LED no SDPA path."""
+    from transformers import LEDConfig, LEDForConditionalGeneration
+
+    positions = dict(max_encoder_position_embeddings=128, max_decoder_position_embeddings=128)
+    config = LEDConfig(**tiny_settings(**positions, attention_window=4, **overrides))
+    config._attn_implementation = attn
+    torch.manual_seed(seed + 1)  # seed 0's greedy path ends at once (EOS first), which would compare no decoding
+    return randomize_biases(LEDForConditionalGeneration(config)).eval()
+
+
+def token_batch(rows: int = 3, padding_side: str = "right") -> dict:
+    """Source token ids of the tiny BART family (:func:`tiny_encdec.source_batch`), rows 1 and 2 padded."""
+    return source_batch(rows, padding_side=padding_side)
+
+
 @dataclass(frozen=True)
 class EncoderDecoderType:
     """How the tests build and feed one model type.
@@ -130,6 +147,7 @@ class EncoderDecoderType:
 TYPES = {
     "speech_to_text": EncoderDecoderType(tiny_speech_to_text, speech_batch, attns=("eager",)),
     "pop2piano": EncoderDecoderType(tiny_pop2piano, spectrogram_batch, square_keys=dict(d_kv=8)),
+    "led": EncoderDecoderType(tiny_led, token_batch, attns=("eager",), static=False),
 }
 ATTN_CASES = [(t, a) for t, case in TYPES.items() for a in case.attns]
 #: min_new_tokens and no_repeat_ngram_size keep random tiny models on long varied paths.
