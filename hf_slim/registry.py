@@ -72,6 +72,8 @@ SUPPORTED: dict[str, Architecture] = {
     "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
     # LED: a Longformer encoder (no cache) and a BART-style decoder whose attention the model computes itself
     "led": Architecture("hf_slim.patches.led", positions="absolute"),
+    # FSMT (fairseq WMT19): BART's attention in fairseq's time-first layout, computed by the model itself
+    "fsmt": Architecture("hf_slim.patches.fsmt", positions="absolute"),
     # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
     "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
     # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)

@@ -255,14 +255,26 @@ def prescaled_attention_forward(eager_attention: Callable, *, return_cache: bool
 
 
 def prescaled_attention_patch(
-    attention: type, decoder: type, eager_attention: Callable, *, return_cache: bool = False, **settings
+    attention: type,
+    decoder: type,
+    eager_attention: Callable,
+    *,
+    return_cache: bool = False,
+    adapted: Callable[[Callable], Callable] | None = None,
+    cache_owner: type | None = None,
+    **settings,
 ) -> ArchitecturePatch:
     """The whole patch of a family whose decoder attention is a hand-written ``attention`` class with a pre-scaled
-    query (TrOCR, LED): in every ``decoder`` layer, ``self_attn`` (slim cache) and ``encoder_attn`` where the layer
-    has one (the encoder output, no cache), served by :func:`prescaled_attention_forward`; the decoders create the
-    cache; projections ``k_proj`` / ``v_proj`` (``nn.Linear``). ``settings``: the rest of the
-    :class:`ArchitecturePatch` (extra patches, a static cache refusal, ``composite_decoder``)."""
-    forward = prescaled_attention_forward(eager_attention, return_cache=return_cache)
+    query (TrOCR, LED, FSMT): in every ``decoder`` layer, ``self_attn`` (slim cache) and ``encoder_attn`` where the
+    layer has one (the encoder output, no cache), served by :func:`prescaled_attention_forward`; projections
+    ``k_proj`` / ``v_proj`` (``nn.Linear``).
+
+    ``adapted``: ``forward -> site forward`` for a class whose arguments differ (FSMT's time-first tensors and two
+    masks); ``cache_owner``: the class whose forward creates the cache, where it is not the decoder; ``settings``: the
+    rest of the :class:`ArchitecturePatch` (extra patches, a static cache refusal, ``composite_decoder``).
+    """
+    prescaled = prescaled_attention_forward(eager_attention, return_cache=return_cache)
+    forward = prescaled if adapted is None else adapted(prescaled)
     decoders = modules_of_type(decoder)
 
     def projections(module: torch.nn.Module) -> Projections:
@@ -278,5 +290,9 @@ def prescaled_attention_patch(
             if hasattr(layer, name)
         ]
 
-    contracts = forward_contracts(forward, (attention,), (decoder,), also_reads=DECODER_ATTENTION_READS)
-    return ArchitecturePatch(attention_sites=attention_sites, cache_owners=decoders, contracts=contracts, **settings)
+    owner = decoder if cache_owner is None else cache_owner
+    reads = (*DECODER_ATTENTION_READS, *forward_contracts(prescaled, (attention,))[0].attributes)  # adapted: both
+    contracts = forward_contracts(forward, (attention,), (owner,), also_reads=reads)
+    return ArchitecturePatch(
+        attention_sites=attention_sites, cache_owners=modules_of_type(owner), contracts=contracts, **settings
+    )
