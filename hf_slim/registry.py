@@ -53,7 +53,7 @@ SUPPORTED: dict[str, Architecture] = {
     "umt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     # Pop2Piano: a T5 over spectrogram embeddings (Pop2PianoAttention is a copy of T5's)
     "pop2piano": Architecture("hf_slim.patches.t5", positions="relative_bias"),
-    # BART family: one patch module for the ten copies of BartAttention (learned or sinusoidal absolute positions)
+    # BART family: one patch module for the copies of BartAttention (learned or sinusoidal absolute positions)
     **{
         model_type: Architecture("hf_slim.patches.bart", positions="absolute")
         for model_type in (
@@ -67,6 +67,7 @@ SUPPORTED: dict[str, Architecture] = {
             "blenderbot",
             "blenderbot-small",
             "plbart",
+            "nllb-moe",  # NLLB-MoE: M2M100's attention; the mixture of experts is in the feed-forward only
         )
     },
     "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
@@ -117,8 +118,6 @@ UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
     ),
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
-    "nllb-moe": "not implemented yet: its attention is M2M100's (the input and encoder caches would apply), but its "
-    "decoder layers name and route differently (mixture of experts); dense NLLB checkpoints (m2m_100) are supported",
 }
 
 

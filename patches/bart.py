@@ -1,8 +1,9 @@
 """BART family: BART, mBART (mBART-50), Marian (opus-mt), M2M100 (NLLB-200 dense), Pegasus, PEGASUS-X,
 BigBird-Pegasus, Blenderbot, Blenderbot-small and PLBart; also Florence-2, whose language model is a BART, the
-MusicGen decoder (``MusicgenAttention`` is the same attention with ``bias=False``) and Speech2Text (its decoder is a
+MusicGen decoder (``MusicgenAttention`` is the same attention with ``bias=False``), Speech2Text (its decoder is a
 BART decoder over the output of a convolutional speech encoder: ``Speech2TextAttention`` is MusicGen's copy, routed
-from 5.15 on).
+from 5.15 on) and NLLB-MoE (M2M100's attention, routed from 5.15 on, in layers whose feed-forward is a mixture of
+experts on every ``decoder_sparse_step``-th layer; its cross-attention is called ``cross_attention``).
 
 transformers gives each of these its own attention class, and every one is a copy of ``BartAttention``
 (BigBird-Pegasus's decoder uses ``BigBirdPegasusDecoderAttention``, also a copy), so one site list serves every
@@ -44,6 +45,7 @@ from transformers.models.m2m_100.modeling_m2m_100 import M2M100Attention, M2M100
 from transformers.models.marian.modeling_marian import MarianAttention, MarianDecoder
 from transformers.models.mbart.modeling_mbart import MBartAttention, MBartDecoder
 from transformers.models.musicgen.modeling_musicgen import MusicgenAttention, MusicgenDecoder
+from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeAttention, NllbMoeDecoder
 from transformers.models.pegasus.modeling_pegasus import PegasusAttention, PegasusDecoder
 from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXAttention, PegasusXDecoder
 from transformers.models.plbart.modeling_plbart import PLBartAttention, PLBartDecoder
@@ -74,6 +76,7 @@ DECODERS = (
     PLBartDecoder,
     MusicgenDecoder,
     Speech2TextDecoder,
+    NllbMoeDecoder,
 )
 ATTENTIONS = (
     BartAttention,
@@ -88,6 +91,7 @@ ATTENTIONS = (
     PLBartAttention,
     MusicgenAttention,
     Speech2TextAttention,
+    NllbMoeAttention,
 )
 
 
@@ -116,11 +120,13 @@ def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
     sites = []
     for decoder in _decoders(model):
         for layer in decoder.layers:
-            for kind, module in (("self", layer.self_attn), ("cross", layer.encoder_attn)):
+            cross = "cross_attention" if hasattr(layer, "cross_attention") else "encoder_attn"  # NLLB-MoE's name
+            for kind, name in (("self", "self_attn"), ("cross", cross)):
+                module = getattr(layer, name)
                 if type(module) not in ATTENTIONS:
                     raise UnsupportedModelError(
-                        f"{type(layer).__name__}.{'self_attn' if kind == 'self' else 'encoder_attn'} is a "
-                        f"{type(module).__name__}, not the BART attention this patch was written for"
+                        f"{type(layer).__name__}.{name} is a {type(module).__name__}, not the BART attention this "
+                        "patch was written for"
                     )
                 sites.append(AttentionSite.of(module, kind, _projections, ROUTE))
     return sites

@@ -1,7 +1,7 @@
 """Encoder-decoder model types served through the patch contract (issue 29), one row of :data:`TYPES` each:
-Speech2Text (BART's attention over a convolutional speech encoder), Pop2Piano (T5's attention over spectrogram
-embeddings), LED (a BART-style decoder attention the model computes itself, after a Longformer encoder), FSMT (the
-same in fairseq's time-first layout).
+Speech2Text (BART's attention over a convolutional speech encoder), NLLB-MoE (M2M100's attention beside a mixture
+of experts), Pop2Piano (T5's attention over spectrogram embeddings), LED (a BART-style decoder attention the model
+computes itself, after a Longformer encoder), FSMT (the same in fairseq's time-first layout).
 
 Slim vs unpatched on random tiny configs with random biases and norms: logits over a decoder prefill and 16 decode
 steps (padded sources, a left-padded decoder prompt), greedy / beams / seeded sampling on padded batches, one encoder
@@ -125,6 +125,18 @@ def tiny_fsmt(attn: str = "eager", seed: int = 0, **overrides) -> torch.nn.Modul
     return randomize_biases(FSMTForConditionalGeneration(config)).eval()
 
 
+def tiny_nllb_moe(attn: str = "eager", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2+2-layer NLLB-MoE (the tiny BART's sizes) whose second encoder and decoder layers route each token to 2 of
+    4 experts; eager only: transformers gives NLLB-MoE no SDPA path."""
+    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+    experts = dict(num_experts=4, expert_capacity=8, encoder_sparse_step=2, decoder_sparse_step=2)
+    config = NllbMoeConfig(**tiny_settings(max_position_embeddings=128, **experts, **overrides))
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return randomize_biases(NllbMoeForConditionalGeneration(config)).eval()
+
+
 def token_batch(rows: int = 3, padding_side: str = "right") -> dict:
     """Source token ids of the tiny BART family (:func:`tiny_encdec.source_batch`), rows 1 and 2 padded."""
     return source_batch(rows, padding_side=padding_side)
@@ -163,6 +175,7 @@ TYPES = {
     "pop2piano": EncoderDecoderType(tiny_pop2piano, spectrogram_batch, square_keys=dict(d_kv=8)),
     "led": EncoderDecoderType(tiny_led, token_batch, attns=("eager",), static=False),
     "fsmt": EncoderDecoderType(tiny_fsmt, token_batch, attns=("eager",), static=False),
+    "nllb-moe": EncoderDecoderType(tiny_nllb_moe, token_batch, attns=("eager",)),
 }
 ATTN_CASES = [(t, a) for t, case in TYPES.items() for a in case.attns]
 #: min_new_tokens and no_repeat_ngram_size keep random tiny models on long varied paths.
@@ -251,8 +264,9 @@ def test_greedy_beams_and_sampling_identical(model_type, padding_side):
 
 
 def first_cross_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """The first decoder layer's cross-attention module (``encoder_attn``, T5's ``EncDecAttention``)."""
-    names = ("encoder_attn", "EncDecAttention")
+    """The first decoder layer's cross-attention module (``encoder_attn``, T5's ``EncDecAttention``, NLLB-MoE's
+    ``cross_attention``)."""
+    names = ("encoder_attn", "EncDecAttention", "cross_attention")
     return next(module for name, module in model.get_decoder().named_modules() if name.endswith(names))
 
 
@@ -325,13 +339,13 @@ def test_default_calibration_inputs_fit_the_model(model_type):
 @pytest.mark.parametrize("model_type", TYPES)
 def test_unslimify_restores_exactly(model_type):
     vanilla = build(model_type)
+    source = TYPES[model_type].batch(2, "right")
+    expected = generate(model_type, vanilla, source).sequences  # first: NLLB-MoE's routers keep their input dtype
     model = copy.deepcopy(vanilla)
     before = snapshot(model)
-    source = TYPES[model_type].batch(2, "right")
     slimify(model)
     generate(model_type, model, source, num_beams=2)
     unslimify(model)
     assert not is_slim(model)
     assert_unchanged(model, before)
-    expected = generate(model_type, vanilla, source).sequences
     assert_same_tokens(generate(model_type, model, source).sequences, expected, "after unslimify")
