@@ -67,6 +67,7 @@ __all__ = [
     "rope_attention_sites",
     "rope_family",
     "route_contracts",
+    "routed_family",
     "routes_attention",
     "self_attention_part",
     "slim_self_attention",
@@ -76,6 +77,8 @@ __all__ = [
 ]
 
 Sites = Callable[[torch.nn.Module], list[AttentionSite]]
+#: The route of a family whose scores take nothing but the mask (no RoPE, no score bias, no encoder output).
+MASK_ONLY = AttentionRoute()
 Modules = Callable[[torch.nn.Module], list[torch.nn.Module]]
 
 
@@ -172,6 +175,35 @@ def rope_family(
         attention_sites=attention_sites,
         cache_owners=modules_of_type(*base_models),
         contracts=route_contracts(route, attention=attention, cache_owners=base_models, attributes=attributes),
+    )
+
+
+def routed_family(
+    *,
+    attention: tuple[type, ...],
+    base_models: tuple[type, ...],
+    projections: Callable[[torch.nn.Module], Projections],
+    attributes: tuple[str, ...],
+    route: AttentionRoute = MASK_ONLY,
+    parameters: tuple[str, ...] = (),
+) -> ArchitecturePatch:
+    """The whole patch of a decoder-only family without RoPE whose attention transformers routes through its attention
+    interface: every module of the ``attention`` classes is a self-attention site served by ``route`` (the model's own
+    forward, no copy; the input cache applies), the ``base_models`` create the cache, and the contracts are the
+    route's plus the module ``attributes`` the sites read (``num_heads``, ``head_dim`` and ``layer_idx`` among them).
+    ``parameters``: the forward's leading parameters where its cache parameter has no ``Cache`` annotation
+    (:func:`route_contracts`).
+    """
+
+    def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+        return [AttentionSite.of(module, "self", projections, route) for module in instances_of(model, attention)]
+
+    return ArchitecturePatch(
+        attention_sites=attention_sites,
+        cache_owners=modules_of_type(*base_models),
+        contracts=route_contracts(
+            route, attention=attention, cache_owners=base_models, attributes=attributes, parameters=parameters
+        ),
     )
 
 

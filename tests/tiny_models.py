@@ -149,6 +149,10 @@ DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
         "falcon", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, alibi=True, multi_query=False,
                        new_decoder_architecture=False, parallel_attn=False, bias=True, initializer_range=0.1),
     ),
+    # SantaCoder/StarCoder layout with multi-head attention: fused c_attn split per head as [q_i | k_i | v_i]
+    "gpt_bigcode": (
+        "gpt_bigcode", dict(n_embd=64, n_head=4, n_layer=2, multi_query=False, initializer_range=0.1),
+    ),
 }  # fmt: skip
 
 
