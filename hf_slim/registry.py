@@ -93,6 +93,7 @@ SUPPORTED: dict[str, Architecture] = {
     "stablelm": Architecture("hf_slim.patches.phi", positions="rope"),
     "gpt_neox": Architecture("hf_slim.patches.gpt_neox", positions="rope"),
     "gpt_bigcode": Architecture("hf_slim.patches.gpt_bigcode", positions="absolute"),
+    "ctrl": Architecture("hf_slim.patches.ctrl", positions="absolute"),
     "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
 }
 

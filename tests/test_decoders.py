@@ -1,5 +1,5 @@
-"""Decoder-only MHA families (OPT, XGLM, BioGPT, GPT-Neo, BLOOM, MPT, Falcon-RW, GPTBigCode): slim vs unpatched,
-table-driven.
+"""Decoder-only MHA families (OPT, XGLM, BioGPT, GPT-Neo, BLOOM, MPT, Falcon-RW, GPTBigCode, CTRL): slim vs
+unpatched, table-driven.
 
 Every case is a tiny random model (random biases and norms) of one family and attention implementation; each test
 compares the slim model with an unpatched copy of the same weights.
@@ -39,6 +39,7 @@ IMPLEMENTATIONS = {
     "mpt": ("eager",),
     "falcon": ("eager", "sdpa"),
     "gpt_bigcode": ("eager", "sdpa"),
+    "ctrl": ("eager", "sdpa"),
 }
 CASES = [(name, attn) for name in DECODER_CONFIGS for attn in IMPLEMENTATIONS[name]]
 NAMES = list(DECODER_CONFIGS)
@@ -350,7 +351,7 @@ def _first_decode_step_difference(name: str) -> float:
     return relative_difference(logits[1], logits[0])
 
 
-@pytest.mark.parametrize("name", ["opt", "xglm", "biogpt", "bloom", "falcon", "gpt_bigcode"])
+@pytest.mark.parametrize("name", ["opt", "xglm", "biogpt", "bloom", "falcon", "gpt_bigcode", "ctrl"])
 def test_a_dropped_value_bias_is_caught(name, monkeypatch):
     """The equivalence check can fail: dropping the value bias on the absorbed path moves decode logits far beyond
     the tolerance (the tiny models' biases are random, not zero)."""

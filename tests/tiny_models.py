@@ -153,6 +153,8 @@ DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt_bigcode": (
         "gpt_bigcode", dict(n_embd=64, n_head=4, n_layer=2, multi_query=False, initializer_range=0.1),
     ),
+    # sinusoidal positions added to the scaled embeddings; MultiHeadAttention with Wq/Wk/Wv/dense (biases)
+    "ctrl": ("ctrl", dict(n_embd=64, n_head=4, n_layer=2, dff=128, initializer_range=0.1)),
 }  # fmt: skip
 
 
