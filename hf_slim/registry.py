@@ -95,6 +95,7 @@ SUPPORTED: dict[str, Architecture] = {
     "gpt_bigcode": Architecture("hf_slim.patches.gpt_bigcode", positions="absolute"),
     "ctrl": Architecture("hf_slim.patches.ctrl", positions="absolute"),
     "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
+    "codegen": Architecture("hf_slim.patches.codegen", positions="rope"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error (or a function of the config giving it,

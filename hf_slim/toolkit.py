@@ -31,7 +31,7 @@ from .generation import expand_inputs_keeping_encoder_output, keep_one_encoder_o
 from .patching import InstancePatch, PatchedMethod
 from .projections import Projections, interleaved_qkv_projections, split_interleaved_qkv
 from .registry import UnsupportedModelError
-from .rope import RotaryLayout, SinusoidPositions
+from .rope import RotaryLayout, SinusoidPositions, shared_sinusoid_positions, sinusoid_columns
 from .sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 
 __all__ = [
@@ -70,6 +70,8 @@ __all__ = [
     "routed_family",
     "routes_attention",
     "self_attention_part",
+    "sinusoid_columns",
+    "sinusoid_rope_sites",
     "slim_self_attention",
     "split_heads",
     "split_interleaved_qkv",
@@ -175,6 +177,21 @@ def rope_family(
         attention_sites=attention_sites,
         cache_owners=modules_of_type(*base_models),
         contracts=route_contracts(route, attention=attention, cache_owners=base_models, attributes=attributes),
+    )
+
+
+def sinusoid_rope_sites(
+    model: torch.nn.Module,
+    attention: tuple[type, ...],
+    projections: Callable[[torch.nn.Module], Projections],
+    route: AttentionRoute,
+) -> list[AttentionSite]:
+    """The self-attention sites of a routed family rotated GPT-J's way (GPT-J from 5.24, CodeGen): interleaved pairs
+    (``rotate_every_two``) on the first ``rotary_dim`` columns of each head, cos/sin recomputed as rows of the model's
+    one fixed ``embed_positions`` table (:func:`~hf_slim.rope.shared_sinusoid_positions`)."""
+    shared = shared_sinusoid_positions(model, attention)
+    return rope_attention_sites(
+        model, attention, projections, route, RotaryLayout("interleaved"), rotary_source=lambda module: shared
     )
 
 

@@ -223,6 +223,8 @@ ROPE_CONFIGS: dict[str, dict] = {
     "stablelm": dict(model_type="stablelm", use_qkv_bias=True, seed=3),
     "gpt_neox": dict(model_type="gpt_neox"),
     "gptj": dict(model_type="gptj", max_position_embeddings=128, rotary_dim=8, attn="eager"),
+    # GPT-J's rotary layout behind a fused qkv_proj in 4 model-parallel shards of [q | v | k]
+    "codegen": dict(model_type="codegen", max_position_embeddings=128, rotary_dim=8),
     "olmo": dict(model_type="olmo"),
     "olmo2": dict(model_type="olmo2"),  # k_norm: the K cache keeps each token's key scale (e + r + 1 columns)
 }
