@@ -349,6 +349,7 @@ def route_contracts(
     cache_owners: tuple[type, ...] = (),
     attributes: tuple[str, ...] = (),
     absent: tuple[str, ...] = (),
+    parameters: tuple[str, ...] = (),
 ) -> tuple[Contract, ...]:
     """Contracts for attention classes served through transformers' extension points (:mod:`hf_slim.interface`):
     their own forward runs, so hf_slim relies only on what it reads of its arguments (a cache parameter, the rotary
@@ -356,12 +357,21 @@ def route_contracts(
     sizes), on the forward using the attention interface and the cache update (:data:`ROUTED_CALLS`, read from its
     source before anything is patched), and on it not taking the ``absent`` parameters. That the forward really
     calls ``cache.update`` and the registered attention function is also checked at every call (the slim step must
-    be served).
+    be served). ``parameters``: the forward's leading parameters, for one whose cache parameter carries no ``Cache``
+    annotation (CTRL's ``layer_past``): :data:`CACHE` marks its position, and the first one is the layer input.
     """
     keywords = tuple(name for name in (route.rotary_parameter, route.encoder_parameter) if name is not None)
+    if CACHE not in parameters:
+        keywords = (CACHE, *keywords)
     contracts = [
         Contract(
-            owner, "forward", keywords=(CACHE, *keywords), attributes=attributes, absent=absent, calls=ROUTED_CALLS
+            owner,
+            "forward",
+            parameters=parameters,
+            keywords=keywords,
+            attributes=attributes,
+            absent=absent,
+            calls=ROUTED_CALLS,
         )
         for owner in attention
     ]

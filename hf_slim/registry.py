@@ -92,7 +92,10 @@ SUPPORTED: dict[str, Architecture] = {
     "phi": Architecture("hf_slim.patches.phi", positions="rope"),
     "stablelm": Architecture("hf_slim.patches.phi", positions="rope"),
     "gpt_neox": Architecture("hf_slim.patches.gpt_neox", positions="rope"),
+    "gpt_bigcode": Architecture("hf_slim.patches.gpt_bigcode", positions="absolute"),
+    "ctrl": Architecture("hf_slim.patches.ctrl", positions="absolute"),
     "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
+    "codegen": Architecture("hf_slim.patches.codegen", positions="rope"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error (or a function of the config giving it,
@@ -101,12 +104,6 @@ UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
     "mistral": "no patch for this RoPE model type yet (Mistral checkpoints use grouped-query attention, which slim "
     "attention cannot serve; an MHA config would need a mistral patch with its sliding window)",
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
-    "gpt_bigcode": lambda config: (
-        "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache"
-        if getattr(config, "multi_query", True)
-        else "multi_query=False is multi-head attention, which slim attention could serve, but hf_slim has no patch "
-        "for GPTBigCode's fused c_attn layout yet; use the model unpatched"
-    ),
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "nllb-moe": "not implemented yet: its attention is M2M100's (the input and encoder caches would apply), but its "
@@ -118,6 +115,18 @@ UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
 ENCODER_ONLY = ("bert", "roberta")
 #: Configurations of supported model types that are refused, with the reason: ``model_type -> [(test, reason)]``.
 CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]] = {
+    "gpt_bigcode": [
+        (
+            lambda c: c.multi_query,
+            "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache "
+            "(multi_query=False, multi-head attention, is supported)",
+        ),
+        (
+            lambda c: c.add_cross_attention,
+            "add_cross_attention=True (GPTBigCode as the decoder of an encoder-decoder) is not implemented: only the "
+            "decoder-only GPTBigCode is supported",
+        ),
+    ],
     "falcon": [
         (
             lambda c: c.new_decoder_architecture,

@@ -286,6 +286,27 @@ class SinusoidPositions:
 RotarySource = RotaryFrequencies | SinusoidPositions
 
 
+def sinusoid_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(sin, cos)`` a GPT-J-style rotary module hands each layer (``(batch, new, rotary_dim / 2)`` each: GPT-J
+    from 5.24, CodeGen) as the ``(cos, sin)`` each rotated column was multiplied by, ``(batch, new, rotary_dim)``
+    each: ``apply_rotary_pos_emb`` repeats every entry for its interleaved pair (an ``AttentionRoute.rotary_columns``).
+    """
+    sin, cos = position_embeddings
+    return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)  # (b, t, r) each
+
+
+def shared_sinusoid_positions(model: torch.nn.Module, attention: tuple[type, ...]) -> SinusoidPositions | None:
+    """:class:`SinusoidPositions` of the model's one module holding a fixed ``embed_positions`` table outside its
+    ``attention`` classes (GPT-J's and CodeGen's model-level rotary module), or None when there is none or several
+    (then the cache keeps the cos/sin table: exact, 0.2% larger)."""
+    tables = [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "embed_positions", None), torch.Tensor) and type(module) not in attention
+    ]
+    return SinusoidPositions(tables[0]) if len(tables) == 1 else None
+
+
 def find_rotary_frequencies(model: torch.nn.Module) -> RotaryFrequencies | None:
     """The model's one rotary embedding module (a module holding ``inv_freq`` and ``attention_scaling``), or None
     when there is none or several (then the cache keeps the cos/sin table: exact, 0.2% larger)."""

@@ -1,4 +1,5 @@
-"""Decoder-only MHA families (OPT, XGLM, BioGPT, GPT-Neo, BLOOM, MPT, Falcon-RW): slim vs unpatched, table-driven.
+"""Decoder-only MHA families (OPT, XGLM, BioGPT, GPT-Neo, BLOOM, MPT, Falcon-RW, GPTBigCode, CTRL): slim vs
+unpatched, table-driven.
 
 Every case is a tiny random model (random biases and norms) of one family and attention implementation; each test
 compares the slim model with an unpatched copy of the same weights.
@@ -37,6 +38,8 @@ IMPLEMENTATIONS = {
     "bloom-6-heads": ("eager",),
     "mpt": ("eager",),
     "falcon": ("eager", "sdpa"),
+    "gpt_bigcode": ("eager", "sdpa"),
+    "ctrl": ("eager", "sdpa"),
 }
 CASES = [(name, attn) for name in DECODER_CONFIGS for attn in IMPLEMENTATIONS[name]]
 NAMES = list(DECODER_CONFIGS)
@@ -348,7 +351,7 @@ def _first_decode_step_difference(name: str) -> float:
     return relative_difference(logits[1], logits[0])
 
 
-@pytest.mark.parametrize("name", ["opt", "xglm", "biogpt", "bloom", "falcon"])
+@pytest.mark.parametrize("name", ["opt", "xglm", "biogpt", "bloom", "falcon", "gpt_bigcode", "ctrl"])
 def test_a_dropped_value_bias_is_caught(name, monkeypatch):
     """The equivalence check can fail: dropping the value bias on the absorbed path moves decode logits far beyond
     the tolerance (the tiny models' biases are random, not zero)."""
@@ -393,6 +396,10 @@ REFUSED_CONFIGS = {
         "falcon", dict(new_decoder_architecture=True, num_kv_heads=2), "new_decoder_architecture=True"
     ),
     "xglm as a cross-attention decoder": ("xglm", dict(add_cross_attention=True), "add_cross_attention"),
+    "gpt_bigcode multi-query": ("gpt_bigcode", dict(multi_query=True), "multi-query attention"),
+    "gpt_bigcode as a cross-attention decoder": (
+        "gpt_bigcode", dict(add_cross_attention=True), "add_cross_attention"
+    ),
 }  # fmt: skip
 
 

@@ -168,9 +168,10 @@ def test_generation_identical_past_original_context(name, how):
     assert isinstance(cache_of(actual), SlimCache)
 
 
-#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj) and the history-dependent / key-norm variants
+#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj, codegen) and the history-dependent / key-norm
+#: variants
 @pytest.mark.parametrize(
-    "name", ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "gptj"]
+    "name", ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "gptj", "codegen"]
 )
 def test_static_cache_generate_matches(name):
     vanilla, slim = pair(name)
@@ -200,10 +201,14 @@ def test_decode_step_compiles_fullgraph(name):
 
 def _key_rows(module: torch.nn.Module) -> tuple[torch.nn.Linear, slice | torch.Tensor]:
     """The linear layer holding a RoPE attention module's key projection and the rows of its weight that are W_K:
-    ``k_proj`` (Llama, Qwen2, OLMo, Phi, StableLM, GPT-J), the middle third of Phi-3's ``qkv_proj``, or the key rows
-    of GPT-NeoX's per-head ``(heads, 3, head_dim)`` ``query_key_value``."""
+    ``k_proj`` (Llama, Qwen2, OLMo, Phi, StableLM, GPT-J), the key rows of CodeGen's ``qkv_proj`` (``mp_num`` shards
+    of ``[q | v | k]``), the middle third of Phi-3's ``qkv_proj``, or the key rows of GPT-NeoX's per-head ``(heads,
+    3, head_dim)`` ``query_key_value``."""
     if hasattr(module, "k_proj"):
         return module.k_proj, slice(None)
+    if hasattr(module, "mp_num"):
+        shards = torch.arange(3 * module.embed_dim).view(module.mp_num, 3, module.embed_dim // module.mp_num)
+        return module.qkv_proj, shards[:, 2].reshape(-1)
     if hasattr(module, "qkv_proj"):
         e = module.config.num_attention_heads * module.head_dim
         return module.qkv_proj, slice(e, 2 * e)
@@ -343,13 +348,27 @@ def test_refused_layers_keep_own_kv_with_warning(monkeypatch):
     _decode_logits(vanilla, slim, steps=5)
 
 
-def test_mode_input_refused_and_auto_picks_k():
-    model = tiny_rope("llama")
+@pytest.mark.parametrize("name", ["llama", "codegen"])
+def test_mode_input_refused_and_auto_picks_k(name):
+    model = tiny_rope(name)
     before = snapshot(model)
     with pytest.raises(UnsupportedModelError, match="mode='input' cannot be used"):
         slimify(model, "input")
     assert_unchanged(model, before)
     assert set(slim_record(slimify(model, "auto")).layer_modes.values()) == {"k"}
+
+
+def test_codegen_computing_attention_itself_is_refused_cleanly(monkeypatch):
+    """Up to transformers 5.23 CodeGen's attention computes attention itself (no adapted forward in hf_slim): slimify
+    refuses with the reason and leaves the model untouched (simulated here on a routed release)."""
+    from hf_slim.patches import codegen
+
+    model = tiny_rope("codegen")
+    before = snapshot(model)
+    monkeypatch.setattr(codegen, "ROUTED", False)
+    with pytest.raises(UnsupportedModelError, match="CodeGen computes attention itself.*transformers>=5.24"):
+        slimify(model)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])

@@ -91,11 +91,14 @@ STATIC_CACHE_TESTS = {
     "hf_slim.patches.bloom": "test_decoders.py::test_static_cache_generate_matches_vanilla",
     "hf_slim.patches.mpt": "test_decoders.py::test_static_cache_generate_matches_vanilla",
     "hf_slim.patches.falcon": "test_decoders.py::test_static_cache_generate_matches_vanilla",
+    "hf_slim.patches.gpt_bigcode": "test_decoders.py::test_static_cache_generate_matches_vanilla",
+    "hf_slim.patches.ctrl": "test_decoders.py::test_static_cache_generate_matches_vanilla",
     "hf_slim.patches.llama": "test_rope.py::test_static_cache_generate_matches",
     "hf_slim.patches.phi3": "test_rope.py::test_static_cache_generate_matches",
     "hf_slim.patches.phi": "test_rope.py::test_static_cache_generate_matches",
     "hf_slim.patches.gpt_neox": "test_rope.py::test_static_cache_generate_matches",
     "hf_slim.patches.gptj": "test_rope.py::test_static_cache_generate_matches",
+    "hf_slim.patches.codegen": "test_rope.py::test_static_cache_generate_matches",
 }
 
 
