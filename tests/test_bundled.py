@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_slim.audio import load_wav, resample
+from hf_slim.app.audio import load_wav, resample
 from hf_slim.bundled import SAMPLE_TEXT, sample_audio_path, whisper_tiny_en_dir
 from hf_slim.ctranslate2 import CT2Model, ct2_to_whisper_state_dict, read_ct2_model, whisper_configs_from_ct2
 

@@ -201,7 +201,7 @@ def test_a_source_checkout_imports_its_patch_modules_without_an_editable_install
 def test_the_command_line_starts_without_importing_transformers_models():
     """``hf-slim --help`` parses before importing what a command needs: no torch, no transformers modeling code."""
     heavy = ("torch", "transformers.modeling_utils")
-    code = f"import sys, hf_slim.cli\nprint(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, hf_slim.app.cli.main\nprint(sorted(m for m in {heavy} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
