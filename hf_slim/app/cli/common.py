@@ -17,8 +17,13 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hf_slim import MODES
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
 
 DTYPES = {
     "fp32": "float32", "float32": "float32",
@@ -43,7 +48,8 @@ class JobInterrupted(KeyboardInterrupt):
     which :func:`hf_slim.app.cli.main.main` adds to its "interrupted" line."""
 
 
-def dtype_option(name: str):
+def dtype_option(name: str) -> str:
+    """argparse type for ``--dtype``: fp32, fp16 or bf16 (or torch's names) to the torch dtype's name."""
     key = name.lower().removeprefix("torch.")
     if key not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {name!r} (use fp32, fp16 or bf16)")
@@ -90,13 +96,14 @@ def device_option(name: str) -> str:
     return name
 
 
-def torch_dtype(name: str | None):
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a ``--dtype`` value (None: the checkpoint's own)."""
     import torch
 
     return None if name is None else getattr(torch, name)
 
 
-def progress_bar(total: float, desc: str, unit: str = "step", **shape):
+def progress_bar(total: float, desc: str, unit: str = "step", **shape) -> tqdm:
     """A progress bar on stderr, erased when closed, none when stderr is not a terminal (tqdm's ``disable=None``);
     :func:`main` erases the ones an error interrupted. ``shape``: tqdm's ``bar_format`` and ``postfix``."""
     from tqdm.auto import tqdm
@@ -114,6 +121,7 @@ def close_bars() -> None:
 
 
 def human(nbytes: float) -> str:
+    """``1536 -> '1.5 KiB'``: bytes for people."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(nbytes) < 1024 or unit == "TiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
@@ -122,6 +130,7 @@ def human(nbytes: float) -> str:
 
 
 def note(message: str) -> None:
+    """``note: message`` on stderr, on its own line above any progress bar."""
     from tqdm.auto import tqdm
 
     tqdm.write(f"note: {message}", file=sys.stderr)  # on its own line, above any progress bar
@@ -156,7 +165,7 @@ def _calibration_progress() -> Iterator[None]:
             transformers_logging.disable_progress_bar()
 
 
-def slimify_with_progress(model, mode: str, *, notes: bool = True) -> None:
+def slimify_with_progress(model: torch.nn.Module, mode: str, *, notes: bool = True) -> None:
     """``slimify(model, mode)`` with its calibration bar, its K-mode fallbacks as notes (``notes=False``: silenced,
     and no summary line either: for a calibration whose model is not the one reported)."""
     from hf_slim.api import slimify
@@ -224,12 +233,15 @@ def read_checkpoint_config(folder: Path) -> dict:
 
 
 def check_supported(config, mode: str | None) -> None:
+    """Refuse, before any weight is read, a model slimify would refuse (UnsupportedModelError with the reason)."""
     from hf_slim.registry import architecture_for
 
     architecture_for(config, mode or "auto")  # raises UnsupportedModelError with the reason
 
 
-def load_model(path: str | None, dtype: str, mode: str | None, device: str, *, slim: bool = True):
+def load_model(
+    path: str | None, dtype: str, mode: str | None, device: str, *, slim: bool = True
+) -> tuple[torch.nn.Module, Path]:
     """Load a checkpoint folder (plain or slim) and return ``(model, folder)``; slimified unless ``slim=False``.
 
     A slim checkpoint is loaded with :func:`hf_slim.load_slim` (its recorded layer modes) unless ``mode`` asks for
@@ -271,6 +283,7 @@ def unpatched_batch(slim, vanilla) -> str:
 
 
 def whisper_processor(folder: Path):
+    """The checkpoint's WhisperProcessor (feature extractor and tokenizer), or a CliError saying it has none."""
     from transformers import WhisperProcessor
 
     try:
@@ -283,6 +296,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "sp
 
 
 def tokenizer_of(folder: Path):
+    """The checkpoint's tokenizer, or a CliError saying it has no usable tokenizer files."""
     from transformers import AutoTokenizer
 
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
@@ -310,14 +324,14 @@ def check_length(config, prompt_tokens: int, max_new_tokens: int, prompt: str = 
         )
 
 
-def meta_model_of(folder: Path, dtype: str | None):
+def meta_model_of(folder: Path, dtype: str | None) -> torch.nn.Module:
     """The checkpoint's model on the meta device: shapes for planning without reading weights."""
     from transformers import AutoConfig
 
     return meta_from_config(AutoConfig.from_pretrained(folder), read_checkpoint_config(folder), dtype, folder)
 
 
-def meta_from_config(config, raw: dict, dtype_name: str | None, source: str | Path):
+def meta_from_config(config, raw: dict, dtype_name: str | None, source: str | Path) -> torch.nn.Module:
     """The model ``config`` describes (``raw``: its config.json, read from ``source``) on the meta device: the class
     ``architectures`` names, or ``AutoModel`` when it names none or a class transformers does not have."""
     import torch

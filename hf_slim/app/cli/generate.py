@@ -28,7 +28,7 @@ from .common import (
 )
 
 
-def load_text_model(model: str, dtype: str, mode: str | None, device: str):
+def load_text_model(model: str, dtype: str, mode: str | None, device: str) -> tuple:
     """``(slim model, its tokenizer with a pad token)`` for a bulk worker, as :func:`load_whisper`."""
     loaded, folder = load_model(model, dtype, mode, device)
     return loaded, _prepared_tokenizer(folder)
@@ -54,7 +54,7 @@ def _token_progress(total: int, desc: str):
     return TokenProgress()
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, num_beams: int = 1):
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, num_beams: int = 1) -> tuple[str, int]:
     """Greedy (or beam-search) continuation of ``prompt``: ``(text, cache_bytes)`` with the bytes of the cache
     generate returned."""
     import torch

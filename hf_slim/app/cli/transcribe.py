@@ -368,7 +368,7 @@ def _transcribe_compare(args, options, model, processor, tasks, batch_size, enco
     return _transcribe_summary(args, report, Path(args.output_dir) if args.output_dir else None)
 
 
-def load_whisper(model: str | None, dtype: str, mode: str | None, device: str):
+def load_whisper(model: str | None, dtype: str, mode: str | None, device: str) -> tuple:
     """``(slim Whisper, its processor)`` for a bulk worker (Ray ships this function to its actors by name)."""
     loaded, folder = load_model(model, dtype, mode, device)
     return loaded, whisper_processor(folder)
