@@ -21,8 +21,9 @@ from .patching import InstancePatch
 if TYPE_CHECKING:
     from .attention import SlimAttentionState
 
-#: What ``slimify(model, mode=...)`` accepts.
-MODES = ("auto", "input", "k")
+#: What one attention layer of a slim model keeps: its input X, its keys (K+R), the model's own K/V, or nothing
+#: (cross-attention reads the encoder output).
+LAYER_MODES = ("input", "k", "kv", "encoder")
 
 
 @dataclass

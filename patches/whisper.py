@@ -221,12 +221,12 @@ def calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> dict:
     ``{"input_features": (1, num_mel_bins, 2 * max_source_positions), "decoder_input_ids": (1, tokens)}`` on the
     model's device, features in the model's dtype.
     """
-    from hf_slim.audio import load_wav
     from hf_slim.bundled import sample_audio_path
+    from hf_slim.wav import read_wav
 
     config = model.config
     parameter = next(model.parameters())
-    samples, _ = load_wav(sample_audio_path(), _SAMPLING_RATE)
+    samples, _ = read_wav(sample_audio_path(), _SAMPLING_RATE)
     extractor = WhisperFeatureExtractor(
         feature_size=config.num_mel_bins, sampling_rate=_SAMPLING_RATE, hop_length=_HOP_LENGTH
     )

@@ -503,7 +503,7 @@ def test_accelerate_disk_offload_matches(tmp_path):
 
 
 def test_cli_verify_and_generate_on_a_rope_checkpoint(tmp_path, capsys):
-    from hf_slim.cli import main
+    from hf_slim.app.cli.main import main
 
     tiny_rope("llama").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
@@ -528,7 +528,7 @@ PHI3_MINI_128K.update(original_max_position_embeddings=4096, sliding_window=2621
 def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
     """The issue's stake: 48 GiB of fp16 K/V at 128k tokens; all layers K: 24 GiB plus 8 bytes per token (int32
     position and longrope regime id) and the two regimes' frequencies: 2.00x."""
-    from hf_slim.cli import main
+    from hf_slim.app.cli.main import main
 
     factors = dict(short_factor=[1.0] * 48, long_factor=[2.0] * 48, original_max_position_embeddings=4096)
     config = dict(PHI3_MINI_128K, rope_parameters=dict(rope_type="longrope", **factors))
@@ -682,7 +682,7 @@ def test_olmo2_save_and_load_slim_checks_the_key_norm(tmp_path):
 
 
 def test_olmo2_cli_verify_shows_the_key_scale(tmp_path, capsys):
-    from hf_slim.cli import main
+    from hf_slim.app.cli.main import main
 
     tiny_rope("olmo2").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
