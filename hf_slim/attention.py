@@ -24,7 +24,8 @@ import torch
 
 from .absorbed import absorb_query, absorbed_attention, additive_bias, project_heads
 from .adapters import LowRank, apply_low_rank, holds_adapter_layers
-from .cache import SlimLayout, slim_cache_for
+from .cache import slim_cache_for
+from .cache_layers import SlimLayout
 from .dispatch import use_fused_kernel
 from .kmode import KSourceStamp, solve_k_mode
 from .projections import KeyNorm, Projections
@@ -56,7 +57,7 @@ class SlimAttentionState:
     name:
         the site's name, for error messages.
     layout:
-        what this layer writes into a slim cache (:class:`~hf_slim.cache.SlimLayout`: its model and mode), so a
+        what this layer writes into a slim cache (:class:`~hf_slim.cache_layers.SlimLayout`: its model and mode), so a
         cache filled by another model or mode is refused.
     k_source:
         for K-mode layers, the :class:`~hf_slim.kmode.KSourceStamp` of the weights ``W_KV`` was derived from,
@@ -367,7 +368,7 @@ def slim_self_attention(
         ``key`` is the rotated one: :mod:`hf_slim.rope`).
     position_ids:
         ``(batch|1, new)``, the positions ``rotary`` was computed for (RoPE layers): the cache keeps them and
-        recomputes cos/sin from them (:class:`~hf_slim.cache.RotaryPositions`).
+        recomputes cos/sin from them (:class:`~hf_slim.rotary_positions.RotaryPositions`).
     pre_norm_key:
         ``(batch, new, e)``, the keys before the model's per-token key norm (layers with a :class:`KeyNorm`, whose
         ``key`` is the normalised one), for the key scale the K cache keeps.

@@ -12,7 +12,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from transformers.generation.utils import GenerationMixin
 
 from ._compat import Contract, cache_entry, cache_parameter, find_cache, generic_expand_inputs
-from .cache import EncoderOutputCache, SlimCache, adopt_cross_part, self_attention_part
+from .cache import SlimCache, self_attention_part
+from .encoder_cache import EncoderOutputCache, adopt_cross_part
 from .patching import InstancePatch, PatchedMethod, resident_weights
 from .record import SlimRecord
 

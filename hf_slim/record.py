@@ -15,7 +15,9 @@ import torch
 from transformers.cache_utils import EncoderDecoderCache
 
 from . import __version__
-from .cache import CacheOwner, EncoderOutputCache, SlimCache
+from .cache import SlimCache
+from .cache_layers import CacheOwner
+from .encoder_cache import EncoderOutputCache
 from .patching import InstancePatch
 
 if TYPE_CHECKING:

@@ -26,7 +26,8 @@ from ._compat import (
 from .absorbed import additive_bias
 from .attention import DECODER_ATTENTION_READS, decoder_attention, slim_self_attention, split_heads
 from .bias import ScoreBias
-from .cache import EncoderOutputCache, SlimCache, self_attention_part
+from .cache import SlimCache, self_attention_part
+from .encoder_cache import EncoderOutputCache
 from .generation import expand_inputs_keeping_encoder_output, keep_one_encoder_output_per_input
 from .patching import InstancePatch, PatchedMethod
 from .projections import Projections, interleaved_qkv_projections, split_interleaved_qkv

@@ -24,7 +24,7 @@ from tiny_models import DECODER_CONFIGS, sharpen_greedy, tiny_decoder, tiny_toke
 from transformers import DynamicCache
 
 from hf_slim import SlimCache, SlimFallbackWarning, cache_nbytes, cache_report, slim_record, slimify, unslimify
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 #: attention implementations each family supports in transformers 5.23.0 (the others refuse sdpa at load time)
 IMPLEMENTATIONS = {
