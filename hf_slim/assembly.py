@@ -9,7 +9,7 @@ import inspect
 import torch
 
 from .adapters import UnsupportedProjectionError
-from .attention import SlimAttentionState
+from .attention_state import SlimAttentionState
 from .cache_layers import CacheOwner, SlimLayout
 from .interface import RoutedSignature, SlimAttentionConfig, check_implementation, routed_forward
 from .kmode import KSourceStamp

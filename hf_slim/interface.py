@@ -31,9 +31,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from ._compat import TransformersContractError, find_cache, positional_parameters
 from .absorbed import additive_bias
-from .attention import encoder_cross_attention, grouped_cross_attention, slim_self_attention
+from .attention import slim_self_attention
 from .bias import ScoreBias
 from .cache import slim_cache_for
+from .cross_attention import encoder_cross_attention, grouped_cross_attention
 from .encoder_cache import EncoderOutputCache, adopt_cross_part
 from .patching import resident_weights
 from .registry import UnsupportedModelError

@@ -21,7 +21,7 @@ from .encoder_cache import EncoderOutputCache
 from .patching import InstancePatch
 
 if TYPE_CHECKING:
-    from .attention import SlimAttentionState
+    from .attention_state import SlimAttentionState
 
 #: What ``slimify(model, mode=...)`` accepts.
 MODES = ("auto", "input", "k")

@@ -587,9 +587,9 @@ def test_olmo2_key_scale_k_and_k_plus_r_match(attn, rank):
 
 def _drop_key_scale(monkeypatch) -> None:
     """Mutation: rebuild the values from ``[K_n | Z]``, the key scale column ignored."""
-    import hf_slim.attention
+    import hf_slim.slim_tensor
 
-    monkeypatch.setattr(hf_slim.attention, "scale_keys", lambda keys, key_width, owned=False: keys[..., :-1].float())
+    monkeypatch.setattr(hf_slim.slim_tensor, "scale_keys", lambda keys, key_width, owned=False: keys[..., :-1].float())
 
 
 @torch.no_grad()
