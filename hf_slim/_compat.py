@@ -323,7 +323,7 @@ def forward_contracts(
     needs it; the check against the installed transformers is what catches drift. ``alternatives``: attributes the
     forward reads only where they exist (one forward serving classes that name a module differently), left out of the
     contract. ``also_reads``: attributes a shared helper the forward calls reads (e.g.
-    :data:`hf_slim.attention.DECODER_ATTENTION_READS`).
+    :data:`hf_slim.cross_attention.DECODER_ATTENTION_READS`).
     """
     names = list(positional_parameters(forward))
     # the cache arrives by keyword under the original's name or by position: the parameters up to it must line up

@@ -123,7 +123,7 @@ def rotary_bytes(
     model: torch.nn.Module, patch: ArchitecturePatch, source: RotarySource | None, rows: int, seq_len: int, size: int
 ) -> tuple[str, int]:
     """What a slim cache of ``rows`` x ``seq_len`` tokens keeps to un-rotate RoPE keys, and its bytes, as
-    :class:`hf_slim.cache.RotaryPositions` holds it: int32 positions (and regime ids), the regimes' float32
+    :class:`hf_slim.rotary_positions.RotaryPositions` holds it: int32 positions (and regime ids), the regimes' float32
     ``inv_freq`` in a buffer grown by doubling (power-of-two rows), or the cos/sin table (``size``-byte numbers)."""
     if source is None:
         return "cos/sin table", rows * seq_len * 2 * rotary_dim(model, patch) * size

@@ -12,7 +12,7 @@ own cache holds, and the values un-rotate them:
   ``apply_rotary_pos_emb`` did when the keys were written: nothing to re-implement for the scores;
 * values need ``K_j = R_j^-1 Krot_j`` for each cached position ``j``, with the ``cos``/``sin`` that rotated it.
 
-What the cache keeps for that (:class:`hf_slim.cache.RotaryPositions`, once for all layers), and why:
+What the cache keeps for that (:class:`hf_slim.rotary_positions.RotaryPositions`, once for all layers), and why:
 
 * **the position id** each token was rotated at, int32 ``(batch, seq)``: 4 bytes per token against ``2 * layers * e``
   numbers for K/V (Llama-2-7B: 4 B vs 512 KiB), so the cache is 2.00x smaller than transformers' (the cos/sin table it

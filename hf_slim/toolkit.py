@@ -24,15 +24,18 @@ from ._compat import (
     routes_attention,
 )
 from .absorbed import additive_bias
-from .attention import DECODER_ATTENTION_READS, decoder_attention, slim_self_attention, split_heads
+from .attention import slim_self_attention
 from .bias import ScoreBias
-from .cache import EncoderOutputCache, SlimCache, self_attention_part
+from .cache import SlimCache, self_attention_part
+from .cross_attention import DECODER_ATTENTION_READS, decoder_attention
+from .encoder_cache import EncoderOutputCache
 from .generation import expand_inputs_keeping_encoder_output, keep_one_encoder_output_per_input
 from .patching import InstancePatch, PatchedMethod
 from .projections import Projections, interleaved_qkv_projections, split_interleaved_qkv
 from .registry import UnsupportedModelError
 from .rope import RotaryLayout, SinusoidPositions, shared_sinusoid_positions, sinusoid_columns
 from .sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+from .slim_tensor import split_heads
 
 __all__ = [
     "CACHE",

@@ -11,8 +11,8 @@ Whisper specifics:
   (:mod:`hf_slim.interface`). ``q_proj`` output is multiplied by ``head_dim ** -0.5`` before the dot product and the
   attention call uses ``scaling=1.0``; ``k_proj`` has no bias.
 * Beam search: transformers repeats E once per beam (``_expand_inputs_for_generation``). The slim model keeps one
-  copy per input and :func:`hf_slim.attention.encoder_cross_attention` folds each input's beams onto it, so neither a
-  cross-attention cache nor beam copies of E exist.
+  copy per input and :func:`hf_slim.cross_attention.encoder_cross_attention` folds each input's beams onto it, so
+  neither a cross-attention cache nor beam copies of E exist.
 * ``WhisperGenerationMixin._postprocess_outputs`` / ``_stack_split_outputs`` split and re-stack the returned cache by
   reading ``layers[i].keys``; the slim model splits and stacks its slim tensors instead.
 """

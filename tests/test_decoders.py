@@ -25,7 +25,7 @@ from tiny_models import DECODER_CONFIGS, sharpen_greedy, tiny_decoder, tiny_toke
 from transformers import DynamicCache
 
 from hf_slim import SlimCache, SlimFallbackWarning, cache_nbytes, cache_report, slim_record, slimify, unslimify
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 #: attention implementations each family supports in transformers 5.23.0 (the others refuse sdpa at load time)
 IMPLEMENTATIONS = {
@@ -355,11 +355,11 @@ def _first_decode_step_difference(name: str) -> float:
 def test_a_dropped_value_bias_is_caught(name, monkeypatch):
     """The equivalence check can fail: dropping the value bias on the absorbed path moves decode logits far beyond
     the tolerance (the tiny models' biases are random, not zero)."""
-    import hf_slim.attention as attention
+    import hf_slim.decode as decode
 
     assert _first_decode_step_difference(name) <= LOGITS_RTOL[torch.float32]
-    project_heads = attention.project_heads
-    monkeypatch.setattr(attention, "project_heads", lambda mixed, w_v, b_v=None, low_rank=(): project_heads(mixed, w_v))
+    project_heads = decode.project_heads
+    monkeypatch.setattr(decode, "project_heads", lambda mixed, w_v, b_v=None, low_rank=(): project_heads(mixed, w_v))
     assert _first_decode_step_difference(name) > 1e-3
 
 
@@ -371,18 +371,18 @@ def test_a_dropped_position_term_is_caught(name, monkeypatch):
     only the mask's visibility pattern."""
     from hf_slim.patches import falcon
 
-    import hf_slim.attention as attention
+    import hf_slim.decode as decode
     from hf_slim.bias import ScoreBias
 
     assert _first_decode_step_difference(name) <= LOGITS_RTOL[torch.float32]
     if name == "falcon" and falcon.ROUTED:
-        bias_for_decode = attention._bias_for_decode
+        bias_for_decode = decode._bias_for_decode
 
         def visibility_only(*args, **kwargs):
             bias = bias_for_decode(*args, **kwargs)
             return torch.where(bias > torch.finfo(bias.dtype).min / 2, 0.0, torch.finfo(bias.dtype).min)
 
-        monkeypatch.setattr(attention, "_bias_for_decode", visibility_only)
+        monkeypatch.setattr(decode, "_bias_for_decode", visibility_only)
     else:
         monkeypatch.setattr(ScoreBias, "term", lambda self, module, value=None: None)
     assert _first_decode_step_difference(name) > 1e-3

@@ -36,7 +36,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 NAMES = list(ROPE_CONFIGS)
 PROMPTS = ["the quick brown fox", "slim attention keeps one tensor per token instead of", "memory"]
@@ -606,9 +606,9 @@ def test_olmo2_key_scale_k_and_k_plus_r_match(attn, rank):
 
 def _drop_key_scale(monkeypatch) -> None:
     """Mutation: rebuild the values from ``[K_n | Z]``, the key scale column ignored."""
-    import hf_slim.attention
+    import hf_slim.slim_tensor
 
-    monkeypatch.setattr(hf_slim.attention, "scale_keys", lambda keys, key_width, owned=False: keys[..., :-1].float())
+    monkeypatch.setattr(hf_slim.slim_tensor, "scale_keys", lambda keys, key_width, owned=False: keys[..., :-1].float())
 
 
 @torch.no_grad()
@@ -759,10 +759,10 @@ def test_recompute_mutations_are_caught(monkeypatch, case):
     """A wrong recompute (positions shifted by one; every token read with the first regime's frequencies, i.e.
     dynamic NTK / longrope without regimes) is caught by the check on write (fallback, exact logits); with the
     check disabled, the 40-step logits comparison fails: both guards can fail."""
-    import hf_slim.cache
     import hf_slim.rope
-    from hf_slim.cache import RotaryPositions
+    import hf_slim.rotary_positions
     from hf_slim.rope import RotaryFallbackWarning
+    from hf_slim.rotary_positions import RotaryPositions
 
     name, what = RECOMPUTE_MUTATIONS[case]
     if what == "position":
@@ -782,7 +782,7 @@ def test_recompute_mutations_are_caught(monkeypatch, case):
     with pytest.warns(RotaryFallbackWarning):
         caches = _decode_logits(vanilla, slim)
     assert caches["slim"].rotary.table is not None
-    monkeypatch.setattr(hf_slim.cache, "reproduces", lambda recomputed, handed: True)
+    monkeypatch.setattr(hf_slim.rotary_positions, "reproduces", lambda recomputed, handed: True)
     with pytest.raises(AssertionError, match="relative max difference"):
         _decode_logits(vanilla, slim)
 

@@ -12,7 +12,7 @@ from tiny_models import tiny_gpt2, tiny_tokenizer
 from transformers import StaticCache
 
 from hf_slim import SlimCache, cache_nbytes, slimify
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 PROMPTS = ["the quick brown fox", "memory", "slim attention keeps one tensor"]
 

@@ -49,7 +49,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 DATA = Path(__file__).parent / "data"
 SAMPLING_RATE = 16_000
