@@ -345,10 +345,9 @@ def meta_from_config(config, raw: dict, dtype_name: str | None, source: str | Pa
     except SlimCheckpointError:  # a name transformers lacks: the base model of the config, as AutoModel builds it
         found = transformers.AutoModel
     dtype = torch_dtype(dtype_name) or torch.float32
-    with torch.device("meta"):
-        if found is transformers.AutoModel:
-            return transformers.AutoModel.from_config(config, dtype=dtype)
-        return found._from_config(config, dtype=dtype)
+    with torch.device("meta"):  # the class's public constructor; floating-point weights then cast (no data moves)
+        model = transformers.AutoModel.from_config(config) if found is transformers.AutoModel else found(config)
+    return model.to(dtype)
 
 
 def add_command(
