@@ -92,6 +92,7 @@ SUPPORTED: dict[str, Architecture] = {
     "phi": Architecture("hf_slim.patches.phi", positions="rope"),
     "stablelm": Architecture("hf_slim.patches.phi", positions="rope"),
     "gpt_neox": Architecture("hf_slim.patches.gpt_neox", positions="rope"),
+    "persimmon": Architecture("hf_slim.patches.gpt_neox", positions="rope"),  # GPT-NeoX's attention layout
     "gpt_bigcode": Architecture("hf_slim.patches.gpt_bigcode", positions="absolute"),
     "ctrl": Architecture("hf_slim.patches.ctrl", positions="absolute"),
     "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
@@ -154,6 +155,15 @@ CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]]
             "attn_config.clip_qkv clamps the fused Q/K/V projection; the clamp is not linear, so neither the input "
             "cache (keys recomputed from X) nor the K cache (V = K W_KV) reproduces it exactly. Use a config with "
             "clip_qkv=None",
+        ),
+    ],
+    "persimmon": [
+        (
+            lambda c: c.qk_layernorm,
+            "qk_layernorm=True applies a LayerNorm to each head's projected keys before RoPE: it removes each head's "
+            "key mean (and adds a bias), so the values are not a function of the cached keys and the K cache cannot "
+            "be exact (the key-norm support covers an RMSNorm over the full key width, OLMo-2's k_norm); use a "
+            "config with qk_layernorm=False or the model unpatched",
         ),
     ],
     "xglm": [
