@@ -68,6 +68,8 @@ SUPPORTED: dict[str, Architecture] = {
         )
     },
     "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
+    # Moonshine: an audio encoder and a RoPE decoder (K cache) with cross-attention over the encoder output
+    "moonshine": Architecture("hf_slim.patches.moonshine", positions="rope"),
     # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
     "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
     # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)
@@ -164,6 +166,13 @@ CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]]
             "key mean (and adds a bias), so the values are not a function of the cached keys and the K cache cannot "
             "be exact (the key-norm support covers an RMSNorm over the full key width, OLMo-2's k_norm); use a "
             "config with qk_layernorm=False or the model unpatched",
+        ),
+    ],
+    "moonshine": [
+        (
+            lambda c: c.pad_head_dim_to_multiple_of is not None,
+            "pad_head_dim_to_multiple_of pads the keys and values the cache returns before the attention call, which "
+            "the slim cache's step cannot take; use a config with pad_head_dim_to_multiple_of=None",
         ),
     ],
     "xglm": [

@@ -99,6 +99,7 @@ STATIC_CACHE_TESTS = {
     "hf_slim.patches.gpt_neox": "test_rope.py::test_static_cache_generate_matches",  # persimmon too
     "hf_slim.patches.gptj": "test_rope.py::test_static_cache_generate_matches",
     "hf_slim.patches.codegen": "test_rope.py::test_static_cache_generate_matches",
+    "hf_slim.patches.moonshine": "test_moonshine.py::test_generation_identical",  # its "static" case
 }
 
 
