@@ -68,6 +68,8 @@ SUPPORTED: dict[str, Architecture] = {
         )
     },
     "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
+    # Moonshine: an audio encoder and a RoPE decoder (K cache) with cross-attention over the encoder output
+    "moonshine": Architecture("hf_slim.patches.moonshine", positions="rope"),
     # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
     "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
     # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)
@@ -92,6 +94,7 @@ SUPPORTED: dict[str, Architecture] = {
     "phi": Architecture("hf_slim.patches.phi", positions="rope"),
     "stablelm": Architecture("hf_slim.patches.phi", positions="rope"),
     "gpt_neox": Architecture("hf_slim.patches.gpt_neox", positions="rope"),
+    "persimmon": Architecture("hf_slim.patches.gpt_neox", positions="rope"),  # GPT-NeoX's attention layout
     "gpt_bigcode": Architecture("hf_slim.patches.gpt_bigcode", positions="absolute"),
     "ctrl": Architecture("hf_slim.patches.ctrl", positions="absolute"),
     "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
@@ -154,6 +157,22 @@ CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]]
             "attn_config.clip_qkv clamps the fused Q/K/V projection; the clamp is not linear, so neither the input "
             "cache (keys recomputed from X) nor the K cache (V = K W_KV) reproduces it exactly. Use a config with "
             "clip_qkv=None",
+        ),
+    ],
+    "persimmon": [
+        (
+            lambda c: c.qk_layernorm,
+            "qk_layernorm=True applies a LayerNorm to each head's projected keys before RoPE: it removes each head's "
+            "key mean (and adds a bias), so the values are not a function of the cached keys and the K cache cannot "
+            "be exact (the key-norm support covers an RMSNorm over the full key width, OLMo-2's k_norm); use a "
+            "config with qk_layernorm=False or the model unpatched",
+        ),
+    ],
+    "moonshine": [
+        (
+            lambda c: c.pad_head_dim_to_multiple_of is not None,
+            "pad_head_dim_to_multiple_of pads the keys and values the cache returns before the attention call, which "
+            "the slim cache's step cannot take; use a config with pad_head_dim_to_multiple_of=None",
         ),
     ],
     "xglm": [

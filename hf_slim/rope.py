@@ -295,6 +295,28 @@ def sinusoid_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> 
     return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)  # (b, t, r) each
 
 
+def interleaved_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(cos, sin)`` a Llama-style rotary module hands each layer (``cat(freqs, freqs)``, ``(batch, new,
+    rotary_dim)`` each) as the ``(cos, sin)`` each rotated column is multiplied by in a layer that rotates interleaved
+    pairs (Moonshine): its ``apply_rotary_pos_emb`` keeps the first half and repeats every entry for its pair (an
+    ``AttentionRoute.rotary_columns``)."""
+    cos, sin = position_embeddings
+    half = cos.shape[-1] // 2
+    return cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)  # (b, t, r)
+
+
+class InterleavedFrequencies(RotaryFrequencies):
+    """:class:`RotaryFrequencies` of a rotary module whose cos/sin the layers turn into interleaved columns
+    (:func:`interleaved_columns`, Moonshine): the recomputed table is in the columns the keys were rotated with."""
+
+    def table(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float | torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """:func:`frequency_table` rearranged by :func:`interleaved_columns`: ``(batch, seq, 2 * rotary_dim)``."""
+        cos, sin = frequency_table(positions, inv_freq, scaling, dtype).chunk(2, dim=-1)  # (b, n, r) each
+        return torch.cat(interleaved_columns((cos, sin)), dim=-1)  # (b, n, 2r)
+
+
 def shared_sinusoid_positions(model: torch.nn.Module, attention: tuple[type, ...]) -> SinusoidPositions | None:
     """:class:`SinusoidPositions` of the model's one module holding a fixed ``embed_positions`` table outside its
     ``attention`` classes (GPT-J's and CodeGen's model-level rotary module), or None when there is none or several

@@ -33,7 +33,14 @@ from .generation import expand_inputs_keeping_encoder_output, keep_one_encoder_o
 from .patching import InstancePatch, PatchedMethod
 from .projections import Projections, interleaved_qkv_projections, split_interleaved_qkv
 from .registry import UnsupportedModelError
-from .rope import RotaryLayout, SinusoidPositions, shared_sinusoid_positions, sinusoid_columns
+from .rope import (
+    InterleavedFrequencies,
+    RotaryLayout,
+    SinusoidPositions,
+    interleaved_columns,
+    shared_sinusoid_positions,
+    sinusoid_columns,
+)
 from .sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
 from .slim_tensor import split_heads
 
@@ -46,6 +53,7 @@ __all__ = [
     "Contract",
     "EncoderOutputCache",
     "InstancePatch",
+    "InterleavedFrequencies",
     "PatchedMethod",
     "Projections",
     "RotaryLayout",
@@ -62,6 +70,7 @@ __all__ = [
     "find_cache",
     "forward_contracts",
     "instances_of",
+    "interleaved_columns",
     "interleaved_qkv_projections",
     "keep_one_encoder_output_per_input",
     "modules_of_type",

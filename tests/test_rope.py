@@ -168,10 +168,11 @@ def test_generation_identical_past_original_context(name, how):
     assert isinstance(cache_of(actual), SlimCache)
 
 
-#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj, codegen) and the history-dependent / key-norm
-#: variants
+#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj, codegen), the history-dependent / key-norm
+#: variants and the model types registered onto a patch module
 @pytest.mark.parametrize(
-    "name", ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "gptj", "codegen"]
+    "name",
+    ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "persimmon", "gptj", "codegen"],
 )
 def test_static_cache_generate_matches(name):
     vanilla, slim = pair(name)
@@ -202,8 +203,8 @@ def test_decode_step_compiles_fullgraph(name):
 def _key_rows(module: torch.nn.Module) -> tuple[torch.nn.Linear, slice | torch.Tensor]:
     """The linear layer holding a RoPE attention module's key projection and the rows of its weight that are W_K:
     ``k_proj`` (Llama, Qwen2, OLMo, Phi, StableLM, GPT-J), the key rows of CodeGen's ``qkv_proj`` (``mp_num`` shards
-    of ``[q | v | k]``), the middle third of Phi-3's ``qkv_proj``, or the key rows of GPT-NeoX's per-head ``(heads,
-    3, head_dim)`` ``query_key_value``."""
+    of ``[q | v | k]``), the middle third of Phi-3's ``qkv_proj``, or the key rows of GPT-NeoX's (and Persimmon's)
+    per-head ``(heads, 3, head_dim)`` ``query_key_value``."""
     if hasattr(module, "k_proj"):
         return module.k_proj, slice(None)
     if hasattr(module, "mp_num"):
@@ -212,7 +213,8 @@ def _key_rows(module: torch.nn.Module) -> tuple[torch.nn.Linear, slice | torch.T
     if hasattr(module, "qkv_proj"):
         e = module.config.num_attention_heads * module.head_dim
         return module.qkv_proj, slice(e, 2 * e)
-    heads, head_dim = module.config.num_attention_heads, module.head_size
+    heads = module.config.num_attention_heads
+    head_dim = module.config.hidden_size // heads
     return module.query_key_value, torch.arange(3 * heads * head_dim).view(heads, 3, head_dim)[:, 1].reshape(-1)
 
 
@@ -348,7 +350,7 @@ def test_refused_layers_keep_own_kv_with_warning(monkeypatch):
     _decode_logits(vanilla, slim, steps=5)
 
 
-@pytest.mark.parametrize("name", ["llama", "codegen"])
+@pytest.mark.parametrize("name", ["llama", "codegen", "persimmon"])
 def test_mode_input_refused_and_auto_picks_k(name):
     model = tiny_rope(name)
     before = snapshot(model)
@@ -368,6 +370,18 @@ def test_codegen_computing_attention_itself_is_refused_cleanly(monkeypatch):
     monkeypatch.setattr(codegen, "ROUTED", False)
     with pytest.raises(UnsupportedModelError, match="CodeGen computes attention itself.*transformers>=5.24"):
         slimify(model)
+    assert_unchanged(model, before)
+
+
+def test_persimmon_qk_layernorm_is_refused_with_reason():
+    """Persimmon's ``qk_layernorm`` (a LayerNorm of each head's keys: mean removed, bias added) leaves V no function of
+    the cached keys: the config is refused before anything changes (the key-norm support is OLMo-2's full-width
+    RMSNorm)."""
+    model = tiny_rope("persimmon", qk_layernorm=True)
+    before = snapshot(model)
+    for mode in ("auto", "k"):
+        with pytest.raises(UnsupportedModelError, match="qk_layernorm=True applies a LayerNorm to each head's"):
+            slimify(model, mode)
     assert_unchanged(model, before)
 
 

@@ -222,6 +222,8 @@ ROPE_CONFIGS: dict[str, dict] = {
     "phi": dict(model_type="phi", seed=3, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.4}),
     "stablelm": dict(model_type="stablelm", use_qkv_bias=True, seed=3),
     "gpt_neox": dict(model_type="gpt_neox"),
+    # GPT-NeoX's per-head fused query_key_value and partial RoPE (qk_layernorm=True is refused)
+    "persimmon": dict(model_type="persimmon", qk_layernorm=False),
     "gptj": dict(model_type="gptj", max_position_embeddings=128, rotary_dim=8, attn="eager"),
     # GPT-J's rotary layout behind a fused qkv_proj in 4 model-parallel shards of [q | v | k]
     "codegen": dict(model_type="codegen", max_position_embeddings=128, rotary_dim=8),
