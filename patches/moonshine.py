@@ -80,16 +80,16 @@ def calibration_inputs(model: torch.nn.Module, seconds: float = 2.0) -> dict:
     -------
     ``{"input_values": (1, samples), "decoder_input_ids": (1, 48)}`` on the model's device, audio in its dtype.
     """
-    from hf_slim.audio import load_wav
     from hf_slim.bundled import sample_audio_path
+    from hf_slim.wav import read_wav
 
     parameter = next(model.parameters())
-    samples, _ = load_wav(sample_audio_path(), _SAMPLING_RATE)
-    audio = torch.as_tensor(samples[: int(seconds * _SAMPLING_RATE)], dtype=torch.float32)[None]  # (1, samples)
+    samples, _ = read_wav(sample_audio_path(), _SAMPLING_RATE)
+    audio = torch.as_tensor(samples[: int(seconds * _SAMPLING_RATE)], dtype=torch.float32, device=parameter.device)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=generator)
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=generator, device="cpu")
     return {
-        "input_values": audio.to(device=parameter.device, dtype=parameter.dtype),
+        "input_values": audio[None].to(parameter.dtype),  # (1, samples)
         "decoder_input_ids": ids.to(parameter.device),
     }
 
