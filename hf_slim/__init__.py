@@ -19,6 +19,9 @@ from pathlib import Path
 from ._compat import check_transformers_version
 
 __version__ = "0.1.0"
+#: What ``slimify(model, mode=...)`` accepts (here, not in a submodule: the command line offers them without
+#: importing torch).
+MODES = ("auto", "input", "k")
 
 check_transformers_version()
 
@@ -57,7 +60,7 @@ _PUBLIC = {
     "unslimify": "api",
     "SlimCache": "cache",
     "cache_nbytes": "cache",
-    "SlimCheckpointError": "export",
+    "SlimCheckpointError": "checkpoint",
     "load_slim": "load",
     "cache_report": "memory",
     "UnsupportedModelError": "registry",

@@ -323,7 +323,7 @@ def forward_contracts(
     needs it; the check against the installed transformers is what catches drift. ``alternatives``: attributes the
     forward reads only where they exist (one forward serving classes that name a module differently), left out of the
     contract. ``also_reads``: attributes a shared helper the forward calls reads (e.g.
-    :data:`hf_slim.attention.DECODER_ATTENTION_READS`).
+    :data:`hf_slim.cross_attention.DECODER_ATTENTION_READS`).
     """
     names = list(positional_parameters(forward))
     # the cache arrives by keyword under the original's name or by position: the parameters up to it must line up
@@ -349,6 +349,7 @@ def route_contracts(
     cache_owners: tuple[type, ...] = (),
     attributes: tuple[str, ...] = (),
     absent: tuple[str, ...] = (),
+    parameters: tuple[str, ...] = (),
 ) -> tuple[Contract, ...]:
     """Contracts for attention classes served through transformers' extension points (:mod:`hf_slim.interface`):
     their own forward runs, so hf_slim relies only on what it reads of its arguments (a cache parameter, the rotary
@@ -356,12 +357,21 @@ def route_contracts(
     sizes), on the forward using the attention interface and the cache update (:data:`ROUTED_CALLS`, read from its
     source before anything is patched), and on it not taking the ``absent`` parameters. That the forward really
     calls ``cache.update`` and the registered attention function is also checked at every call (the slim step must
-    be served).
+    be served). ``parameters``: the forward's leading parameters, for one whose cache parameter carries no ``Cache``
+    annotation (CTRL's ``layer_past``): :data:`CACHE` marks its position, and the first one is the layer input.
     """
     keywords = tuple(name for name in (route.rotary_parameter, route.encoder_parameter) if name is not None)
+    if CACHE not in parameters:
+        keywords = (CACHE, *keywords)
     contracts = [
         Contract(
-            owner, "forward", keywords=(CACHE, *keywords), attributes=attributes, absent=absent, calls=ROUTED_CALLS
+            owner,
+            "forward",
+            parameters=parameters,
+            keywords=keywords,
+            attributes=attributes,
+            absent=absent,
+            calls=ROUTED_CALLS,
         )
         for owner in attention
     ]

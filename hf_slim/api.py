@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import MODES
 from ._compat import check_contracts
 from .assembly import check_projections, site_patches
 from .calibration import choose_layer_modes, fallback_mode, forced_layer_modes
@@ -23,7 +24,7 @@ from .interface import check_model_implementation
 from .kmode import KModeWeights
 from .memory import slim_summary
 from .patching import InstancePatch, apply_all, forward_attribute, revert_all
-from .record import MODES, SlimRecord, is_slim, slim_part, slim_record, unwrapped
+from .record import SlimRecord, is_slim, slim_part, slim_record, unwrapped
 from .registry import UnsupportedModelError, architecture_for
 from .sites import AttentionSite
 

@@ -9,8 +9,8 @@ import inspect
 import torch
 
 from .adapters import UnsupportedProjectionError
-from .attention import SlimAttentionState
-from .cache import CacheOwner, SlimLayout
+from .attention_state import SlimAttentionState
+from .cache_layers import CacheOwner, SlimLayout
 from .interface import RoutedSignature, SlimAttentionConfig, check_implementation, routed_forward
 from .kmode import KSourceStamp
 from .patching import BufferPatch, InstancePatch, PatchedMethod, forward_attribute, resident_weights

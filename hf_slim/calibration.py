@@ -112,7 +112,7 @@ def forced_layer_modes(sites, architecture, layer_modes, residual_ranks, k_weigh
         mode, allowed = layer_modes[name], (("encoder",) if site.kind == "cross" else ("input", "k"))
         if mode == "input" and architecture.positions == "rope":
             raise UnsupportedModelError(f"layer_modes[{name!r}] = 'input' cannot be used with RoPE; use 'k' or 'kv'")
-        if architecture.positions == "rope":
+        if architecture.positions == "rope" and site.kind != "cross":  # cross-attention has no positions (Moonshine)
             allowed = ("k", "kv")
         if mode not in allowed:
             raise ValueError(f"layer_modes[{name!r}] = {mode!r}: a {site.kind}-attention layer takes one of {allowed}")

@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
-from . import __version__
+from . import MODES, __version__
+from .checkpoint import SlimCheckpointError, read_config
 from .patching import InstancePatch, PatchedMethod
-from .record import MODES, SlimRecord, slim_record
+from .record import LAYER_MODES, SlimRecord, slim_record
 from .registry import SUPPORTED
 from .sites import solve_layer_k_mode
 
@@ -57,13 +57,8 @@ SIDECAR = "hf_slim.safetensors"
 #: enough to matter fail the K-mode calibration long before); anything that changes the weights or W_KV by a
 #: meaningful amount (fine-tuning, another model's sidecar, edits) leaves 1e-4 or more.
 W_KV_RTOL = 1e-6
-_LAYER_MODES = ("input", "k", "kv", "encoder")
 #: Numeric fields of one layer's calibration record (see ``hf_slim.api``); each is optional in a checkpoint.
 _CALIBRATION_NUMBERS = ("cond_w_k", "k_error", "vanilla_error")
-
-
-class SlimCheckpointError(ValueError):
-    """A slim checkpoint is missing, damaged, from an incompatible hf_slim version, or does not fit its weights."""
 
 
 def slim_settings(record: SlimRecord) -> dict:
@@ -161,7 +156,7 @@ def _atomic_write(path: Path, write) -> None:
 def _set_config_settings(directory: Path, settings: dict | None) -> None:
     """Set (or, with None, remove) ``config.json[CONFIG_KEY]`` in a saved folder, atomically."""
     config_file = directory / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_config(directory)
     if settings is None and CONFIG_KEY not in config:
         return
     config.pop(CONFIG_KEY, None)
@@ -239,7 +234,7 @@ def read_slim_settings(path: str | os.PathLike) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint folder")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = read_config(path)
     except (OSError, json.JSONDecodeError) as error:
         raise SlimCheckpointError(f"{config_file}: unreadable config.json ({error})") from error
     settings = config.get(CONFIG_KEY)
@@ -269,9 +264,9 @@ def _validate_settings(settings, path: Path) -> None:
     layer_modes = settings.get("layer_modes")
     if not isinstance(layer_modes, dict) or not layer_modes:
         raise SlimCheckpointError(f"{where}: layer_modes must be a non-empty object")
-    bad = {name: mode for name, mode in layer_modes.items() if mode not in _LAYER_MODES}
+    bad = {name: mode for name, mode in layer_modes.items() if mode not in LAYER_MODES}
     if bad:
-        raise SlimCheckpointError(f"{where}: unknown layer modes {bad} (known: {_LAYER_MODES})")
+        raise SlimCheckpointError(f"{where}: unknown layer modes {bad} (known: {LAYER_MODES})")
     _validate_calibration(settings.get("calibration", {}), f"{where}['calibration']")
     ranks = settings.get("residual_ranks", {})
     if not isinstance(ranks, dict) or any(
@@ -309,17 +304,3 @@ def _validate_calibration(calibration, where: str) -> None:
         known = isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype)
         if not (known and dtype.startswith("torch.")):
             raise SlimCheckpointError(f"{key}['dtype'] must name a torch dtype such as 'torch.float32', got {dtype!r}")
-
-
-def _model_class(path: Path):
-    """The transformers class named by ``config.json["architectures"]`` (falls back to ``AutoModel``)."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    architectures = config.get("architectures") or []
-    if not architectures:
-        return transformers.AutoModel
-    model_class = getattr(transformers, architectures[0], None)
-    if model_class is None:
-        raise SlimCheckpointError(
-            f"{path}: config.json names architecture {architectures[0]!r}, unknown to transformers"
-        )
-    return model_class

@@ -12,7 +12,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCa
 from transformers.generation.utils import GenerationMixin
 
 from ._compat import Contract, cache_entry, cache_parameter, find_cache, generic_expand_inputs
-from .cache import EncoderOutputCache, SlimCache, adopt_cross_part, self_attention_part
+from .cache import SlimCache, self_attention_part
+from .encoder_cache import EncoderOutputCache, adopt_cross_part
 from .patching import InstancePatch, PatchedMethod, resident_weights
 from .record import SlimRecord
 
@@ -41,10 +42,10 @@ def expand_inputs_keeping_encoder_output(
     """Expand the decoder inputs for beams / returned sequences as transformers does, but not the encoder output.
 
     The encoder output ``E: (inputs, frames, d_model)`` stays one copy per input; the cross-attention maps the
-    ``inputs * expand_size`` decoder rows onto it (:func:`hf_slim.attention.encoder_cross_attention`). transformers
-    would repeat every tensor of ``encoder_outputs`` ``expand_size`` times (``repeat_interleave``: beams of one input
-    are adjacent, which is the row order the folding assumes). The encoder's ``attention_mask`` stays unexpanded
-    with it, so the cross-attention mask the model builds has one row per input too.
+    ``inputs * expand_size`` decoder rows onto it (:func:`hf_slim.cross_attention.encoder_cross_attention`).
+    transformers would repeat every tensor of ``encoder_outputs`` ``expand_size`` times (``repeat_interleave``: beams
+    of one input are adjacent, which is the row order the folding assumes). The encoder's ``attention_mask`` stays
+    unexpanded with it, so the cross-attention mask the model builds has one row per input too.
     """
     encoder_outputs = model_kwargs.pop("encoder_outputs", None)
     if expand_size == 1 or not is_encoder_decoder or encoder_outputs is None:

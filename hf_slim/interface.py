@@ -7,7 +7,7 @@ Most families compute attention the same way in transformers: project q/k/v (and
 1. a thin forward wrapper (:func:`routed_forward`, installed on the module instance) stages the layer's own inputs
    (its input X, the rotary cos/sin, the encoder output) in the cache the layer was given, then calls the class's
    forward unchanged;
-2. the slim cache's ``update`` (:meth:`hf_slim.cache.SlimCache.update`) returns a :class:`~hf_slim.cache.SlimStep`
+2. the slim cache's ``update`` (:meth:`hf_slim.cache.SlimCache.update`) returns a :class:`~hf_slim.step.SlimStep`
    instead of keys and values;
 3. the module's ``config`` is a :class:`SlimAttentionConfig`, whose ``_attn_implementation`` names
    :func:`slim_attention`, registered in transformers' ``AttentionInterface`` under :data:`IMPLEMENTATION`: it runs
@@ -31,12 +31,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from ._compat import TransformersContractError, find_cache, positional_parameters
 from .absorbed import additive_bias
-from .attention import encoder_cross_attention, grouped_cross_attention, slim_self_attention
+from .attention import slim_self_attention
 from .bias import ScoreBias
-from .cache import EncoderOutputCache, SlimStep, StepInputs, adopt_cross_part, slim_cache_for
+from .cache import slim_cache_for
+from .cross_attention import encoder_cross_attention, grouped_cross_attention
+from .encoder_cache import EncoderOutputCache, adopt_cross_part
 from .patching import resident_weights
 from .registry import UnsupportedModelError
 from .sites import AttentionRoute
+from .step import SlimStep, StepInputs
 
 #: The attention implementation name hf_slim registers (the attention modules of a slim model report it).
 IMPLEMENTATION = "hf_slim"
@@ -129,7 +132,7 @@ def slim_attention(
     """The attention function a slim module's forward calls (registered as :data:`IMPLEMENTATION`).
 
     ``query: (batch, heads, new, head_dim)`` as the model made it (projected, scaled if the model scales it, rotated);
-    ``key``/``value``: a :class:`~hf_slim.cache.SlimStep` from the slim cache, or tensors ``(batch, heads, keys,
+    ``key``/``value``: a :class:`~hf_slim.step.SlimStep` from the slim cache, or tensors ``(batch, heads, keys,
     head_dim)`` when the forward got no cache. Returns ``(batch, new, heads, head_dim)`` and the weights or None, as
     transformers' attention functions do.
     """

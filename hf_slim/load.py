@@ -14,14 +14,8 @@ from pathlib import Path
 import torch
 
 from .api import slimify
-from .export import (
-    CONFIG_KEY,
-    SIDECAR,
-    W_KV_RTOL,
-    SlimCheckpointError,
-    _model_class,
-    read_slim_settings,
-)
+from .checkpoint import SlimCheckpointError, model_class, read_config
+from .export import CONFIG_KEY, SIDECAR, W_KV_RTOL, read_slim_settings
 from .kmode import KModeWeights, value_offset
 from .patching import resident_weights
 from .record import slim_record
@@ -50,7 +44,7 @@ def load_slim(path: str | os.PathLike, **from_pretrained_kwargs) -> torch.nn.Mod
     """
     path = Path(path)
     settings = read_slim_settings(path)
-    model = _model_class(path).from_pretrained(path, **from_pretrained_kwargs)
+    model = model_class(read_config(path), path).from_pretrained(path, **from_pretrained_kwargs)
     if CONFIG_KEY in vars(model.config):
         delattr(model.config, CONFIG_KEY)  # the record is the source of truth; unslimify leaves a plain config
     try:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from .interface import check_model_implementation
-from .record import is_slim, slim_record
+from .record import LAYER_MODES, is_slim, slim_record
 from .registry import SUPPORTED, architecture_for
 from .rope import RotarySource
 
@@ -123,7 +123,7 @@ def rotary_bytes(
     model: torch.nn.Module, patch: ArchitecturePatch, source: RotarySource | None, rows: int, seq_len: int, size: int
 ) -> tuple[str, int]:
     """What a slim cache of ``rows`` x ``seq_len`` tokens keeps to un-rotate RoPE keys, and its bytes, as
-    :class:`hf_slim.cache.RotaryPositions` holds it: int32 positions (and regime ids), the regimes' float32
+    :class:`hf_slim.rotary_positions.RotaryPositions` holds it: int32 positions (and regime ids), the regimes' float32
     ``inv_freq`` in a buffer grown by doubling (power-of-two rows), or the cos/sin table (``size``-byte numbers)."""
     if source is None:
         return "cos/sin table", rows * seq_len * 2 * rotary_dim(model, patch) * size
@@ -255,12 +255,16 @@ def summary_length(config) -> int:
     return next((value for name in _MAX_LENGTHS if isinstance(value := getattr(config, name, None), int)), 512)
 
 
-def slim_summary(model: torch.nn.Module) -> str:
+def slim_summary(model: torch.nn.Module, *, brief: bool = False) -> str:
     """One line saying what ``slimify`` gave a model: its layers per mode, the K+R residual ranks, and the cache
     ratio against the unmodified model's K/V cache at :func:`summary_length` tokens, batch 1 (with the encoder output
     both keep, for encoder-decoders), e.g. ``hf_slim: 32 layers K+R (r 0-384); cache 1.86x smaller than K/V at 4096
-    tokens``."""
+    tokens``. ``brief=True``: the layer count per mode alone, e.g. ``slim layers: 30 input, 2 k`` (what
+    ``hf-slim export`` prints; no cache arithmetic)."""
     record = slim_record(model)
+    if brief:
+        modes = list(record.layer_modes.values())
+        return "slim layers: " + ", ".join(f"{modes.count(mode)} {mode}" for mode in LAYER_MODES if mode in modes)
     parts = []
     for mode, label in _MODE_NAMES.items():
         names = [name for name, layer_mode in record.layer_modes.items() if layer_mode == mode]

@@ -15,14 +15,17 @@ import torch
 from transformers.cache_utils import EncoderDecoderCache
 
 from . import __version__
-from .cache import CacheOwner, EncoderOutputCache, SlimCache
+from .cache import SlimCache
+from .cache_layers import CacheOwner
+from .encoder_cache import EncoderOutputCache
 from .patching import InstancePatch
 
 if TYPE_CHECKING:
-    from .attention import SlimAttentionState
+    from .attention_state import SlimAttentionState
 
-#: What ``slimify(model, mode=...)`` accepts.
-MODES = ("auto", "input", "k")
+#: What one attention layer of a slim model keeps: its input X, its keys (K+R), the model's own K/V, or nothing
+#: (cross-attention reads the encoder output).
+LAYER_MODES = ("input", "k", "kv", "encoder")
 
 
 @dataclass

@@ -75,6 +75,8 @@ SUPPORTED: dict[str, Architecture] = {
     "led": Architecture("hf_slim.patches.led", positions="absolute"),
     # FSMT (fairseq WMT19): BART's attention in fairseq's time-first layout, computed by the model itself
     "fsmt": Architecture("hf_slim.patches.fsmt", positions="absolute"),
+    # Moonshine: an audio encoder and a RoPE decoder (K cache) with cross-attention over the encoder output
+    "moonshine": Architecture("hf_slim.patches.moonshine", positions="rope"),
     # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
     "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
     # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)
@@ -101,7 +103,11 @@ SUPPORTED: dict[str, Architecture] = {
     "phi": Architecture("hf_slim.patches.phi", positions="rope"),
     "stablelm": Architecture("hf_slim.patches.phi", positions="rope"),
     "gpt_neox": Architecture("hf_slim.patches.gpt_neox", positions="rope"),
+    "persimmon": Architecture("hf_slim.patches.gpt_neox", positions="rope"),  # GPT-NeoX's attention layout
+    "gpt_bigcode": Architecture("hf_slim.patches.gpt_bigcode", positions="absolute"),
+    "ctrl": Architecture("hf_slim.patches.ctrl", positions="absolute"),
     "gptj": Architecture("hf_slim.patches.gptj", positions="rope"),
+    "codegen": Architecture("hf_slim.patches.codegen", positions="rope"),
 }
 
 #: Known architectures that are refused, with the reason quoted in the error (or a function of the config giving it,
@@ -110,12 +116,6 @@ UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
     "mistral": "no patch for this RoPE model type yet (Mistral checkpoints use grouped-query attention, which slim "
     "attention cannot serve; an MHA config would need a mistral patch with its sliding window)",
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
-    "gpt_bigcode": lambda config: (
-        "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache"
-        if getattr(config, "multi_query", True)
-        else "multi_query=False is multi-head attention, which slim attention could serve, but hf_slim has no patch "
-        "for GPTBigCode's fused c_attn layout yet; use the model unpatched"
-    ),
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
 }
@@ -125,6 +125,18 @@ UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
 ENCODER_ONLY = ("bert", "roberta")
 #: Configurations of supported model types that are refused, with the reason: ``model_type -> [(test, reason)]``.
 CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]] = {
+    "gpt_bigcode": [
+        (
+            lambda c: c.multi_query,
+            "multi-query attention (one shared K/V head): its cache is already smaller than a slim cache "
+            "(multi_query=False, multi-head attention, is supported)",
+        ),
+        (
+            lambda c: c.add_cross_attention,
+            "add_cross_attention=True (GPTBigCode as the decoder of an encoder-decoder) is not implemented: only the "
+            "decoder-only GPTBigCode is supported",
+        ),
+    ],
     "falcon": [
         (
             lambda c: c.new_decoder_architecture,
@@ -152,6 +164,22 @@ CONFIG_REFUSALS: dict[str, list[tuple[Callable[[PreTrainedConfig], bool], str]]]
             "attn_config.clip_qkv clamps the fused Q/K/V projection; the clamp is not linear, so neither the input "
             "cache (keys recomputed from X) nor the K cache (V = K W_KV) reproduces it exactly. Use a config with "
             "clip_qkv=None",
+        ),
+    ],
+    "persimmon": [
+        (
+            lambda c: c.qk_layernorm,
+            "qk_layernorm=True applies a LayerNorm to each head's projected keys before RoPE: it removes each head's "
+            "key mean (and adds a bias), so the values are not a function of the cached keys and the K cache cannot "
+            "be exact (the key-norm support covers an RMSNorm over the full key width, OLMo-2's k_norm); use a "
+            "config with qk_layernorm=False or the model unpatched",
+        ),
+    ],
+    "moonshine": [
+        (
+            lambda c: c.pad_head_dim_to_multiple_of is not None,
+            "pad_head_dim_to_multiple_of pads the keys and values the cache returns before the attention call, which "
+            "the slim cache's step cannot take; use a config with pad_head_dim_to_multiple_of=None",
         ),
     ],
     "xglm": [

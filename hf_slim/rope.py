@@ -12,7 +12,7 @@ own cache holds, and the values un-rotate them:
   ``apply_rotary_pos_emb`` did when the keys were written: nothing to re-implement for the scores;
 * values need ``K_j = R_j^-1 Krot_j`` for each cached position ``j``, with the ``cos``/``sin`` that rotated it.
 
-What the cache keeps for that (:class:`hf_slim.cache.RotaryPositions`, once for all layers), and why:
+What the cache keeps for that (:class:`hf_slim.rotary_positions.RotaryPositions`, once for all layers), and why:
 
 * **the position id** each token was rotated at, int32 ``(batch, seq)``: 4 bytes per token against ``2 * layers * e``
   numbers for K/V (Llama-2-7B: 4 B vs 512 KiB), so the cache is 2.00x smaller than transformers' (the cos/sin table it
@@ -284,6 +284,49 @@ class SinusoidPositions:
 
 #: What a K-mode RoPE layer recomputes its cos/sin with.
 RotarySource = RotaryFrequencies | SinusoidPositions
+
+
+def sinusoid_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(sin, cos)`` a GPT-J-style rotary module hands each layer (``(batch, new, rotary_dim / 2)`` each: GPT-J
+    from 5.24, CodeGen) as the ``(cos, sin)`` each rotated column was multiplied by, ``(batch, new, rotary_dim)``
+    each: ``apply_rotary_pos_emb`` repeats every entry for its interleaved pair (an ``AttentionRoute.rotary_columns``).
+    """
+    sin, cos = position_embeddings
+    return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)  # (b, t, r) each
+
+
+def interleaved_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(cos, sin)`` a Llama-style rotary module hands each layer (``cat(freqs, freqs)``, ``(batch, new,
+    rotary_dim)`` each) as the ``(cos, sin)`` each rotated column is multiplied by in a layer that rotates interleaved
+    pairs (Moonshine): its ``apply_rotary_pos_emb`` keeps the first half and repeats every entry for its pair (an
+    ``AttentionRoute.rotary_columns``)."""
+    cos, sin = position_embeddings
+    half = cos.shape[-1] // 2
+    return cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)  # (b, t, r)
+
+
+class InterleavedFrequencies(RotaryFrequencies):
+    """:class:`RotaryFrequencies` of a rotary module whose cos/sin the layers turn into interleaved columns
+    (:func:`interleaved_columns`, Moonshine): the recomputed table is in the columns the keys were rotated with."""
+
+    def table(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float | torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """:func:`frequency_table` rearranged by :func:`interleaved_columns`: ``(batch, seq, 2 * rotary_dim)``."""
+        cos, sin = frequency_table(positions, inv_freq, scaling, dtype).chunk(2, dim=-1)  # (b, n, r) each
+        return torch.cat(interleaved_columns((cos, sin)), dim=-1)  # (b, n, 2r)
+
+
+def shared_sinusoid_positions(model: torch.nn.Module, attention: tuple[type, ...]) -> SinusoidPositions | None:
+    """:class:`SinusoidPositions` of the model's one module holding a fixed ``embed_positions`` table outside its
+    ``attention`` classes (GPT-J's and CodeGen's model-level rotary module), or None when there is none or several
+    (then the cache keeps the cos/sin table: exact, 0.2% larger)."""
+    tables = [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "embed_positions", None), torch.Tensor) and type(module) not in attention
+    ]
+    return SinusoidPositions(tables[0]) if len(tables) == 1 else None
 
 
 def find_rotary_frequencies(model: torch.nn.Module) -> RotaryFrequencies | None:

@@ -24,15 +24,25 @@ from ._compat import (
     routes_attention,
 )
 from .absorbed import additive_bias
-from .attention import DECODER_ATTENTION_READS, decoder_attention, slim_self_attention, split_heads
+from .attention import slim_self_attention
 from .bias import ScoreBias
-from .cache import EncoderOutputCache, SlimCache, self_attention_part
+from .cache import SlimCache, self_attention_part
+from .cross_attention import DECODER_ATTENTION_READS, decoder_attention
+from .encoder_cache import EncoderOutputCache
 from .generation import expand_inputs_keeping_encoder_output, keep_one_encoder_output_per_input
 from .patching import InstancePatch, PatchedMethod
 from .projections import Projections, interleaved_qkv_projections, split_interleaved_qkv
 from .registry import UnsupportedModelError
-from .rope import RotaryLayout, SinusoidPositions
+from .rope import (
+    InterleavedFrequencies,
+    RotaryLayout,
+    SinusoidPositions,
+    interleaved_columns,
+    shared_sinusoid_positions,
+    sinusoid_columns,
+)
 from .sites import AttentionRoute, AttentionSite, instances_of, rope_attention_sites, token_calibration_inputs
+from .slim_tensor import split_heads
 
 __all__ = [
     "CACHE",
@@ -43,6 +53,7 @@ __all__ = [
     "Contract",
     "EncoderOutputCache",
     "InstancePatch",
+    "InterleavedFrequencies",
     "PatchedMethod",
     "Projections",
     "RotaryLayout",
@@ -59,6 +70,7 @@ __all__ = [
     "find_cache",
     "forward_contracts",
     "instances_of",
+    "interleaved_columns",
     "interleaved_qkv_projections",
     "keep_one_encoder_output_per_input",
     "modules_of_type",
@@ -69,8 +81,11 @@ __all__ = [
     "rope_attention_sites",
     "rope_family",
     "route_contracts",
+    "routed_family",
     "routes_attention",
     "self_attention_part",
+    "sinusoid_columns",
+    "sinusoid_rope_sites",
     "slim_self_attention",
     "split_heads",
     "split_interleaved_qkv",
@@ -78,6 +93,8 @@ __all__ = [
 ]
 
 Sites = Callable[[torch.nn.Module], list[AttentionSite]]
+#: The route of a family whose scores take nothing but the mask (no RoPE, no score bias, no encoder output).
+MASK_ONLY = AttentionRoute()
 Modules = Callable[[torch.nn.Module], list[torch.nn.Module]]
 
 
@@ -174,6 +191,50 @@ def rope_family(
         attention_sites=attention_sites,
         cache_owners=modules_of_type(*base_models),
         contracts=route_contracts(route, attention=attention, cache_owners=base_models, attributes=attributes),
+    )
+
+
+def sinusoid_rope_sites(
+    model: torch.nn.Module,
+    attention: tuple[type, ...],
+    projections: Callable[[torch.nn.Module], Projections],
+    route: AttentionRoute,
+) -> list[AttentionSite]:
+    """The self-attention sites of a routed family rotated GPT-J's way (GPT-J from 5.24, CodeGen): interleaved pairs
+    (``rotate_every_two``) on the first ``rotary_dim`` columns of each head, cos/sin recomputed as rows of the model's
+    one fixed ``embed_positions`` table (:func:`~hf_slim.rope.shared_sinusoid_positions`)."""
+    shared = shared_sinusoid_positions(model, attention)
+    return rope_attention_sites(
+        model, attention, projections, route, RotaryLayout("interleaved"), rotary_source=lambda module: shared
+    )
+
+
+def routed_family(
+    *,
+    attention: tuple[type, ...],
+    base_models: tuple[type, ...],
+    projections: Callable[[torch.nn.Module], Projections],
+    attributes: tuple[str, ...],
+    route: AttentionRoute = MASK_ONLY,
+    parameters: tuple[str, ...] = (),
+) -> ArchitecturePatch:
+    """The whole patch of a decoder-only family without RoPE whose attention transformers routes through its attention
+    interface: every module of the ``attention`` classes is a self-attention site served by ``route`` (the model's own
+    forward, no copy; the input cache applies), the ``base_models`` create the cache, and the contracts are the
+    route's plus the module ``attributes`` the sites read (``num_heads``, ``head_dim`` and ``layer_idx`` among them).
+    ``parameters``: the forward's leading parameters where its cache parameter has no ``Cache`` annotation
+    (:func:`route_contracts`).
+    """
+
+    def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+        return [AttentionSite.of(module, "self", projections, route) for module in instances_of(model, attention)]
+
+    return ArchitecturePatch(
+        attention_sites=attention_sites,
+        cache_owners=modules_of_type(*base_models),
+        contracts=route_contracts(
+            route, attention=attention, cache_owners=base_models, attributes=attributes, parameters=parameters
+        ),
     )
 
 

@@ -70,10 +70,10 @@ def calibration_inputs(model: torch.nn.Module) -> dict:
     inputs = {"decoder_input_ids": decoder_ids.to(parameter.device)}
     encoder = model.config.encoder
     if isinstance(model, SpeechEncoderDecoderModel):
-        from hf_slim.audio import load_wav
         from hf_slim.bundled import sample_audio_path
+        from hf_slim.wav import read_wav
 
-        samples, _ = load_wav(sample_audio_path(), 16_000)
+        samples, _ = read_wav(sample_audio_path(), 16_000)
         inputs["input_values"] = torch.as_tensor(samples[None], device=parameter.device).to(dtype=parameter.dtype)
     else:
         size = encoder.image_size if isinstance(encoder.image_size, int) else encoder.image_size[0]

@@ -27,6 +27,8 @@ from hf_slim.toolkit import (
     rope_attention_sites,
     route_contracts,
     routes_attention,
+    sinusoid_columns,
+    sinusoid_rope_sites,
     split_heads,
 )
 
@@ -35,20 +37,13 @@ def _projections(module: torch.nn.Module) -> Projections:
     return Projections.of(module.k_proj, module.v_proj)  # (d, e); nn.Linear without bias
 
 
-def _rotary_columns(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT-J's ``(sin, cos)``, ``(batch, new, rotary_dim / 2)`` each, as the ``(cos, sin)`` each rotated column was
-    multiplied by: ``apply_rotary_pos_emb`` repeats every entry for its interleaved pair."""
-    sin, cos = position_embeddings
-    return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)  # (b, t, r) each
-
-
 #: up to 5.23: GPT-J's own ``_attn`` (float32 scores, no score bias), as the eager attention of a layer with none
 NO_BIAS = ScoreBias.module(None)
 
 #: transformers >= 5.24: the model's own attention forward calls the attention interface and is served through the
 #: extension points.
 ROUTED = routes_attention(GPTJAttention)
-ROUTE = AttentionRoute(rotary_parameter="position_embeddings", rotary_columns=_rotary_columns)
+ROUTE = AttentionRoute(rotary_parameter="position_embeddings", rotary_columns=sinusoid_columns)
 
 
 # Adapted from transformers 5.23.0, models/gptj/modeling_gptj.py, GPTJAttention.forward: the cache update and the
@@ -87,27 +82,18 @@ def slim_gptj_attention_forward(
     return self.resid_dropout(self.out_proj(out)), weights
 
 
-def _sinusoid_source(model: torch.nn.Module):
-    """``attention module -> SinusoidPositions`` of the table that rotates it: the attention module's own
-    ``embed_positions`` up to 5.23, the model's one rotary module's from 5.24."""
-    tables = [
-        module for module in model.modules() if isinstance(getattr(module, "embed_positions", None), torch.Tensor)
-    ]
-    shared = [module for module in tables if not isinstance(module, GPTJAttention)]
-    if ROUTED:
-        return lambda module: SinusoidPositions(shared[0]) if len(shared) == 1 else None
-    return SinusoidPositions
-
-
 def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
-    """The attention module of every block."""
+    """The attention module of every block: rotated by the model's one rotary module from 5.24, by each attention
+    module's own ``embed_positions`` up to 5.23."""
+    if ROUTED:
+        return sinusoid_rope_sites(model, (GPTJAttention,), _projections, ROUTE)
     return rope_attention_sites(
         model,
         (GPTJAttention,),
         _projections,
-        ROUTE if ROUTED else slim_gptj_attention_forward,
+        slim_gptj_attention_forward,
         RotaryLayout("interleaved"),
-        rotary_source=_sinusoid_source(model),
+        rotary_source=SinusoidPositions,
     )
 
 

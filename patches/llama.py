@@ -4,7 +4,7 @@ Covers ``llama`` (Llama-2, CodeLlama, Vicuna, SmolLM2-1.7B; every rope scaling t
 ``qwen2`` with MHA configs (Qwen1.5: q/k/v biases; sliding-window layers are refused), ``olmo`` (its ``clip_qkv``
 clamps the keys, so ``V = f(K)`` is not exact: refused per layer, the layer keeps the model's own K and V) and
 ``olmo2``: it RMS-normalises the full-width queries and keys per token before RoPE (``q_norm``, ``k_norm``); this
-patch only says where the key norm is (:class:`~hf_slim.attention.KeyNorm`), and the K cache keeps each token's key
+patch only says where the key norm is (:class:`~hf_slim.projections.KeyNorm`), and the K cache keeps each token's key
 scale beside the normalised keys, which makes ``V`` linear in them again (:mod:`hf_slim.kmode`: ``e + r + 1``
 numbers per token).
 

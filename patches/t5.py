@@ -19,7 +19,7 @@ No forward is copied: from 5.15 on, T5Attention (and MT5Attention, UMT5Attention
 Positions: T5 adds a learned relative position bias to unscaled scores (scale 1.0, no q/k/v biases). The model's own
 forward computes it at every step with its ``compute_bias`` (never cached), sized by the keys the cache update returns:
 the slim step reports the key length the unmodified model would see (``past + new``, a static cache's every slot;
-:attr:`hf_slim.cache.SlimStep.shape`), so decode steps get exactly the ``(1, h, new, seq)`` rows of the original,
+:attr:`hf_slim.step.SlimStep.shape`), so decode steps get exactly the ``(1, h, new, seq)`` rows of the original,
 including the decoder's causal (unidirectional) buckets. T5 / mT5 compute it in layer 0 and share it with later layers
 through the block outputs; UMT5 gives every layer its own bias table. The attention function receives it as a keyword
 (``ScoreBias.keyword``): the prefill hands it on to the model's function, the slim decode adds it. Cross-attention has

@@ -11,8 +11,8 @@ Whisper specifics:
   (:mod:`hf_slim.interface`). ``q_proj`` output is multiplied by ``head_dim ** -0.5`` before the dot product and the
   attention call uses ``scaling=1.0``; ``k_proj`` has no bias.
 * Beam search: transformers repeats E once per beam (``_expand_inputs_for_generation``). The slim model keeps one
-  copy per input and :func:`hf_slim.attention.encoder_cross_attention` folds each input's beams onto it, so neither a
-  cross-attention cache nor beam copies of E exist.
+  copy per input and :func:`hf_slim.cross_attention.encoder_cross_attention` folds each input's beams onto it, so
+  neither a cross-attention cache nor beam copies of E exist.
 * ``WhisperGenerationMixin._postprocess_outputs`` / ``_stack_split_outputs`` split and re-stack the returned cache by
   reading ``layers[i].keys``; the slim model splits and stacks its slim tensors instead.
 """
@@ -221,12 +221,12 @@ def calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> dict:
     ``{"input_features": (1, num_mel_bins, 2 * max_source_positions), "decoder_input_ids": (1, tokens)}`` on the
     model's device, features in the model's dtype.
     """
-    from hf_slim.audio import load_wav
     from hf_slim.bundled import sample_audio_path
+    from hf_slim.wav import read_wav
 
     config = model.config
     parameter = next(model.parameters())
-    samples, _ = load_wav(sample_audio_path(), _SAMPLING_RATE)
+    samples, _ = read_wav(sample_audio_path(), _SAMPLING_RATE)
     extractor = WhisperFeatureExtractor(
         feature_size=config.num_mel_bins, sampling_rate=_SAMPLING_RATE, hop_length=_HOP_LENGTH
     )

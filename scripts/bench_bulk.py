@@ -6,7 +6,7 @@ Whisper: the bundled real tiny.en on N files of generated speech (espeak-ng, sen
 random weights) translating 32 prompts of 64 tokens with 5 beams into 64 tokens. Each (side, batch) cell runs in a
 fresh subprocess so its peak resident memory is its own: the peak is ``VmHWM`` after the job minus ``VmRSS`` before it
 (Linux ``/proc``; the model and the decoded audio are loaded before), i.e. what the batch itself needed. The budget
-table is :func:`hf_slim.budget.largest_batch` (``hf-slim transcribe --max-memory``) for tiny.en and for the
+table is :func:`hf_slim.app.budget.largest_batch` (``hf-slim transcribe --max-memory``) for tiny.en and for the
 Whisper-large-v3 and opus-mt-en-de full shapes (meta device, no weights).
 
 Usage: ``python scripts/bench_bulk.py [--files 32] [--threads 1] [--batches 1 8 32]``
@@ -79,10 +79,10 @@ def worker(spec: dict) -> dict:
     from hf_slim import slimify
 
     if spec["task"] == "whisper":
-        from hf_slim.audio import load_audio
-        from hf_slim.bulk import batches
+        from hf_slim.app.audio import load_audio
+        from hf_slim.app.bulk import batches
+        from hf_slim.app.transcription import transcribe_batch
         from hf_slim.bundled import load_whisper_tiny_en
-        from hf_slim.transcription import transcribe_batch
 
         model, processor = load_whisper_tiny_en()
         if spec["slim"]:
@@ -98,7 +98,7 @@ def worker(spec: dict) -> dict:
         return {"seconds": seconds, "peak": _rss("VmHWM") - before, "ids": ids, "tokens": max(map(len, ids)) + 4}
     from bench_memory_encdec import load_config, measured_model  # opus-mt-en-de's attention, 2+2 layers
 
-    from hf_slim.budget import encoder_micro_batches
+    from hf_slim.app.budget import encoder_micro_batches
 
     model = measured_model(load_config("opus-mt-en-de")[0], 2, torch.float32)
     if spec["slim"]:
@@ -143,7 +143,7 @@ def peak_ratio(slim: dict, vanilla: dict) -> str:
 
 
 def budget_table(rows: list[tuple[str, object, dict]], budgets: list[str]) -> None:
-    from hf_slim.budget import largest_batch, parse_size
+    from hf_slim.app.budget import largest_batch, parse_size
 
     print("| model, shape | beams | budget | slim batch | unpatched batch | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -172,7 +172,7 @@ def main() -> None:
     import transformers
 
     import hf_slim
-    from hf_slim.budget import batch_memory
+    from hf_slim.app.budget import batch_memory
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s), no GPU"
           if not torch.cuda.is_available() else f"machine: {torch.cuda.get_device_name()}")  # fmt: skip
@@ -212,14 +212,16 @@ def main() -> None:
             print(f"| {batch} | {per_minute[0]:.1f} | {per_minute[1]:.1f} | {per_minute[0] / per_minute[1]:.2f} | "
                   f"{mib(slim['peak'])} | {mib(vanilla['peak'])} | {peak_ratio(slim, vanilla)} | "
                   f"{same}/{len(slim['ids'])} |")  # fmt: skip
-    print("\nPredicted peak (hf_slim.budget at the longest decode measured) vs measured, Whisper tiny.en:")
+    print("\nPredicted peak (hf_slim.app.budget at the longest decode measured) vs measured, Whisper tiny.en:")
     for batch, cells in tables["whisper"]:
         tokens = max(cells[True]["tokens"], cells[False]["tokens"])
         predicted = [batch_memory(tiny, batch, tokens, slim=s, encoder_len=1500, prompt_len=4).peak for s in (1, 0)]
         print(f"  batch {batch} ({tokens} tokens): slim {mib(predicted[0])} predicted / {mib(cells[True]['peak'])} "
               f"measured; unpatched {mib(predicted[1])} / {mib(cells[False]['peak'])}")  # fmt: skip
 
-    print("\nLargest batch in a budget (hf_slim.budget.largest_batch, as hf-slim transcribe/generate --max-memory):")
+    print(
+        "\nLargest batch in a budget (hf_slim.app.budget.largest_batch, as hf-slim transcribe/generate --max-memory):"
+    )
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from bench_memory_encdec import load_config
     from test_bulk import whisper_large_v3_meta

@@ -384,6 +384,7 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="half-precision cases: logit error vs float32")
     parser.add_argument("--kernel", nargs="*", metavar="CASE", help="also time slim through the Triton kernel")
     args = parser.parse_args()
+    transformers.utils.logging.set_verbosity_error()  # its per-generate() notes on these configs, not results
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_generate.py: no CUDA GPU here; run the small shapes on the CPU: --small --device cpu")
     machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()

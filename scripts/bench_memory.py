@@ -108,7 +108,7 @@ def measure_whisper(name: str, vanilla, slim, generate: Callable, inputs: int, b
 
 
 def whisper_tiny_en(args) -> None:
-    from hf_slim.audio import load_wav
+    from hf_slim.app.audio import load_wav
     from hf_slim.bundled import load_whisper_tiny_en
 
     vanilla, processor = load_whisper_tiny_en(torch.float32)

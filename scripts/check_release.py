@@ -96,6 +96,12 @@ def _whisper():
     return tiny_whisper(), {"input_features": random_features(3)}
 
 
+def _moonshine():
+    from tiny_encdec import audio_batch, tiny_moonshine
+
+    return tiny_moonshine(), audio_batch()
+
+
 def _composite(encoder: str, decoder: str) -> Callable:
     def make():
         from test_encoder_decoder import encoder_inputs, tiny_composite
@@ -182,6 +188,7 @@ def builders() -> dict[str, Callable]:
     table |= {name: _decoder_only(name, tiny_rope) for name in ROPE_CONFIGS if name in supported_model_types()}
     table |= {model_type: _bart(model_type) for model_type in BART_FAMILY}
     table |= {"t5": _t5("t5-v1.1"), "mt5": _t5("mt5"), "umt5": _t5("umt5"), "whisper": _whisper}
+    table |= {"moonshine": _moonshine}
     table |= {"trocr": _trocr, "florence2": _florence2, "musicgen": _musicgen, "musicgen_decoder": _musicgen_decoder}
     table |= {model_type: _encoder_decoder_type(model_type) for model_type in ENCODER_DECODER_TYPES}
     table |= {

@@ -121,7 +121,7 @@ class WhisperDecode:
     """The test sentences' encoder output and the unpatched model's greedy transcript, computed once."""
 
     def __init__(self, model, processor) -> None:
-        from hf_slim.audio import load_wav
+        from hf_slim.app.audio import load_wav
 
         data = ROOT / "tests" / "data"
         names = json.loads((data / "sentences.json").read_text())

@@ -39,7 +39,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 MODEL_TYPES = list(BART_FAMILY)
 #: PEGASUS-X and BigBird-Pegasus have no SDPA path in transformers 5.23 (their constructors refuse it): eager only.

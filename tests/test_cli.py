@@ -21,7 +21,7 @@ from tiny_models import tiny_gpt2, tiny_rope, tiny_t5_tokenizer, tiny_tokenizer
 from transformers import AutoTokenizer, BertConfig, BertModel, GPT2LMHeadModel
 
 from hf_slim import calibration, is_slim, kmode, load_slim, slim_record
-from hf_slim.cli import main
+from hf_slim.app.cli.main import main
 from hf_slim.export import CONFIG_KEY, SIDECAR
 from hf_slim.kmode import choose_residual_rank
 
@@ -40,7 +40,7 @@ def env(bundled_whisper_cache) -> dict:
 
 def hf_slim(*args, env: dict, check: bool = True, umask: int = -1) -> subprocess.CompletedProcess:
     """Run the ``hf-slim`` command (``umask``: the subprocess's, -1: inherited)."""
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "hf_slim.cli"]
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "hf_slim.app.cli"]
     result = subprocess.run(
         [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=300, umask=umask
     )
@@ -102,7 +102,7 @@ def tiny_whisper_dir(tmp_path_factory, bundled_whisper_cache) -> Path:
 @pytest.fixture(scope="module")
 def long_wav(tmp_path_factory) -> Path:
     """The test sentences and the sample twice, with short pauses: 37 s, more than one 30 s Whisper window."""
-    from hf_slim.audio import load_wav
+    from hf_slim.app.audio import load_wav
     from hf_slim.bundled import sample_audio_path
 
     parts = []
@@ -188,7 +188,7 @@ def test_transcription_progress_adds_up_window_by_window(tiny_whisper_dir, long_
     batch's files; the seconds add up to the durations from the headers."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from hf_slim.bulk import AudioTask, JobReport, check_audio, transcribe_tasks
+    from hf_slim.app.bulk import AudioTask, JobReport, check_audio, transcribe_tasks
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).eval()
     processor = WhisperProcessor.from_pretrained(tiny_whisper_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -201,7 +202,27 @@ def test_a_source_checkout_imports_its_patch_modules_without_an_editable_install
 def test_the_command_line_starts_without_importing_transformers_models():
     """``hf-slim --help`` parses before importing what a command needs: no torch, no transformers modeling code."""
     heavy = ("torch", "transformers.modeling_utils")
-    code = f"import sys, hf_slim.cli\nprint(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, hf_slim.app.cli.main\nprint(sorted(m for m in {heavy} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_library_imports_none_of_the_application():
+    """The library (``hf_slim`` outside ``hf_slim/app/``, and ``patches/``) never imports the application: no import
+    of ``hf_slim.app`` in its source, and none in ``sys.modules`` after importing the library's modules."""
+    root = Path(__file__).resolve().parents[1]
+    library = [p for p in (root / "hf_slim").rglob("*.py") if "app" not in p.relative_to(root / "hf_slim").parts]
+    offenders = [
+        str(path.relative_to(root))
+        for path in [*library, *(root / "patches").glob("*.py")]
+        if re.search(r"^\s*(from|import)\s+(hf_slim\.app|\.+app)\b", path.read_text(encoding="utf-8"), re.M)
+    ]
+    assert offenders == []
+    modules = ["hf_slim", *(f"hf_slim.{p.stem}" for p in library if p.parent == root / "hf_slim" and p.stem[0] != "_")]
+    code = f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\n" + (
+        "print(sorted(m for m in sys.modules if m.startswith('hf_slim.app')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
-"""Decoder-only MHA families (OPT, XGLM, BioGPT, GPT-Neo, BLOOM, MPT, Falcon-RW): slim vs unpatched, table-driven.
+"""Decoder-only MHA families (OPT, XGLM, BioGPT, GPT-Neo, BLOOM, MPT, Falcon-RW, GPTBigCode, CTRL): slim vs
+unpatched, table-driven.
 
 Every case is a tiny random model (random biases and norms) of one family and attention implementation; each test
 compares the slim model with an unpatched copy of the same weights.
@@ -24,7 +25,7 @@ from tiny_models import DECODER_CONFIGS, sharpen_greedy, tiny_decoder, tiny_toke
 from transformers import DynamicCache
 
 from hf_slim import SlimCache, SlimFallbackWarning, cache_nbytes, cache_report, slim_record, slimify, unslimify
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 #: attention implementations each family supports in transformers 5.23.0 (the others refuse sdpa at load time)
 IMPLEMENTATIONS = {
@@ -37,6 +38,8 @@ IMPLEMENTATIONS = {
     "bloom-6-heads": ("eager",),
     "mpt": ("eager",),
     "falcon": ("eager", "sdpa"),
+    "gpt_bigcode": ("eager", "sdpa"),
+    "ctrl": ("eager", "sdpa"),
 }
 CASES = [(name, attn) for name in DECODER_CONFIGS for attn in IMPLEMENTATIONS[name]]
 NAMES = list(DECODER_CONFIGS)
@@ -348,15 +351,15 @@ def _first_decode_step_difference(name: str) -> float:
     return relative_difference(logits[1], logits[0])
 
 
-@pytest.mark.parametrize("name", ["opt", "xglm", "biogpt", "bloom", "falcon"])
+@pytest.mark.parametrize("name", ["opt", "xglm", "biogpt", "bloom", "falcon", "gpt_bigcode", "ctrl"])
 def test_a_dropped_value_bias_is_caught(name, monkeypatch):
     """The equivalence check can fail: dropping the value bias on the absorbed path moves decode logits far beyond
     the tolerance (the tiny models' biases are random, not zero)."""
-    import hf_slim.attention as attention
+    import hf_slim.decode as decode
 
     assert _first_decode_step_difference(name) <= LOGITS_RTOL[torch.float32]
-    project_heads = attention.project_heads
-    monkeypatch.setattr(attention, "project_heads", lambda mixed, w_v, b_v=None, low_rank=(): project_heads(mixed, w_v))
+    project_heads = decode.project_heads
+    monkeypatch.setattr(decode, "project_heads", lambda mixed, w_v, b_v=None, low_rank=(): project_heads(mixed, w_v))
     assert _first_decode_step_difference(name) > 1e-3
 
 
@@ -368,18 +371,18 @@ def test_a_dropped_position_term_is_caught(name, monkeypatch):
     only the mask's visibility pattern."""
     from hf_slim.patches import falcon
 
-    import hf_slim.attention as attention
+    import hf_slim.decode as decode
     from hf_slim.bias import ScoreBias
 
     assert _first_decode_step_difference(name) <= LOGITS_RTOL[torch.float32]
     if name == "falcon" and falcon.ROUTED:
-        bias_for_decode = attention._bias_for_decode
+        bias_for_decode = decode._bias_for_decode
 
         def visibility_only(*args, **kwargs):
             bias = bias_for_decode(*args, **kwargs)
             return torch.where(bias > torch.finfo(bias.dtype).min / 2, 0.0, torch.finfo(bias.dtype).min)
 
-        monkeypatch.setattr(attention, "_bias_for_decode", visibility_only)
+        monkeypatch.setattr(decode, "_bias_for_decode", visibility_only)
     else:
         monkeypatch.setattr(ScoreBias, "term", lambda self, module, value=None: None)
     assert _first_decode_step_difference(name) > 1e-3
@@ -393,6 +396,10 @@ REFUSED_CONFIGS = {
         "falcon", dict(new_decoder_architecture=True, num_kv_heads=2), "new_decoder_architecture=True"
     ),
     "xglm as a cross-attention decoder": ("xglm", dict(add_cross_attention=True), "add_cross_attention"),
+    "gpt_bigcode multi-query": ("gpt_bigcode", dict(multi_query=True), "multi-query attention"),
+    "gpt_bigcode as a cross-attention decoder": (
+        "gpt_bigcode", dict(add_cross_attention=True), "add_cross_attention"
+    ),
 }  # fmt: skip
 
 

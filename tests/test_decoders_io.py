@@ -16,7 +16,7 @@ from tiny_models import DECODER_CONFIGS, tiny_decoder, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_slim import cache_report, is_slim, load_slim, slim_record, slimify, unslimify
-from hf_slim.cli import main
+from hf_slim.app.cli.main import main
 
 #: a random W_K can be ill-conditioned: the K mode then keeps the input cache there (tests check for >= 1 K layer)
 pytestmark = pytest.mark.filterwarnings("ignore::hf_slim.calibration.SlimFallbackWarning")

@@ -19,7 +19,7 @@ from tiny_models import tiny_tokenizer
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, VisionEncoderDecoderModel
 
 from hf_slim import cache_report, is_slim, load_slim, slim_record, slimify
-from hf_slim.cli import main
+from hf_slim.app.cli.main import main
 from hf_slim.export import CONFIG_KEY
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

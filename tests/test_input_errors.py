@@ -1,5 +1,5 @@
 """Inputs a new user gets wrong, at the library level: audio files that are empty, cut off or not audio
-(hf_slim.audio.load_wav) and cache shapes that are zero, negative or meaningless (hf_slim.memory.cache_report).
+(hf_slim.app.audio.load_wav) and cache shapes that are zero, negative or meaningless (hf_slim.memory.cache_report).
 Each must be a ValueError that says what is wrong, never a silent answer. The CLI side is in test_cli.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from test_export import tiny_t5
 from tiny_models import tiny_gpt2
 
-from hf_slim.audio import load_wav
+from hf_slim.app.audio import load_wav
 from hf_slim.memory import cache_report
 
 RATE = 16_000

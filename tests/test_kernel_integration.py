@@ -13,7 +13,7 @@ import torch
 from helpers import assert_same_tokens
 from tiny_models import tiny_gpt2, tiny_tokenizer
 
-import hf_slim.attention
+import hf_slim.decode
 import hf_slim.kernels
 from hf_slim import slimify
 from hf_slim.kernels import triton_available
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason=f"no triton
 def kernel_calls(monkeypatch):
     """Route every decode step through the kernel (CPU tensors run in the interpreter) and count the calls."""
     calls = {"count": 0}
-    monkeypatch.setattr(hf_slim.attention, "fused_kernel_enabled", lambda cache: True)
+    monkeypatch.setattr(hf_slim.decode, "fused_kernel_enabled", lambda cache: True)
     original = hf_slim.kernels.slim_decode_attention
 
     def counting(*args, **kwargs):

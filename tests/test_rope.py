@@ -36,7 +36,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 NAMES = list(ROPE_CONFIGS)
 PROMPTS = ["the quick brown fox", "slim attention keeps one tensor per token instead of", "memory"]
@@ -168,9 +168,11 @@ def test_generation_identical_past_original_context(name, how):
     assert isinstance(cache_of(actual), SlimCache)
 
 
-#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj) and the history-dependent / key-norm variants
+#: one config per RoPE patch module (llama, phi3, phi, gpt_neox, gptj, codegen), the history-dependent / key-norm
+#: variants and the model types registered onto a patch module
 @pytest.mark.parametrize(
-    "name", ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "gptj"]
+    "name",
+    ["llama", "llama-dynamic", "olmo2", "qwen2", "phi3", "phi", "stablelm", "gpt_neox", "persimmon", "gptj", "codegen"],
 )
 def test_static_cache_generate_matches(name):
     vanilla, slim = pair(name)
@@ -200,14 +202,19 @@ def test_decode_step_compiles_fullgraph(name):
 
 def _key_rows(module: torch.nn.Module) -> tuple[torch.nn.Linear, slice | torch.Tensor]:
     """The linear layer holding a RoPE attention module's key projection and the rows of its weight that are W_K:
-    ``k_proj`` (Llama, Qwen2, OLMo, Phi, StableLM, GPT-J), the middle third of Phi-3's ``qkv_proj``, or the key rows
-    of GPT-NeoX's per-head ``(heads, 3, head_dim)`` ``query_key_value``."""
+    ``k_proj`` (Llama, Qwen2, OLMo, Phi, StableLM, GPT-J), the key rows of CodeGen's ``qkv_proj`` (``mp_num`` shards
+    of ``[q | v | k]``), the middle third of Phi-3's ``qkv_proj``, or the key rows of GPT-NeoX's (and Persimmon's)
+    per-head ``(heads, 3, head_dim)`` ``query_key_value``."""
     if hasattr(module, "k_proj"):
         return module.k_proj, slice(None)
+    if hasattr(module, "mp_num"):
+        shards = torch.arange(3 * module.embed_dim).view(module.mp_num, 3, module.embed_dim // module.mp_num)
+        return module.qkv_proj, shards[:, 2].reshape(-1)
     if hasattr(module, "qkv_proj"):
         e = module.config.num_attention_heads * module.head_dim
         return module.qkv_proj, slice(e, 2 * e)
-    heads, head_dim = module.config.num_attention_heads, module.head_size
+    heads = module.config.num_attention_heads
+    head_dim = module.config.hidden_size // heads
     return module.query_key_value, torch.arange(3 * heads * head_dim).view(heads, 3, head_dim)[:, 1].reshape(-1)
 
 
@@ -343,13 +350,39 @@ def test_refused_layers_keep_own_kv_with_warning(monkeypatch):
     _decode_logits(vanilla, slim, steps=5)
 
 
-def test_mode_input_refused_and_auto_picks_k():
-    model = tiny_rope("llama")
+@pytest.mark.parametrize("name", ["llama", "codegen", "persimmon"])
+def test_mode_input_refused_and_auto_picks_k(name):
+    model = tiny_rope(name)
     before = snapshot(model)
     with pytest.raises(UnsupportedModelError, match="mode='input' cannot be used"):
         slimify(model, "input")
     assert_unchanged(model, before)
     assert set(slim_record(slimify(model, "auto")).layer_modes.values()) == {"k"}
+
+
+def test_codegen_computing_attention_itself_is_refused_cleanly(monkeypatch):
+    """Up to transformers 5.23 CodeGen's attention computes attention itself (no adapted forward in hf_slim): slimify
+    refuses with the reason and leaves the model untouched (simulated here on a routed release)."""
+    from hf_slim.patches import codegen
+
+    model = tiny_rope("codegen")
+    before = snapshot(model)
+    monkeypatch.setattr(codegen, "ROUTED", False)
+    with pytest.raises(UnsupportedModelError, match="CodeGen computes attention itself.*transformers>=5.24"):
+        slimify(model)
+    assert_unchanged(model, before)
+
+
+def test_persimmon_qk_layernorm_is_refused_with_reason():
+    """Persimmon's ``qk_layernorm`` (a LayerNorm of each head's keys: mean removed, bias added) leaves V no function of
+    the cached keys: the config is refused before anything changes (the key-norm support is OLMo-2's full-width
+    RMSNorm)."""
+    model = tiny_rope("persimmon", qk_layernorm=True)
+    before = snapshot(model)
+    for mode in ("auto", "k"):
+        with pytest.raises(UnsupportedModelError, match="qk_layernorm=True applies a LayerNorm to each head's"):
+            slimify(model, mode)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
@@ -484,7 +517,7 @@ def test_accelerate_disk_offload_matches(tmp_path):
 
 
 def test_cli_verify_and_generate_on_a_rope_checkpoint(tmp_path, capsys):
-    from hf_slim.cli import main
+    from hf_slim.app.cli.main import main
 
     tiny_rope("llama").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
@@ -509,7 +542,7 @@ PHI3_MINI_128K.update(original_max_position_embeddings=4096, sliding_window=2621
 def test_cache_report_phi3_mini_128k_at_128k_is_2x(tmp_path, capsys):
     """The issue's stake: 48 GiB of fp16 K/V at 128k tokens; all layers K: 24 GiB plus 8 bytes per token (int32
     position and longrope regime id) and the two regimes' frequencies: 2.00x."""
-    from hf_slim.cli import main
+    from hf_slim.app.cli.main import main
 
     factors = dict(short_factor=[1.0] * 48, long_factor=[2.0] * 48, original_max_position_embeddings=4096)
     config = dict(PHI3_MINI_128K, rope_parameters=dict(rope_type="longrope", **factors))
@@ -587,9 +620,9 @@ def test_olmo2_key_scale_k_and_k_plus_r_match(attn, rank):
 
 def _drop_key_scale(monkeypatch) -> None:
     """Mutation: rebuild the values from ``[K_n | Z]``, the key scale column ignored."""
-    import hf_slim.attention
+    import hf_slim.slim_tensor
 
-    monkeypatch.setattr(hf_slim.attention, "scale_keys", lambda keys, key_width, owned=False: keys[..., :-1].float())
+    monkeypatch.setattr(hf_slim.slim_tensor, "scale_keys", lambda keys, key_width, owned=False: keys[..., :-1].float())
 
 
 @torch.no_grad()
@@ -663,7 +696,7 @@ def test_olmo2_save_and_load_slim_checks_the_key_norm(tmp_path):
 
 
 def test_olmo2_cli_verify_shows_the_key_scale(tmp_path, capsys):
-    from hf_slim.cli import main
+    from hf_slim.app.cli.main import main
 
     tiny_rope("olmo2").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
@@ -740,10 +773,10 @@ def test_recompute_mutations_are_caught(monkeypatch, case):
     """A wrong recompute (positions shifted by one; every token read with the first regime's frequencies, i.e.
     dynamic NTK / longrope without regimes) is caught by the check on write (fallback, exact logits); with the
     check disabled, the 40-step logits comparison fails: both guards can fail."""
-    import hf_slim.cache
     import hf_slim.rope
-    from hf_slim.cache import RotaryPositions
+    import hf_slim.rotary_positions
     from hf_slim.rope import RotaryFallbackWarning
+    from hf_slim.rotary_positions import RotaryPositions
 
     name, what = RECOMPUTE_MUTATIONS[case]
     if what == "position":
@@ -763,7 +796,7 @@ def test_recompute_mutations_are_caught(monkeypatch, case):
     with pytest.warns(RotaryFallbackWarning):
         caches = _decode_logits(vanilla, slim)
     assert caches["slim"].rotary.table is not None
-    monkeypatch.setattr(hf_slim.cache, "reproduces", lambda recomputed, handed: True)
+    monkeypatch.setattr(hf_slim.rotary_positions, "reproduces", lambda recomputed, handed: True)
     with pytest.raises(AssertionError, match="relative max difference"):
         _decode_logits(vanilla, slim)
 

@@ -49,7 +49,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 #: model_type -> (config class, model class, feed-forward settings). v1.0: ReLU, tied embeddings with the decoder
 #: output scaled by d_model**-0.5; v1.1 / Flan-T5 / mT5: gated GELU, untied; UMT5: gated GELU, per-layer position bias.

@@ -1,8 +1,8 @@
-"""Whisper's decoding options (``hf_slim.transcription.WhisperOptions``, the ``hf-slim transcribe`` flags --language,
---task, --word-timestamps, --initial-prompt, --condition-on-previous-text, --temperature and its thresholds): each
-reaches transformers' Whisper generate as its own argument, and each gives the slim model the unpatched model's
-results (token ids, text, segments, word timings) on real tiny.en clips, and on a random multilingual Whisper for
-the language and task tiny.en (English-only) does not have."""
+"""Whisper's decoding options (``hf_slim.app.transcription.WhisperOptions``, the ``hf-slim transcribe`` flags
+--language, --task, --word-timestamps, --initial-prompt, --condition-on-previous-text, --temperature and its
+thresholds): each reaches transformers' Whisper generate as its own argument, and each gives the slim model the
+unpatched model's results (token ids, text, segments, word timings) on real tiny.en clips, and on a random
+multilingual Whisper for the language and task tiny.en (English-only) does not have."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from test_cli import env, hf_slim, long_wav, tiny_whisper_dir  # noqa: F401 (fix
 from test_export import one_thread  # noqa: F401 (autouse fixture)
 
 from hf_slim import slimified
-from hf_slim.audio import load_audio
-from hf_slim.cli import main
-from hf_slim.transcription import WhisperOptions, _generate_kwargs, check_options, transcribe_batch
+from hf_slim.app.audio import load_audio
+from hf_slim.app.cli.main import main
+from hf_slim.app.transcription import WhisperOptions, _generate_kwargs, check_options, transcribe_batch
 
 DATA = Path(__file__).parent / "data"
 SENTENCES = json.loads((DATA / "sentences.json").read_text())
@@ -189,7 +189,8 @@ def test_multilingual_language_and_translate_identical(multilingual_whisper_dir,
 def test_command_line_flags_are_the_options():
     """Each flag sets its option; several temperatures without thresholds get transformers' documented fallback
     thresholds (without one no window would ever fall back)."""
-    from hf_slim.cli import _whisper_options, build_parser
+    from hf_slim.app.cli.main import build_parser
+    from hf_slim.app.cli.transcribe import _whisper_options
 
     def options(*flags: str) -> WhisperOptions:
         return _whisper_options(build_parser().parse_args(["transcribe", *flags]))

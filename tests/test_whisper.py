@@ -49,7 +49,7 @@ from hf_slim import (
     slimify,
     unslimify,
 )
-from hf_slim.cache import StaticSlimLayer
+from hf_slim.cache_layers import StaticSlimLayer
 
 DATA = Path(__file__).parent / "data"
 SAMPLING_RATE = 16_000
@@ -440,7 +440,7 @@ def test_unslimify_restores_exactly():
 
 @functools.cache
 def sentences() -> tuple[list[np.ndarray], list[str]]:
-    from hf_slim.audio import load_wav
+    from hf_slim.app.audio import load_wav
 
     texts = json.loads((DATA / "sentences.json").read_text())
     return [load_wav(DATA / name, SAMPLING_RATE)[0] for name in texts], list(texts.values())

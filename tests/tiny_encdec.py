@@ -140,3 +140,37 @@ def source_batch(batch: int = 3, length: int = 10, padding_side: str = "right", 
                 mask[row, :pad] = 0
     input_ids = input_ids.masked_fill(mask == 0, PAD)
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def tiny_moonshine(seed: int = 0, attn: str = "sdpa", **overrides):
+    """A 2+2-layer Moonshine (d=64, 4 MHA heads, interleaved partial RoPE, q/k/v biases) with random biases and
+    norms; ``seed`` 0: the fp32 calibration accepts the K cache on both decoder layers."""
+    from transformers import MoonshineConfig, MoonshineForConditionalGeneration
+
+    settings = dict(
+        vocab_size=120,
+        hidden_size=64,
+        intermediate_size=128,
+        encoder_num_hidden_layers=2,
+        decoder_num_hidden_layers=2,
+        encoder_num_attention_heads=4,
+        decoder_num_attention_heads=4,
+        max_position_embeddings=128,
+        attention_bias=True,
+        decoder_start_token_id=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = MoonshineConfig(**{**settings, **overrides})
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return randomize_biases(MoonshineForConditionalGeneration(config)).eval()
+
+
+def audio_batch(batch: int = 2, samples: int = 8000, seed: int = 1) -> dict:
+    """Random 16 kHz audio ``input_values: (batch, samples)``, row 1 padded at its end (``attention_mask`` zeros)."""
+    audio = 0.1 * torch.randn(batch, samples, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(batch, samples, dtype=torch.long)
+    mask[1, 3 * samples // 4 :] = 0
+    return {"input_values": audio, "attention_mask": mask}

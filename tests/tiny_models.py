@@ -149,6 +149,12 @@ DECODER_CONFIGS: dict[str, tuple[str, dict]] = {
         "falcon", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, alibi=True, multi_query=False,
                        new_decoder_architecture=False, parallel_attn=False, bias=True, initializer_range=0.1),
     ),
+    # SantaCoder/StarCoder layout with multi-head attention: fused c_attn split per head as [q_i | k_i | v_i]
+    "gpt_bigcode": (
+        "gpt_bigcode", dict(n_embd=64, n_head=4, n_layer=2, multi_query=False, initializer_range=0.1),
+    ),
+    # sinusoidal positions added to the scaled embeddings; MultiHeadAttention with Wq/Wk/Wv/dense (biases)
+    "ctrl": ("ctrl", dict(n_embd=64, n_head=4, n_layer=2, dff=128, initializer_range=0.1)),
 }  # fmt: skip
 
 
@@ -216,7 +222,11 @@ ROPE_CONFIGS: dict[str, dict] = {
     "phi": dict(model_type="phi", seed=3, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.4}),
     "stablelm": dict(model_type="stablelm", use_qkv_bias=True, seed=3),
     "gpt_neox": dict(model_type="gpt_neox"),
+    # GPT-NeoX's per-head fused query_key_value and partial RoPE (qk_layernorm=True is refused)
+    "persimmon": dict(model_type="persimmon", qk_layernorm=False),
     "gptj": dict(model_type="gptj", max_position_embeddings=128, rotary_dim=8, attn="eager"),
+    # GPT-J's rotary layout behind a fused qkv_proj in 4 model-parallel shards of [q | v | k]
+    "codegen": dict(model_type="codegen", max_position_embeddings=128, rotary_dim=8),
     "olmo": dict(model_type="olmo"),
     "olmo2": dict(model_type="olmo2"),  # k_norm: the K cache keeps each token's key scale (e + r + 1 columns)
 }

@@ -18,7 +18,7 @@ with the stacked projection ``W_KV = [V_g S_g^-1 U_g^T W_V ; U_r^T W_V]`` of sha
 slice of K); the weighted sum reads all ``e + r`` columns; each head then applies its slice of ``W_KV``. ``r = 0`` is
 the plain K cache (``W_KV = W_K^-1 W_V``), ``r = d`` carries X completely (no memory gain).
 
-Keys normalised per token (OLMo-2's ``k_norm``, :class:`~hf_slim.attention.KeyNorm`): the model caches
+Keys normalised per token (OLMo-2's ``k_norm``, :class:`~hf_slim.projections.KeyNorm`): the model caches
 ``K_n = w * k / s`` with ``k = X W_K + b_K`` and ``s = sqrt(mean(k^2) + eps)`` per token, so ``k = s * K_n / w``.
 The cache keeps ``s`` as one more column, ``C = [K_n | Z | s]`` (``e + r + 1`` per token), and ``diag(1/w)`` is
 folded into the key block of ``W_KV``: ``V = [s * K_n | Z] @ W_KV + v_offset`` with ``W_KV = [diag(1/w) V_g S_g^-1

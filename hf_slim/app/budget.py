@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import cache_report, format_bytes
+from hf_slim.memory import cache_report, format_bytes
 
 #: float32 score copies a decode step keeps per row and vocabulary entry (logits, processed scores, log-softmax, the
 #: beam-search sum) beside the logits the model returns

@@ -203,7 +203,7 @@ def transcribe_batch(
         how to decode (:class:`WhisperOptions`); fields can also be given by name
         (``transcribe_batch(model, processor, clips, timestamps=True, num_beams=5)``).
     encoder_batch:
-        inputs per encoder call (:func:`hf_slim.budget.encoder_micro_batches`); None: the whole batch at once.
+        inputs per encoder call (:func:`hf_slim.app.budget.encoder_micro_batches`); None: the whole batch at once.
     progress:
         called with audio seconds as they are transcribed: per 30 s window of the long clips, and once the short
         clips are done (for a progress bar).

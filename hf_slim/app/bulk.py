@@ -1,6 +1,6 @@
 """Bulk jobs: many audio files or many prompts through one slim model, in batches, resumable.
 
-Why one module: ``hf-slim transcribe`` and ``hf-slim generate`` (and their Ray form, :mod:`hf_slim.raydata`) share
+Why one module: ``hf-slim transcribe`` and ``hf-slim generate`` (and their Ray form, :mod:`hf_slim.app.raydata`) share
 the same rules: find the inputs, skip the ones whose output is already complete, cut the rest into batches in input
 order (the same batches in one process and on Ray, so both give the same outputs), and write each output so that a
 killed run leaves only complete files behind.
@@ -110,7 +110,7 @@ def plan_audio_job(
     arguments: Sequence[str], output_dir: Path | None, fmt: str, *, resume: bool = True
 ) -> tuple[list[AudioTask], int]:
     """The tasks still to do and how many were skipped because their output exists (complete, by
-    :func:`hf_slim.outputs.write_atomic`); temporary files a killed run left in ``output_dir`` are removed."""
+    :func:`hf_slim.app.outputs.write_atomic`); temporary files a killed run left in ``output_dir`` are removed."""
     found = find_audio(arguments)
     if output_dir is None:
         return [AudioTask(file, None) for file, _ in found], 0
@@ -122,7 +122,7 @@ def plan_audio_job(
 
 
 def check_audio(tasks: list[AudioTask], report: JobReport, on_failure: Callable[[Path, str], None]) -> list[AudioTask]:
-    """The tasks whose file header reads (:func:`hf_slim.audio.probe_audio`), each with its duration; the others go
+    """The tasks whose file header reads (:func:`hf_slim.app.audio.probe_audio`), each with its duration; the others go
     to ``report.failed`` and ``on_failure``, one line each, before any model is loaded."""
     readable = []
     for task in tasks:
@@ -201,10 +201,10 @@ def transcribe_tasks(
     """Transcribe ``tasks`` in batches of ``batch_size`` files, in input order, writing each output as its batch
     finishes. A file that cannot be decoded is reported (``on_failure``, one line) and its batch goes on without it.
 
-    ``options`` (or its fields by name, as :func:`hf_slim.transcription.transcribe_batch` takes them) say how Whisper
-    decodes; segment timestamps are added for the formats that write them. ``progress(files, seconds)`` is called
-    with the audio seconds transcribed as 30 s windows of long files finish (``files`` 0), and with the batch's
-    files after every batch: the seconds of all calls add up to the tasks' durations.
+    ``options`` (or its fields by name, as :func:`hf_slim.app.transcription.transcribe_batch` takes them) say how
+    Whisper decodes; segment timestamps are added for the formats that write them. ``progress(files, seconds)`` is
+    called with the audio seconds transcribed as 30 s windows of long files finish (``files`` 0), and with the
+    batch's files after every batch: the seconds of all calls add up to the tasks' durations.
     """
     report = report or JobReport()
     options = replace(options or WhisperOptions(), **option_fields).for_format(fmt)

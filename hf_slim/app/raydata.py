@@ -1,4 +1,4 @@
-"""The bulk jobs of :mod:`hf_slim.bulk` as Ray Data pipelines, for more than one process or machine.
+"""The bulk jobs of :mod:`hf_slim.app.bulk` as Ray Data pipelines, for more than one process or machine.
 
 Why Ray Data: it is the engine people already run batch inference on (``map_batches`` with a model per actor,
 streaming, backpressure, retries); hf_slim adds only what a slim bulk job needs. The pipeline is:
@@ -6,8 +6,8 @@ streaming, backpressure, retries); hf_slim adds only what a slim bulk job needs.
     from_items(planned batches) -> map(read and decode the batch's files) -> map_batches(one slim model per actor)
     -> the driver writes each batch's outputs as it arrives (atomically, as in one process)
 
-The batches are planned on the driver exactly as :func:`hf_slim.bulk.transcribe_tasks` plans them (input order,
-``batch_size`` files each) and each actor runs the same :func:`hf_slim.transcription.transcribe_batch` on them, so
+The batches are planned on the driver exactly as :func:`hf_slim.app.bulk.transcribe_tasks` plans them (input order,
+``batch_size`` files each) and each actor runs the same :func:`hf_slim.app.transcription.transcribe_batch` on them, so
 the outputs are those of the single-process run. Inputs and the model folder must be readable at the same path on
 every node (a shared filesystem); outputs are written by the driver only.
 
@@ -150,7 +150,7 @@ def transcribe_tasks_on_ray(
     on_failure: Callable[[Path, str], None] = lambda path, reason: None,
     progress: Callable[[int, float], None] = lambda files, seconds: None,
 ) -> JobReport:
-    """:func:`hf_slim.bulk.transcribe_tasks` on Ray: ``workers`` actors, each with its own slim model loaded by
+    """:func:`hf_slim.app.bulk.transcribe_tasks` on Ray: ``workers`` actors, each with its own slim model loaded by
     ``load(model, dtype, mode, device) -> (model, processor)`` (a module-level function: Ray ships it by name).
     ``progress(files, seconds)`` is called as each batch's outputs are written."""
     report = report or JobReport()
@@ -211,9 +211,9 @@ def generate_on_ray(
     num_beams: int = 1,
     progress: Callable[[int], None] = lambda count: None,
 ) -> int:
-    """:func:`hf_slim.cli` bulk generate on Ray: planned batches of prompts, ``workers`` actors (each loading its
-    model and tokenizer with ``load(model, dtype, mode, device)``); the driver appends each batch's lines to
-    ``output`` as it arrives. Returns the number of prompts done."""
+    """``hf-slim generate --input`` (:mod:`hf_slim.app.cli.generate`) on Ray: planned batches of prompts,
+    ``workers`` actors (each loading its model and tokenizer with ``load(model, dtype, mode, device)``); the driver
+    appends each batch's lines to ``output`` as it arrives. Returns the number of prompts done."""
     planned = batches(prompts, batch_size)
     settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
     done = 0
