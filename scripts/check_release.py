@@ -43,12 +43,13 @@ BEAMS = dict(num_beams=3, num_return_sequences=2)
 
 
 def generate(model, inputs: dict, **settings):
-    """``model.generate(**inputs)`` with ``settings`` on a copy of the model's generation config: a generate() may
-    write its arguments into the config it is handed, the model's own by default (Pop2Piano's), where every later
-    call would inherit them (beams, a static cache)."""
+    """``model.generate(**inputs)`` with ``settings`` (and the generation options among ``inputs``, e.g.
+    ``min_new_tokens``) on a copy of the model's generation config: a generate() may write its arguments into the config
+    it is handed, the model's own by default (Pop2Piano's), where every later call would inherit them."""
     config = copy.deepcopy(model.generation_config)
-    config.update(**settings)
-    return model.generate(**inputs, generation_config=config)
+    tensors = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+    unused = config.update(**{**{k: v for k, v in inputs.items() if k not in tensors}, **settings})
+    return model.generate(**tensors, **unused, generation_config=config)
 
 
 def _text_batch(vocab: int, batch: int = 3, length: int = 8, low: int = 3) -> dict:

@@ -121,7 +121,7 @@ def _steps(model, inputs: dict, static: bool, steps: int = 2) -> None:
     cache: the slim forward and cache paths of generate(), run where generate() itself cannot (meta)."""
     encoder_decoder = model.config.is_encoder_decoder
     codebooks = getattr(model.config.get_text_config(decoder=True), "num_codebooks", 1)  # MusicGen: rows per input
-    inputs = {key: value.repeat_interleave(2, 0) for key, value in inputs.items()}
+    inputs = {key: value.repeat_interleave(2, 0) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
     if encoder_decoder:  # the encoder runs again at every step: no encoder_outputs plumbing per family
         rows = next(iter(inputs.values())).shape[0] * codebooks
         start = model.generation_config.decoder_start_token_id

@@ -175,7 +175,8 @@ TYPES = {
     "pop2piano": EncoderDecoderType(tiny_pop2piano, spectrogram_batch, square_keys=dict(d_kv=8)),
     "led": EncoderDecoderType(tiny_led, token_batch, attns=("eager",), static=False),
     "fsmt": EncoderDecoderType(tiny_fsmt, token_batch, attns=("eager",), static=False),
-    "nllb-moe": EncoderDecoderType(tiny_nllb_moe, token_batch, attns=("eager",)),
+    # the tiny NLLB-MoE's greedy path ends at once (EOS first) unless told otherwise: check_release's rows decode
+    "nllb-moe": EncoderDecoderType(tiny_nllb_moe, token_batch, ("eager",), generate_kwargs=dict(min_new_tokens=12)),
 }
 ATTN_CASES = [(t, a) for t, case in TYPES.items() for a in case.attns]
 #: min_new_tokens and no_repeat_ngram_size keep random tiny models on long varied paths.
@@ -197,8 +198,8 @@ def generate(model_type: str, model: torch.nn.Module, inputs: dict, **kwargs):
     """generate() with its own copy of the generation config (Pop2Piano's generate() writes its arguments into the
     config it is given, the model's own by default)."""
     config = copy.deepcopy(model.generation_config)
-    config.update(**GENERATE, **kwargs)
-    return model.generate(**inputs, **TYPES[model_type].generate_kwargs, generation_config=config)
+    config.update(**{**TYPES[model_type].generate_kwargs, **GENERATE, **kwargs})
+    return model.generate(**inputs, generation_config=config)
 
 
 def well_conditioned_keys(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
