@@ -3,6 +3,7 @@ rank per layer, :mod:`hf_slim.kmode`), layer modes forced by the caller, and the
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 
@@ -156,9 +157,11 @@ def collect_attention_inputs(model, sites, calibration_inputs) -> dict[str, torc
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for site in sites:
+        # the attention input: the forward's first argument, by name or position (FSMT passes ``query=`` time-first)
+        first = list(inspect.signature(type(site.module).forward).parameters)[1]
 
-        def hook(module, args, kwargs, name=site.name):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        def hook(module, args, kwargs, name=site.name, first=first):
+            hidden = kwargs[first] if first in kwargs else args[0]
             captured[name] = hidden.detach().reshape(-1, hidden.shape[-1])
 
         handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))

@@ -51,7 +51,9 @@ SUPPORTED: dict[str, Architecture] = {
     "t5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "mt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
     "umt5": Architecture("hf_slim.patches.t5", positions="relative_bias"),
-    # BART family: one patch module for the ten copies of BartAttention (learned or sinusoidal absolute positions)
+    # Pop2Piano: a T5 over spectrogram embeddings (Pop2PianoAttention is a copy of T5's)
+    "pop2piano": Architecture("hf_slim.patches.t5", positions="relative_bias"),
+    # BART family: one patch module for the copies of BartAttention (learned or sinusoidal absolute positions)
     **{
         model_type: Architecture("hf_slim.patches.bart", positions="absolute")
         for model_type in (
@@ -65,15 +67,22 @@ SUPPORTED: dict[str, Architecture] = {
             "blenderbot",
             "blenderbot-small",
             "plbart",
+            "nllb-moe",  # NLLB-MoE: M2M100's attention; the mixture of experts is in the feed-forward only
         )
     },
     "trocr": Architecture("hf_slim.patches.trocr", positions="absolute"),
+    # LED: a Longformer encoder (no cache) and a BART-style decoder whose attention the model computes itself
+    "led": Architecture("hf_slim.patches.led", positions="absolute"),
+    # FSMT (fairseq WMT19): BART's attention in fairseq's time-first layout, computed by the model itself
+    "fsmt": Architecture("hf_slim.patches.fsmt", positions="absolute"),
     # Moonshine: an audio encoder and a RoPE decoder (K cache) with cross-attention over the encoder output
     "moonshine": Architecture("hf_slim.patches.moonshine", positions="rope"),
     # Florence-2: a DaViT image encoder feeding a BART encoder-decoder (the language model), patched as BART
     "florence2": Architecture("hf_slim.patches.bart", positions="absolute"),
     # MusicGen: its decoder's attention is a copy of BART's (sinusoidal positions, one embedding per codebook)
     "musicgen_decoder": Architecture("hf_slim.patches.bart", positions="absolute"),
+    # Speech2Text: a convolutional speech encoder and a BART decoder (Speech2TextAttention is a copy of BART's)
+    "speech_to_text": Architecture("hf_slim.patches.bart", positions="absolute"),
     "musicgen": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
     # composites: whatever encoder, with a supported decoder (config.decoder.model_type)
     "vision-encoder-decoder": Architecture("hf_slim.patches.encoder_decoder", positions="decoder"),
@@ -109,8 +118,6 @@ UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
     "bert": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
     "roberta": "encoder-only model: it keeps no KV cache, so there is nothing to slim",
-    "nllb-moe": "not implemented yet: its attention is M2M100's (the input and encoder caches would apply), but its "
-    "decoder layers name and route differently (mixture of experts); dense NLLB checkpoints (m2m_100) are supported",
 }
 
 

@@ -76,6 +76,8 @@ __all__ = [
     "modules_of_type",
     "no_extra_patches",
     "one_encoder_output_per_input",
+    "prescaled_attention_forward",
+    "prescaled_attention_patch",
     "rope_attention_sites",
     "rope_family",
     "route_contracts",
@@ -258,4 +260,100 @@ def attend_with_layer_bias(
     term = bias.term(module, value)
     return slim_self_attention(
         module, hidden_states, *qkv, cache, attention_mask, scale, eager, want_weights=True, position_bias=term, **slim
+    )
+
+
+def prescaled_attention_forward(eager_attention: Callable, *, return_cache: bool = False) -> Callable:
+    """The slim forward of the encoder-decoder attention classes transformers writes out by hand with a pre-scaled
+    query and no attention interface (TrOCR's attention, LED's decoder attention), for :class:`AttentionSite`.
+
+    Why one forward: those classes compute the same thing (``q_proj(x) * scaling``, ``torch.bmm``, additive float
+    mask, softmax in the input dtype, dropout, ``torch.bmm``, ``out_proj``), which is ``eager_attention`` (BART's
+    ``eager_attention_forward``, the same arithmetic) at scaling 1.0; the prefill runs that, the decode the slim paths
+    of :func:`decoder_attention`. ``return_cache``: the class also returns the cache it was given (LED).
+    """
+
+    # Adapted from transformers 5.23.0, models/trocr/modeling_trocr.py, TrOCRAttention.forward (the same computation
+    # as LEDDecoderAttention.forward, models/led/modeling_led.py, 5.15 to 5.25): the cache handling changes; the
+    # scaled query, the projections and the output projection are the model's own.
+    def slim_prescaled_attention_forward(
+        self: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = False,
+        **kwargs,
+    ) -> tuple:
+        """Decoder self-attention over a slim cache, or cross-attention over the encoder output with no cache.
+
+        ``hidden_states: (batch, new, d_model)``; ``key_value_states``: the encoder output ``(inputs, frames,
+        d_encoder)``, ``batch % inputs == 0``. Returns ``(batch, new, d_model)``, the weights ``(batch, heads, new,
+        keys)`` when ``output_attentions`` else None, and with ``return_cache`` the cache.
+        """
+
+        def run_attention(query, key, value, mask):  # -> (b, t, h, dk), probabilities (b, h, t, s)
+            return eager_attention(self, query, key, value, mask, scaling=1.0, dropout=self.dropout)
+
+        query = split_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim)  # (b, h, t, dk)
+        attn_output, attn_weights = decoder_attention(
+            self,
+            hidden_states,
+            query,
+            key_value_states,
+            cache,
+            attention_mask,
+            1.0,
+            run_attention,
+            want_weights=bool(output_attentions),
+            dropout=self.dropout if self.training else 0.0,
+        )
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (b, t, e)
+        outputs = (self.out_proj(attn_output), attn_weights if output_attentions else None)
+        return (*outputs, cache) if return_cache else outputs
+
+    return slim_prescaled_attention_forward
+
+
+def prescaled_attention_patch(
+    attention: type,
+    decoder: type,
+    eager_attention: Callable,
+    *,
+    return_cache: bool = False,
+    adapted: Callable[[Callable], Callable] | None = None,
+    cache_owner: type | None = None,
+    **settings,
+) -> ArchitecturePatch:
+    """The whole patch of a family whose decoder attention is a hand-written ``attention`` class with a pre-scaled
+    query (TrOCR, LED, FSMT): in every ``decoder`` layer, ``self_attn`` (slim cache) and ``encoder_attn`` where the
+    layer has one (the encoder output, no cache), served by :func:`prescaled_attention_forward`; projections
+    ``k_proj`` / ``v_proj`` (``nn.Linear``).
+
+    ``adapted``: ``forward -> site forward`` for a class whose arguments differ (FSMT's time-first tensors and two
+    masks); ``cache_owner``: the class whose forward creates the cache, where it is not the decoder; ``settings``: the
+    rest of the :class:`ArchitecturePatch` (extra patches, a static cache refusal, ``composite_decoder``).
+    """
+    prescaled = prescaled_attention_forward(eager_attention, return_cache=return_cache)
+    forward = prescaled if adapted is None else adapted(prescaled)
+    decoders = modules_of_type(decoder)
+
+    def projections(module: torch.nn.Module) -> Projections:
+        """``K = X @ W_K + b_K``, ``V = X @ W_V + b_V``, ``W: (d_encoder or d_model, d_model)`` (transposed views)."""
+        return Projections.of(module.k_proj, module.v_proj)
+
+    def attention_sites(model: torch.nn.Module) -> list[AttentionSite]:
+        return [
+            AttentionSite.of(getattr(layer, name), kind, projections, forward)
+            for module in decoders(model)
+            for layer in module.layers
+            for kind, name in (("self", "self_attn"), ("cross", "encoder_attn"))
+            if hasattr(layer, name)
+        ]
+
+    owner = decoder if cache_owner is None else cache_owner
+    reads = (*DECODER_ATTENTION_READS, *forward_contracts(prescaled, (attention,))[0].attributes)  # adapted: both
+    contracts = forward_contracts(forward, (attention,), (owner,), also_reads=reads)
+    return ArchitecturePatch(
+        attention_sites=attention_sites, cache_owners=modules_of_type(owner), contracts=contracts, **settings
     )

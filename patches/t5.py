@@ -1,4 +1,5 @@
-"""T5 family: T5 v1.0 / v1.1 / Flan-T5 (``t5``), mT5 (``mt5``) and UMT5 (``umt5``).
+"""T5 family: T5 v1.0 / v1.1 / Flan-T5 (``t5``), mT5 (``mt5``), UMT5 (``umt5``) and Pop2Piano (``pop2piano``: a T5
+over spectrogram embeddings, ``Pop2PianoAttention`` a copy of ``T5Attention``, routed from 5.15 on).
 
 One attention class serves three roles in T5: encoder self-attention (no cache: left untouched), decoder causal
 self-attention (slim input cache: the layer input X, ``d_model`` wide, instead of K and V, ``num_heads * d_kv`` wide
@@ -10,9 +11,10 @@ there (``W_K`` is 1024 x 16384, not invertible): ``slimify(model, mode="k")`` ke
 with a :class:`~hf_slim.SlimFallbackWarning` (the K cache would also be 16x larger than X); configs with
 ``e == d_model`` (t5-small/base/large) can use it.
 
-No forward is copied: from 5.15 on, T5Attention (and MT5Attention, UMT5Attention) calls ``cache.update`` and the
-attention function ``ALL_ATTENTION_FUNCTIONS`` holds, with the position bias as its ``position_bias`` keyword, so the
-model's own forward is served through the extension points (:mod:`hf_slim.interface`, :data:`ROUTE`).
+No forward is copied: from 5.15 on, T5Attention (and MT5Attention, UMT5Attention, Pop2PianoAttention) calls
+``cache.update`` and the attention function ``ALL_ATTENTION_FUNCTIONS`` holds, with the position bias as its
+``position_bias`` keyword, so the model's own forward is served through the extension points (:mod:`hf_slim.interface`,
+:data:`ROUTE`).
 
 Positions: T5 adds a learned relative position bias to unscaled scores (scale 1.0, no q/k/v biases). The model's own
 forward computes it at every step with its ``compute_bias`` (never cached), sized by the keys the cache update returns:
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import torch
 from transformers.models.mt5.modeling_mt5 import MT5Attention, MT5Stack
+from transformers.models.pop2piano.modeling_pop2piano import Pop2PianoAttention, Pop2PianoStack
 from transformers.models.t5.modeling_t5 import T5Attention, T5Stack
 from transformers.models.umt5.modeling_umt5 import UMT5Attention, UMT5Stack
 
@@ -49,8 +52,9 @@ from hf_slim.toolkit import (
 #: Stacks whose decoder owns the cache, and attention classes with T5's forward signature
 #: ``(hidden_states, mask, key_value_states, position_bias, cache)`` vs UMT5's
 #: ``(hidden_states, encoder_hidden_states, cache, attention_mask)``.
-STACKS = (T5Stack, MT5Stack, UMT5Stack)
-T5_STYLE_ATTENTION = (T5Attention, MT5Attention)
+T5_STYLE_STACKS = (T5Stack, MT5Stack, Pop2PianoStack)
+STACKS = (*T5_STYLE_STACKS, UMT5Stack)
+T5_STYLE_ATTENTION = (T5Attention, MT5Attention, Pop2PianoAttention)
 
 #: The model's own forwards serve every class (no copy): the relative position bias reaches the attention function as
 #: ``position_bias``; the encoder output arrives as ``key_value_states`` (T5, mT5) or ``encoder_hidden_states`` (UMT5).
@@ -93,7 +97,7 @@ PATCH = ArchitecturePatch(
     attention_sites=attention_sites,
     cache_owners=_decoder_stacks,  # the decoder stack creates EncoderDecoderCache(DynamicCache, DynamicCache)
     contracts=(
-        *route_contracts(ROUTE, attention=T5_STYLE_ATTENTION, cache_owners=(T5Stack, MT5Stack), attributes=_ATTRIBUTES),
+        *route_contracts(ROUTE, attention=T5_STYLE_ATTENTION, cache_owners=T5_STYLE_STACKS, attributes=_ATTRIBUTES),
         *route_contracts(UMT5_ROUTE, attention=(UMT5Attention,), cache_owners=(UMT5Stack,), attributes=_ATTRIBUTES),
     ),
     extra_patches=one_encoder_output_per_input,

@@ -105,7 +105,7 @@ def generate(model_type: str, model, inputs: dict, new_tokens: int | None = None
     if model_type in check_release.STEPWISE:
         return check_release._greedy_steps(model, inputs["input_ids"], new_tokens).sequences
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return model.generate(**inputs, **settings, **kwargs, return_dict_in_generate=True).sequences
+    return check_release.generate(model, inputs, **settings, **kwargs, return_dict_in_generate=True).sequences
 
 
 def _guard(enabled: bool, model_type: str, phase: str):
@@ -144,6 +144,9 @@ def check(model_type: str, make: Callable, device: torch.device, guard: bool) ->
             stepwise = model_type in check_release.STEPWISE
             if (variant == "beams" and model_type in NO_BEAMS) or (variant != "greedy" and stepwise):
                 cells[variant] = "–"
+                continue
+            if variant == "static" and slim_record(slim).static_cache_refusal:  # the family's clean refusal
+                cells[variant] = "refused"
                 continue
             with _guard(guard, model_type, variant):
                 tokens = generate(model_type, slim, inputs, **kwargs)
@@ -188,7 +191,7 @@ def host_syncs(model_type: str, make: Callable, device: torch.device) -> dict[tu
     inputs = _on(inputs, device)
     per_step: dict[tuple[str, str], float] = {}
     for kwargs in ({}, dict(cache_implementation="static")):
-        if kwargs and model_type in check_release.STEPWISE:
+        if kwargs and (model_type in check_release.STEPWISE or slim_record(slim).static_cache_refusal):
             continue
         counts = []
         for steps in SYNC_STEPS:

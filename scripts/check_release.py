@@ -42,6 +42,16 @@ NEW_TOKENS = 12
 BEAMS = dict(num_beams=3, num_return_sequences=2)
 
 
+def generate(model, inputs: dict, **settings):
+    """``model.generate(**inputs)`` with ``settings`` (and the generation options among ``inputs``, e.g.
+    ``min_new_tokens``) on a copy of the model's generation config: a generate() may write its arguments into the config
+    it is handed, the model's own by default (Pop2Piano's), where every later call would inherit them."""
+    config = copy.deepcopy(model.generation_config)
+    tensors = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+    unused = config.update(**{**{k: v for k, v in inputs.items() if k not in tensors}, **settings})
+    return model.generate(**tensors, **unused, generation_config=config)
+
+
 def _text_batch(vocab: int, batch: int = 3, length: int = 8, low: int = 3) -> dict:
     """Different token ids per row, row 1 left-padded by 3 (decoder-only) — the padding the slim path must honour."""
     generator = torch.Generator().manual_seed(2)
@@ -98,6 +108,17 @@ def _composite(encoder: str, decoder: str) -> Callable:
         from test_encoder_decoder import encoder_inputs, tiny_composite
 
         return tiny_composite(encoder, decoder), encoder_inputs(encoder)
+
+    return make
+
+
+def _encoder_decoder_type(model_type: str) -> Callable:
+    """The types tests/test_encdec_types.py builds (Speech2Text, ...): its tiny model and padded batch."""
+
+    def make():
+        from test_encdec_types import TYPES, build
+
+        return build(model_type), {**TYPES[model_type].batch(3, "right"), **TYPES[model_type].generate_kwargs}
 
     return make
 
@@ -159,6 +180,7 @@ def _greedy_steps(model, input_ids: torch.Tensor, new_tokens: int) -> _Sequences
 
 def builders() -> dict[str, Callable]:
     """``model_type -> () -> (tiny model, generate inputs)`` for every supported type."""
+    from test_encdec_types import TYPES as ENCODER_DECODER_TYPES
     from tiny_encdec import BART_FAMILY
     from tiny_models import DECODER_CONFIGS, ROPE_CONFIGS, tiny_decoder, tiny_gpt2, tiny_rope
 
@@ -169,6 +191,7 @@ def builders() -> dict[str, Callable]:
     table |= {"t5": _t5("t5-v1.1"), "mt5": _t5("mt5"), "umt5": _t5("umt5"), "whisper": _whisper}
     table |= {"moonshine": _moonshine}
     table |= {"trocr": _trocr, "florence2": _florence2, "musicgen": _musicgen, "musicgen_decoder": _musicgen_decoder}
+    table |= {model_type: _encoder_decoder_type(model_type) for model_type in ENCODER_DECODER_TYPES}
     table |= {
         "vision-encoder-decoder": _composite("vision", "trocr"),
         "speech-encoder-decoder": _composite("speech", "bart"),
@@ -205,12 +228,12 @@ def check(model_type: str, make: Callable) -> tuple[bool, str, str | None]:
     if model_type in STEPWISE:
         outputs = {name: _greedy_steps(model, inputs["input_ids"], NEW_TOKENS) for name, model in models}
     else:
-        outputs = {name: model.generate(**inputs, **settings) for name, model in models}
+        outputs = {name: generate(model, inputs, **settings) for name, model in models}
     greedy = torch.equal(outputs["slim"].sequences, outputs["vanilla"].sequences)
     beams = "–"
     if model_type not in ("musicgen", *STEPWISE):  # MusicGen has no beam search
-        expected = vanilla.generate(**inputs, **settings, **BEAMS).sequences
-        beams = "yes" if torch.equal(slim.generate(**inputs, **settings, **BEAMS).sequences, expected) else "NO"
+        expected = generate(vanilla, inputs, **settings, **BEAMS).sequences
+        beams = "yes" if torch.equal(generate(slim, inputs, **settings, **BEAMS).sequences, expected) else "NO"
     vanilla_bytes, slim_bytes = (cache_nbytes(returned_cache(outputs[name])) for name in ("vanilla", "slim"))
     ratio = f"{vanilla_bytes / slim_bytes:.2f}x" if slim_bytes else "–"
     passed = greedy and beams != "NO" and slim_bytes < vanilla_bytes

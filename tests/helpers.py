@@ -40,6 +40,36 @@ def assert_same_tokens(actual: torch.Tensor, expected: torch.Tensor, what: str =
         )
 
 
+#: The generate() variants every encoder-decoder family is compared on: greedy, 3 beams returning 2 sequences each,
+#: seeded sampling returning 2.
+GENERATE_CASES = (
+    dict(),
+    dict(num_beams=3, num_return_sequences=2),
+    dict(do_sample=True, top_k=20, num_return_sequences=2),
+)
+
+
+def assert_encoder_decoder_generate_identical(generate, vanilla, slim, what: str) -> None:
+    """``generate(model, **case)`` of the unpatched and the slim encoder-decoder, seeded alike, for each of
+    :data:`GENERATE_CASES` (``return_dict_in_generate=True``, ``output_scores=True``): identical tokens, rows that
+    differ (a random model stuck on one token would prove nothing), beam scores within 1e-5, and a slim
+    self-attention cache where one comes back."""
+    from hf_slim import SlimCache
+
+    for kwargs in GENERATE_CASES:
+        torch.manual_seed(0)
+        expected = generate(vanilla, **kwargs)
+        torch.manual_seed(0)
+        actual = generate(slim, **kwargs)
+        assert_same_tokens(actual.sequences, expected.sequences, f"{what} {kwargs}")
+        assert len(set(map(tuple, expected.sequences.tolist()))) > 1, "every row generated the same tokens"
+        if "num_beams" in kwargs:
+            difference = float((actual.sequences_scores - expected.sequences_scores).abs().max())
+            assert difference <= 1e-5, f"beam scores differ by {difference:.3e}"
+        else:
+            assert isinstance(cache_of(actual).self_attention_cache, SlimCache)
+
+
 def bf16_steps(top: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """``(top - second) / (2**-7 * max(|top|, |second|))``: a score gap in bf16 steps (2**-7 relative) at its size.
 

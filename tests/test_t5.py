@@ -29,6 +29,8 @@ from transformers import (
     MT5Config,
     MT5ForConditionalGeneration,
     Pipeline,
+    Pop2PianoConfig,
+    Pop2PianoForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
     T5Model,
@@ -56,6 +58,11 @@ VARIANTS = {
     "t5-v1.1": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
     "mt5": (MT5Config, MT5ForConditionalGeneration, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
     "umt5": (UMT5Config, UMT5ForConditionalGeneration, dict(feed_forward_proj="gated-gelu")),
+}
+#: T5 copies of other model types, built like the variants (tests/test_encdec_types.py feeds them): Pop2Piano ties its
+#: head to the embeddings and scales the decoder output, like T5 v1.0.
+T5_COPIES = {
+    "pop2piano": (Pop2PianoConfig, Pop2PianoForConditionalGeneration, dict(composer_vocab_size=3)),
 }
 PROMPTS = [
     "summarize: the quick brown fox jumps over the lazy dog",
@@ -87,7 +94,7 @@ def tiny_t5(
     the relative bias tables get a large random scale so positions visibly steer the outputs, and norms get random
     gains (``randomize_biases``: T5 has no linear biases).
     """
-    config_class, model_class, settings = VARIANTS[variant]
+    config_class, model_class, settings = (VARIANTS | T5_COPIES)[variant]
     tokenizer = tiny_t5_tokenizer()
     arguments = dict(
         vocab_size=len(tokenizer), d_model=32, d_kv=16, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
