@@ -263,7 +263,14 @@ def tiny_rope(
     torch.manual_seed(table_seed if seed is None else seed)
     config = AutoConfig.for_model(model_type, **settings)
     config._attn_implementation = attn
-    model = randomize_biases(AutoModelForCausalLM.from_config(config)).eval().to(dtype)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    except ValueError as error:  # a release whose class has no SDPA yet (CodeGen before 5.24): its eager attention
+        if attn != "sdpa" or "does not support an attention implementation" not in str(error):
+            raise
+        config._attn_implementation = "eager"
+        model = AutoModelForCausalLM.from_config(config)
+    model = randomize_biases(model).eval().to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
