@@ -127,7 +127,7 @@ def _prepared_tokenizer(folder: Path):
 
 
 def _text_budget(model, args, longest: int, *, slim: bool, budget: int | None = None, batch_size: int | None = None):
-    """:func:`hf_slim.budget` for prompts of ``longest`` tokens: encoder-decoders encode them and decode
+    """:mod:`hf_slim.app.budget` for prompts of ``longest`` tokens: encoder-decoders encode them and decode
     ``--max-new-tokens``; decoder-only models prefill them and grow the cache by ``--max-new-tokens``."""
     from ..budget import batch_memory, largest_batch
 

@@ -79,7 +79,7 @@ def _report_failure(prog: str) -> callable:
 
 
 def _whisper_budget(model, args, *, slim: bool, budget: int | None = None, batch_size: int | None = None):
-    """:func:`hf_slim.budget.largest_batch` (``budget``) or :func:`hf_slim.budget.batch_memory` (``batch_size``)
+    """:func:`hf_slim.app.budget.largest_batch` (``budget``) or :func:`hf_slim.app.budget.batch_memory` (``batch_size``)
     for 30 s Whisper windows: 1500 encoder frames, the decoder up to the generation limit (448 positions)."""
     from ..budget import batch_memory, largest_batch
 
@@ -151,7 +151,7 @@ class _AudioProgress:
 
 
 def _whisper_options(args):
-    """The :class:`hf_slim.transcription.WhisperOptions` of the command line. Several temperatures without
+    """The :class:`hf_slim.app.transcription.WhisperOptions` of the command line. Several temperatures without
     thresholds get transformers' documented fallback thresholds (compression ratio 1.35, over token bytes, and
     log-probability -1.0): without a threshold no window would ever fall back."""
     from ..transcription import WhisperOptions
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _transcribe_here(args, options, model, processor, tasks, batch_size, encoder_batch, report, output_dir) -> int:
-    """The job in this process: batches through :func:`hf_slim.bulk.transcribe_tasks`, the transcripts printed as
+    """The job in this process: batches through :func:`hf_slim.app.bulk.transcribe_tasks`, the transcripts printed as
     each batch finishes when there is no output folder."""
     from ..bulk import transcribe_tasks
 
