@@ -6,8 +6,8 @@ tensor ``(batch * heads, 1, keys)`` once per forward from the 2-D attention mask
 left padding is handled by the model) and hands it to every block; the absorbed decode adds the same rows.
 
 The fused projection's output rows are ordered ``(heads, 3, head_dim)``: see
-:func:`hf_slim.projections.interleaved_qkv_projections`. The attention residual (``dropout_add``) and the tensor-parallel
-``slow_but_exact`` output projection stay as in the model.
+:func:`hf_slim.projections.interleaved_qkv_projections`. The attention residual (``dropout_add``) and the
+tensor-parallel ``slow_but_exact`` output projection stay as in the model.
 """
 
 from __future__ import annotations
