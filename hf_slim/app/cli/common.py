@@ -328,7 +328,8 @@ def meta_model_of(folder: Path, dtype: str | None) -> torch.nn.Module:
     """The checkpoint's model on the meta device: shapes for planning without reading weights."""
     from transformers import AutoConfig
 
-    return meta_from_config(AutoConfig.from_pretrained(folder), read_checkpoint_config(folder), dtype, folder)
+    raw = read_checkpoint_config(folder)  # first: an unreadable config.json is the command line's one-line error
+    return meta_from_config(AutoConfig.from_pretrained(folder), raw, dtype, folder)
 
 
 def meta_from_config(config, raw: dict, dtype_name: str | None, source: str | Path) -> torch.nn.Module:

@@ -12,11 +12,11 @@ from .common import (
     add_command,
     dtype_option,
     meta_from_config,
+    meta_model_of,
     model_folder,
     note,
     position_limit,
     positive_int,
-    read_checkpoint_config,
 )
 
 
@@ -42,13 +42,8 @@ def _meta_model(args):
             config = AutoConfig.for_model(**raw)
         except (ValueError, KeyError) as error:
             raise CliError(f"{path}: {str(error).splitlines()[0]}") from error
-        source = path
-    else:
-        folder = model_folder(args.model)
-        raw = read_checkpoint_config(folder)
-        config = AutoConfig.from_pretrained(folder)
-        source = folder
-    return meta_from_config(config, raw, args.dtype, source)
+        return meta_from_config(config, raw, args.dtype, path)
+    return meta_model_of(model_folder(args.model), args.dtype)
 
 
 def _default_seq_len(config) -> int:
