@@ -3,13 +3,12 @@ rank per layer, :mod:`hf_slim.kmode`), layer modes forced by the caller, and the
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping
 
 import torch
 
-from ._compat import find_cache, generation_cache_names
+from ._compat import find_cache, generation_cache_names, positional_parameters
 from .kmode import RotaryRoundTrip, SingularKeyProjection, choose_residual_rank
 from .patching import resident_weights
 from .registry import UnsupportedModelError
@@ -158,7 +157,7 @@ def collect_attention_inputs(model, sites, calibration_inputs) -> dict[str, torc
     handles = []
     for site in sites:
         # the attention input: the forward's first argument, by name or position (FSMT passes ``query=`` time-first)
-        first = list(inspect.signature(type(site.module).forward).parameters)[1]
+        first = positional_parameters(type(site.module).forward)[0]
 
         def hook(module, args, kwargs, name=site.name, first=first):
             hidden = kwargs[first] if first in kwargs else args[0]
