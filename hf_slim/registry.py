@@ -110,9 +110,9 @@ SUPPORTED: dict[str, Architecture] = {
     "codegen": Architecture("hf_slim.patches.codegen", positions="rope"),
 }
 
-#: Known architectures that are refused, with the reason quoted in the error (or a function of the config giving it,
-#: where the reason depends on the configuration).
-UNSUPPORTED: dict[str, str | Callable[[PreTrainedConfig], str]] = {
+#: Known architectures that are refused, with the reason quoted in the error (a reason that depends on the
+#: configuration of a supported type goes in :data:`CONFIG_REFUSALS`).
+UNSUPPORTED: dict[str, str] = {
     "mistral": "no patch for this RoPE model type yet (Mistral checkpoints use grouped-query attention, which slim "
     "attention cannot serve; an MHA config would need a mistral patch with its sliding window)",
     "gemma": "multi-query attention in most checkpoints, and RoPE: slim attention needs MHA without RoPE here",
@@ -260,7 +260,6 @@ def architecture_for(config: PreTrainedConfig, mode: str) -> Architecture:
         )
     if model_type in UNSUPPORTED:
         reason = UNSUPPORTED[model_type]
-        reason = reason(config) if callable(reason) else reason
         if mode == "input" and "RoPE" in reason:
             raise UnsupportedModelError(
                 f"mode='input' cannot be used with {model_type!r}: RoPE sits between the key projection and the dot "
