@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._compat import (
@@ -87,6 +88,7 @@ __all__ = [
     "sinusoid_columns",
     "sinusoid_rope_sites",
     "slim_self_attention",
+    "speech_sample",
     "split_heads",
     "split_interleaved_qkv",
     "token_calibration_inputs",
@@ -153,6 +155,16 @@ def one_encoder_output_per_input(model: torch.nn.Module) -> list[InstancePatch]:
     if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "_expand_inputs_for_generation"):
         return []
     return [keep_one_encoder_output_per_input(model)]
+
+
+def speech_sample(sampling_rate: int = 16_000) -> np.ndarray:
+    """The speech sample hf_slim ships (``hf_slim/data/sample.wav``), mono float32 ``(samples,)`` at
+    ``sampling_rate``: the default K-mode calibration input of speech models (Whisper, Moonshine, speech composites),
+    whose K cache error depends on real activations (random ones understate it)."""
+    from .bundled import sample_audio_path  # on first use: it imports the Whisper classes and the converter
+    from .wav import read_wav
+
+    return read_wav(sample_audio_path(), sampling_rate)[0]
 
 
 def modules_of_type(*classes: type) -> Modules:

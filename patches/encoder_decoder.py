@@ -20,6 +20,7 @@ from hf_slim.toolkit import (
     InstancePatch,
     UnsupportedModelError,
     keep_one_encoder_output_per_input,
+    speech_sample,
 )
 
 COMPOSITES = (VisionEncoderDecoderModel, SpeechEncoderDecoderModel, MusicgenForConditionalGeneration)
@@ -70,10 +71,7 @@ def calibration_inputs(model: torch.nn.Module) -> dict:
     inputs = {"decoder_input_ids": decoder_ids.to(parameter.device)}
     encoder = model.config.encoder
     if isinstance(model, SpeechEncoderDecoderModel):
-        from hf_slim.bundled import sample_audio_path
-        from hf_slim.wav import read_wav
-
-        samples, _ = read_wav(sample_audio_path(), 16_000)
+        samples = speech_sample(16_000)
         inputs["input_values"] = torch.as_tensor(samples[None], device=parameter.device).to(dtype=parameter.dtype)
     else:
         size = encoder.image_size if isinstance(encoder.image_size, int) else encoder.image_size[0]

@@ -27,6 +27,7 @@ from hf_slim.toolkit import (
     interleaved_columns,
     one_encoder_output_per_input,
     route_contracts,
+    speech_sample,
 )
 
 #: the sampling rate of the audio Moonshine reads (``input_values``)
@@ -80,11 +81,8 @@ def calibration_inputs(model: torch.nn.Module, seconds: float = 2.0) -> dict:
     -------
     ``{"input_values": (1, samples), "decoder_input_ids": (1, 48)}`` on the model's device, audio in its dtype.
     """
-    from hf_slim.bundled import sample_audio_path
-    from hf_slim.wav import read_wav
-
     parameter = next(model.parameters())
-    samples, _ = read_wav(sample_audio_path(), _SAMPLING_RATE)
+    samples = speech_sample(_SAMPLING_RATE)
     audio = torch.as_tensor(samples[: int(seconds * _SAMPLING_RATE)], dtype=torch.float32, device=parameter.device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=generator, device="cpu")

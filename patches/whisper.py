@@ -41,6 +41,7 @@ from hf_slim.toolkit import (
     instances_of,
     route_contracts,
     self_attention_part,
+    speech_sample,
 )
 
 #: Whisper classes slimify accepts, and the ones it refuses with the reason.
@@ -221,12 +222,9 @@ def calibration_inputs(model: torch.nn.Module, max_tokens: int = 48) -> dict:
     ``{"input_features": (1, num_mel_bins, 2 * max_source_positions), "decoder_input_ids": (1, tokens)}`` on the
     model's device, features in the model's dtype.
     """
-    from hf_slim.bundled import sample_audio_path
-    from hf_slim.wav import read_wav
-
     config = model.config
     parameter = next(model.parameters())
-    samples, _ = read_wav(sample_audio_path(), _SAMPLING_RATE)
+    samples = speech_sample(_SAMPLING_RATE)
     extractor = WhisperFeatureExtractor(
         feature_size=config.num_mel_bins, sampling_rate=_SAMPLING_RATE, hop_length=_HOP_LENGTH
     )
