@@ -71,8 +71,7 @@ def slim_gptj_attention_forward(
     query = torch.cat([apply_rotary_pos_emb(query[..., :rotated], sin, cos), query[..., rotated:]], dim=-1)
     key = torch.cat([apply_rotary_pos_emb(key[..., :rotated], sin, cos), key[..., rotated:]], dim=-1)
     query, key = query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3)  # (b, h, t, dk)
-    # the cos/sin each column was multiplied by (apply_rotary_pos_emb repeats every entry for its pair)
-    cos_sin = (cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1))  # (b, t, r) each
+    cos_sin = sinusoid_columns((sin, cos))  # the (cos, sin) each column was multiplied by, (b, t, r) each
     out, weights = attend_with_layer_bias(
         NO_BIAS, self, hidden_states, (query, key, value), cache, attention_mask,
         scale=1.0 / float(self.scale_attn), upcast=True, dropout=self.attn_dropout.p,
